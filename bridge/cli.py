@@ -1,0 +1,220 @@
+"""``torchax-bridge`` command line. Parses arguments before jax is imported, so ``--devices N`` can
+still set the number of simulated CPU devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bridge import devices as device_setup
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
+    p.add_argument("--checkpoint", default="smollm2",
+                   help="'smollm2' (default, embedded), a HF checkpoint directory, a .gguf file, or a preset")
+    p.add_argument("--devices", type=int, default=None,
+                   help="number of devices for the mesh; on CPU, that many simulated devices (default: all)")
+    p.add_argument("--scheme", default=scheme_default,
+                   help="sharding scheme: a built-in name (see `torchax-bridge shardings --list`), "
+                        "rules.py:NAME, or a JSON/YAML rule file (default: %(default)s)")
+    p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,model=4 (default: the scheme's)")
+    p.add_argument("--fallback", choices=["error", "replicate"], default="error",
+                   help="when a rule does not fit a tensor (indivisible dim, split heads): fail (default) "
+                        "or replicate that tensor with a warning")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchax-bridge",
+        description="Run PyTorch model definitions on JAX: lift with torchax, shard by rule table, jit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("forward", help="one jitted forward pass: shape, top-5 next tokens, timings")
+    _common(f)
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to tokenize")
+    src.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    f.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
+    f.add_argument("--save-logits", metavar="FILE.npy", help="write the logits [batch, seq, vocab] here")
+
+    g = sub.add_parser("generate", help="generate text (jitted prefill + on-device decode loop)")
+    _common(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt")
+    src.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--truncate", action="store_true", help="left-truncate a prompt too long for the context")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+
+    s = sub.add_parser("shardings", help="where each weight goes under a scheme, and what one forward costs")
+    _common(s)
+    s.add_argument("--list", action="store_true", help="list the built-in schemes and exit")
+    s.add_argument("--seq", type=int, default=32, help="sequence length of the analysed forward")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--rows", type=int, default=None, help="show at most this many parameter rows")
+    s.add_argument("--json", action="store_true")
+    return parser
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--input-ids expects comma-separated integers like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise UsageError("--input-ids is empty; give at least one token id")
+    return ids
+
+
+def _setup(args):
+    """Devices, checkpoint, mesh, lifted model — in that order (devices before jax starts)."""
+    devs = device_setup.setup(args.devices)
+    import sharding
+    from bridge import checkpoints
+    from bridge.lift import lift
+
+    scheme = sharding.get_scheme(args.scheme)  # fail on a bad scheme before loading anything
+    mesh = sharding.mesh_for(scheme, len(devs), sharding.parse_mesh(args.mesh), devs)
+    loaded = checkpoints.load(args.checkpoint, args.dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback summary is printed below, once
+        lifted = lift(loaded.model, mesh, scheme, fallback=args.fallback)
+    for line in sharding.fallback_summary(lifted.placements):
+        print(f"note: {line}", file=sys.stderr)
+    return loaded, lifted
+
+
+def cmd_forward(args) -> int:
+    loaded, lifted = _setup(args)
+    import numpy as np
+
+    from bridge.generate import Generator
+
+    if args.input_ids is not None:
+        ids = _parse_ids(args.input_ids)
+        vocab = lifted.model.config.vocab_size
+        if max(ids) >= vocab or min(ids) < 0:
+            raise UsageError(f"--input-ids must lie in [0, {vocab}) for this model")
+    else:
+        ids = Generator(lifted, loaded.tokenizer).encode(args.prompt, chat=args.chat)
+    logits, first, warm = lifted.timed_forward([ids])
+    logits = np.asarray(logits)
+    last = logits[0, -1]
+    top = np.argsort(-last)[:5]
+    print(f"mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: logits shape {list(logits.shape)}")
+    print("top-5 next tokens:")
+    for t in top:
+        piece = loaded.tokenizer.decode([int(t)]) if loaded.tokenizer is not None else ""
+        print(f"  {int(t):>7} {piece!r:<16} logit {last[t]:.4f}")
+    print(f"first call (compile + run): {first:.3f} s; warm call: {warm * 1000:.2f} ms")
+    if args.save_logits:
+        from bridge.files import atomic_write
+
+        with atomic_write(args.save_logits, "wb") as fh:
+            np.save(fh, logits)
+        print(f"logits written to {args.save_logits}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.batch_file:
+        try:
+            with open(args.batch_file) as fh:
+                prompts = [line.rstrip("\n") for line in fh if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --batch-file: {e}") from None
+        if not prompts:
+            raise UsageError(f"--batch-file {args.batch_file} holds no prompts")
+    else:
+        prompts = [args.prompt]
+    from bridge.generate import GenerationError, Generator, Sampling
+
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    except GenerationError as e:
+        raise UsageError(str(e)) from None
+    loaded, lifted = _setup(args)
+    gen = Generator(lifted, loaded.tokenizer)
+    stream = None
+    if not args.json and len(prompts) == 1:
+        stream = lambda row, piece: print(piece, end="", flush=True)  # noqa: E731
+    results = gen.generate(prompts, args.max_new_tokens, sampling, args.seed, args.chat, stream, args.truncate)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_json()))
+        elif stream is not None:
+            print()
+        else:
+            print(f"### {r.prompt}\n{r.text}\n")
+    if not args.json:
+        r = results[0]
+        print(
+            f"[mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: compile {r.compile_seconds:.2f} s, "
+            f"prefill {r.prefill_seconds * 1000:.1f} ms, decode {r.decode_tokens_per_second:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_shardings(args) -> int:
+    if args.list:
+        import sharding
+
+        for s in sharding.SCHEMES.values():
+            print(f"{s.name:<11} mesh {','.join(n for n, _ in s.mesh):<14} {s.description}")
+        return 0
+    loaded, lifted = _setup(args)
+    import numpy as np
+
+    import sharding
+
+    rep = lifted.report()
+    ids = np.zeros((args.batch, args.seq), dtype=np.int32)
+    stats = sharding.compiled_stats(lifted.compiled_forward(ids))
+    if args.json:
+        print(json.dumps({"report": rep, **stats}))
+        return 0
+    print(sharding.format_report(rep, args.rows))
+    print(f"collectives in one forward (batch {args.batch}, seq {args.seq}): "
+          f"{sharding.format_collectives(stats['collectives'])}")  # fmt: skip
+    m = stats["memory"]
+    if m:
+        print(f"per device: arguments {m['argument_size_in_bytes']:,} B, temporaries {m['temp_size_in_bytes']:,} B, "
+              f"outputs {m['output_size_in_bytes']:,} B, peak {m['peak_bytes']:,} B")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"forward": cmd_forward, "generate": cmd_generate, "shardings": cmd_shardings}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from bridge.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"torchax-bridge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torchax-bridge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Generation on JAX over a lifted model_torch module.
+
+* ``prefill``: prompts (left-padded to a length bucket) run once through the model, writing their
+  keys/values into a preallocated KV cache that lives on the mesh (kv-head dim on the scheme's head
+  axis); the first new token is sampled from the last column.
+* ``decode_step``: one token for every row; its state (cache included) is donated, so a step
+  allocates nothing new. The non-streaming path runs the whole loop on device in a
+  ``jax.lax.while_loop`` (no Python round trip per token); streaming runs the same step from Python.
+* Every jitted function is compiled ahead of time once per (batch, bucket, cache length, sampling)
+  and kept for the life of the ``Generator``, so later requests of the same shape never re-trace.
+
+Left padding: every row's prompt ends at the same cache column, so one scalar ``cache_position``
+serves the whole batch; each row's RoPE positions start at 0 at its first real token and the key
+mask hides its padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bridge.lift import Lifted
+
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+NEW_TOKEN_BUCKET = 32  # cache lengths are rounded up to this, so nearby max_new_tokens share a compile
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 (or top_k 1) is greedy. top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """[B, V] logits -> [B] token ids."""
+    logits = logits.astype(jnp.float32)
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:
+        # Keep the smallest set of top tokens whose probability mass reaches top_p (always >= 1 token).
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < s.top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Result:
+    prompt: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    prefill_seconds: float
+    compile_seconds: float
+    decode_seconds: float
+    decode_tokens_per_second: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def bucket_for(n: int, limit: int) -> int:
+    for b in BUCKETS:
+        if b >= n and b <= limit:
+            return b
+    return -1
+
+
+class Generator:
+    def __init__(self, lifted: Lifted, tokenizer=None, *, eos_token_ids: Sequence[int] = (), pad_id: int = 0):
+        self.lifted = lifted
+        self.tokenizer = tokenizer
+        self.model = lifted.model
+        if not hasattr(self.model, "init_kv_cache"):
+            raise GenerationError(
+                f"{type(self.model).__name__} has no functional KV cache; generation needs a model_torch "
+                f"model (llama, mistral, qwen2, mixtral, gpt_neox, grok)"
+            )
+        config = self.model.config
+        self.context = config.max_position_embeddings
+        eos = set(eos_token_ids)
+        for e in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if isinstance(e, int):
+                eos.add(e)
+            elif isinstance(e, (list, tuple)):
+                eos.update(e)
+        self.eos = jnp.asarray(sorted(eos) or [-1], dtype=jnp.int32)
+        self.pad_id = pad_id if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self._compiled: dict = {}
+        self.last_compile_seconds = 0.0
+
+    # -- building blocks (pure JAX) --------------------------------------------------------------
+    def _empty_cache(self, batch: int, cache_len: int):
+        """Zeros shaped by the model's own ``init_kv_cache`` (built on meta: no memory), on the mesh."""
+        shard = self.lifted.kv_sharding(batch)
+        return [
+            tuple(
+                jax.lax.with_sharding_constraint(
+                    jnp.zeros(t.shape, jnp.dtype(str(t.dtype).removeprefix("torch."))), shard
+                )
+                for t in layer
+            )
+            for layer in self.model.init_kv_cache(batch, cache_len, device="meta")
+        ]
+
+    def _prefill(self, weights, ids, positions, key_mask, key, *, cache_len: int, sampling: Sampling):
+        batch, plen = ids.shape
+        cache = self._empty_cache(batch, cache_len)
+        logits, cache = self.lifted.fn(
+            weights,
+            (ids,),
+            dict(positions=positions, kv_cache=cache, cache_position=jnp.arange(plen), attention_mask=key_mask),
+        )
+        token = sample_logits(logits[:, -1], key, sampling)
+        return token, cache
+
+    def _decode_step(self, weights, state, *, sampling: Sampling):
+        """One token for every row. state: cache, token [B] (last sampled), column (its cache column),
+        positions [B] (its RoPE positions), key_mask [B, S], done [B], out [B, N], step, limit, key."""
+        logits, cache = self.lifted.fn(
+            weights,
+            (state["token"][:, None],),
+            dict(
+                positions=state["positions"][:, None],
+                kv_cache=state["cache"],
+                cache_position=state["column"][None],
+                attention_mask=state["key_mask"],
+            ),
+        )
+        step = state["step"]
+        token = sample_logits(logits[:, -1], jax.random.fold_in(state["key"], step), sampling)
+        token = jnp.where(state["done"], self.pad_id, token)
+        done = state["done"] | jnp.isin(token, self.eos)
+        return dict(
+            state,
+            cache=cache,
+            token=token,
+            column=state["column"] + 1,
+            positions=state["positions"] + 1,
+            done=done,
+            out=state["out"].at[:, step].set(token),
+            step=step + 1,
+        )
+
+    def _decode_loop(self, weights, state, *, sampling: Sampling):
+        def cond(st):
+            return (st["step"] < st["limit"]) & ~jnp.all(st["done"])
+
+        return jax.lax.while_loop(cond, lambda st: self._decode_step(weights, st, sampling=sampling), state)
+
+    # -- compiling ------------------------------------------------------------------------------
+    def _compile(self, name: str, fn, args, donate=()):
+        key = (name, str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), args[1:])))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            self._compiled[key] = compiled
+            self.last_compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
+    # -- public API -----------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError("this checkpoint has no tokenizer: pass token ids instead of text")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise GenerationError("this tokenizer has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer.encode(prompt)
+        ids = list(ids)
+        if not ids:
+            raise GenerationError(f"prompt {prompt!r} tokenizes to no tokens; give a non-empty prompt")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _prepare(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool):
+        """Left-pads the prompts to one bucket; returns (prompts, ids, positions, key_mask, pads, cache_len)."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_new_tokens >= self.context:
+            raise GenerationError(
+                f"max_new_tokens {max_new_tokens} overflows the model context ({self.context} tokens); "
+                f"ask for at most {self.context - 1}"
+            )
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise GenerationError("a prompt has no tokens; give a non-empty prompt")
+        keep = min(self.context - max_new_tokens, BUCKETS[-1])  # RoPE positions stay within the context
+        longest = max(len(p) for p in prompt_ids)
+        if longest > keep:
+            if not truncate:
+                raise GenerationError(
+                    f"prompt is {longest} tokens; with max_new_tokens {max_new_tokens} at most {keep} fit the "
+                    f"model context ({self.context}): shorten it, lower max_new_tokens, or pass --truncate "
+                    f"to keep its last {keep} tokens"
+                )
+            prompt_ids = [p[-keep:] for p in prompt_ids]
+            print(f"note: prompt left-truncated to its last {keep} tokens", flush=True)
+            longest = keep
+        bucket = next(b for b in BUCKETS if b >= longest)
+        # Cache columns may run past the context (padding); RoPE positions never do.
+        cache_len = bucket + -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
+        batch = len(prompt_ids)
+        ids = np.full((batch, bucket), self.pad_id, dtype=np.int32)
+        key_mask = np.ones((batch, cache_len), dtype=np.int32)
+        positions = np.zeros((batch, bucket), dtype=np.int32)
+        pads = []
+        for r, p in enumerate(prompt_ids):
+            pad = bucket - len(p)
+            ids[r, pad:] = p
+            key_mask[r, :pad] = 0
+            positions[r, pad:] = np.arange(len(p))
+            pads.append(pad)
+        return prompt_ids, ids, positions, key_mask, np.asarray(pads), cache_len
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        on_token: Optional[Callable[[np.ndarray], None]] = None,
+        truncate: bool = False,
+    ) -> dict:
+        """Generates for a batch of token-id prompts. ``on_token(tokens[B])`` streams each step
+        (then the loop runs from Python); otherwise the decode loop runs on device."""
+        self.last_compile_seconds = 0.0
+        prompt_ids, ids, positions, key_mask, pads, cache_len = self._prepare(prompt_ids, max_new_tokens, truncate)
+        batch, plen = ids.shape
+        in_shard = self.lifted.input_sharding(batch)
+        put = lambda a: jax.device_put(jnp.asarray(a), in_shard)  # noqa: E731
+        ids_d, pos_d, mask_d = put(ids), put(positions), put(key_mask)
+        key = jax.random.key(seed)
+        w = self.lifted.weights
+
+        prefill = self._compile(
+            f"prefill/{cache_len}/{sampling}",
+            lambda w, i, p, m, k: self._prefill(w, i, p, m, k, cache_len=cache_len, sampling=sampling),
+            (w, ids_d, pos_d, mask_d, key),
+        )
+        t0 = time.perf_counter()
+        token, cache = prefill(w, ids_d, pos_d, mask_d, key)
+        token.block_until_ready()
+        prefill_s = time.perf_counter() - t0
+
+        n_out = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
+        done = jnp.isin(token, self.eos)
+        state = dict(
+            cache=cache,
+            token=token,
+            column=jnp.asarray(plen, jnp.int32),
+            positions=jnp.asarray(plen - pads, jnp.int32),
+            key_mask=mask_d,
+            done=done,
+            out=jnp.full((batch, n_out), self.pad_id, jnp.int32).at[:, 0].set(token),
+            step=jnp.asarray(1, jnp.int32),
+            limit=jnp.asarray(max_new_tokens, jnp.int32),
+            key=jax.random.fold_in(key, 1),
+        )
+        t0 = time.perf_counter()
+        if on_token is None:
+            loop = self._compile(
+                f"loop/{sampling}", lambda w, s: self._decode_loop(w, s, sampling=sampling), (w, state), donate=(1,)
+            )
+            t0 = time.perf_counter()
+            state = loop(w, state)
+            out = np.asarray(state["out"])
+            steps = int(state["step"])
+        else:
+            step_fn = self._compile(
+                f"step/{sampling}", lambda w, s: self._decode_step(w, s, sampling=sampling), (w, state), donate=(1,)
+            )
+            on_token(np.asarray(token))
+            t0 = time.perf_counter()
+            steps = 1
+            while steps < max_new_tokens and not bool(np.all(np.asarray(state["done"]))):
+                state = step_fn(w, state)
+                steps += 1
+                on_token(np.asarray(state["token"]))
+            out = np.asarray(state["out"])
+        decode_s = time.perf_counter() - t0
+        results = []
+        eos = set(np.asarray(self.eos).tolist())
+        for r in range(batch):
+            toks = out[r, :steps].tolist()
+            for i, t in enumerate(toks):
+                if t in eos:
+                    toks = toks[: i + 1]
+                    break
+            results.append(toks)
+        decoded = (steps - 1) * batch
+        return dict(
+            prompt_ids=[list(p) for p in prompt_ids],
+            token_ids=results,
+            prefill_seconds=prefill_s,
+            compile_seconds=self.last_compile_seconds,
+            decode_seconds=decode_s,
+            decode_tokens_per_second=decoded / decode_s if decode_s > 0 and decoded else 0.0,
+            steps=steps,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        chat: bool = False,
+        stream: Optional[Callable[[int, str], None]] = None,
+        truncate: bool = False,
+    ) -> list[Result]:
+        """Text in, text out. ``stream(row, text_piece)`` is called as tokens arrive."""
+        prompt_ids = [self.encode(p, chat) for p in prompts]
+        on_token = None
+        if stream is not None:
+            so_far: list[list[int]] = [[] for _ in prompts]
+            printed = [""] * len(prompts)
+            finished = [False] * len(prompts)
+            eos = set(np.asarray(self.eos).tolist())
+
+            def on_token(tokens: np.ndarray):
+                for r, t in enumerate(tokens.tolist()):
+                    if finished[r]:
+                        continue
+                    finished[r] = t in eos
+                    so_far[r].append(t)
+                    text = self.decode(so_far[r])
+                    if len(text) > len(printed[r]) and not text.endswith("\ufffd"):
+                        stream(r, text[len(printed[r]) :])
+                        printed[r] = text
+
+        out = self.generate_ids(prompt_ids, max_new_tokens, sampling, seed, on_token, truncate)
+        return [
+            Result(
+                prompt=p,
+                prompt_ids=pi,
+                token_ids=t,
+                text=self.decode(t),
+                prefill_seconds=out["prefill_seconds"],
+                compile_seconds=out["compile_seconds"],
+                decode_seconds=out["decode_seconds"],
+                decode_tokens_per_second=out["decode_tokens_per_second"],
+            )
+            for p, pi, t in zip(prompts, out["prompt_ids"], out["token_ids"])
+        ]
+
+    def stream(self, prompt: str, **kw) -> Iterator[str]:
+        """Iterator over text pieces of one prompt as they are generated (runs in a worker thread)."""
+        import queue
+        import threading
+
+        q: "queue.Queue[Optional[str]]" = queue.Queue()
+        errors = []
+
+        def work():
+            try:
+                self.generate([prompt], stream=lambda r, piece: q.put(piece), **kw)
+            except Exception as e:  # surfaced to the consumer below
+                errors.append(e)
+            finally:
+                q.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (piece := q.get()) is not None:
+            yield piece
+        if errors:
+            raise errors[0]

@@ -1,0 +1,273 @@
+"""Pieces every model here shares: RMSNorm, RoPE, masked attention over a functional KV cache, MoE.
+
+Plain torch, no JAX. Everything is written so the lifted function stays pure under torchax:
+tensor factories take ``device=`` from an input, the KV cache is passed in and returned (never
+mutated in place), and there is no data-dependent control flow (MoE routing is dense).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+KVCache = list[LayerKV]
+
+MASKED = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, never NaN
+
+
+def init_kv_cache(
+    num_layers: int, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, device=None
+) -> KVCache:
+    shape = (batch, kv_heads, max_seq, head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(num_layers)
+    ]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 sums lose precision), scale in the input dtype as HF does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """Weight-only int8 linear, grok-1's ``QuantizedWeight8bit``: ``weight.astype(scale.dtype) * scale``.
+
+    ``weight`` is int8 ``[out, in]``, ``scale`` is per output channel ``[out]`` (symmetric, absmax/127).
+    Holds the same names as ``nn.Linear`` plus ``scale``, so sharding rules place the scale with its
+    weight's output dim.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q.weight = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q.scale.data = scale.to(w.dtype)
+        if linear.bias is not None:
+            q.bias.data = linear.bias.detach().clone()
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (x @ W_int8^T) * scale == x @ (W_int8 * scale)^T, and never materialises the float weight.
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Swaps every ``nn.Linear`` for a ``QuantizedLinear`` in place; returns the model."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, QuantizedLinear.from_linear(child))
+        else:
+            quantize_int8(child)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------------
+def rope_inv_freq(rot_dim: int, theta: float, scaling: Optional[dict], device) -> torch.Tensor:
+    """Inverse frequencies, with the Llama-3 (``rope_type: llama3``) long-context scaling when given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, rot_dim] (the rotate-half layout HF checkpoints use)."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first ``cos.shape[-1]`` features of each head (partial rotary when smaller)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    x_rot = x_rot * cos + rotated * sin
+    return torch.cat([x_rot, x_pass], dim=-1) if x_pass.shape[-1] else x_rot
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks and attention
+# ---------------------------------------------------------------------------------------------------
+def causal_mask(
+    cache_position: torch.Tensor, kv_len: int, key_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Boolean [B|1, 1, T, S]: query at cache column ``cache_position[t]`` sees key columns <= it,
+    and only keys where ``key_mask`` [B, S] is set (padding excluded)."""
+    cols = torch.arange(kv_len, device=cache_position.device)
+    mask = (cols[None, :] <= cache_position[:, None])[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :kv_len].bool()
+    return mask
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Grouped-query attention. q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B|1, 1, T, S] -> [B, T, Hq*D].
+
+    Query heads are grouped under their kv head by a reshape, so keys and values are never repeated.
+    Scores and softmax run in fp32; ``softcap`` applies ``c * tanh(s / c)`` (Grok-1).
+    """
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * t, d), k.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, hkv, g, t, s)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask[:, :, None], MASKED)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs.view(b, hkv, g * t, s), v).view(b, hq, t, d)
+    return out.transpose(1, 2).reshape(b, t, hq * d)
+
+
+def update_kv(
+    layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Optional[LayerKV]]:
+    """Writes new keys/values at ``cache_position`` columns; returns the keys/values to attend over
+    and the layer's new cache (None when running without a cache)."""
+    if layer_kv is None:
+        return k, v, None
+    k_cache = layer_kv[0].index_copy(2, cache_position, k.to(layer_kv[0].dtype))
+    v_cache = layer_kv[1].index_copy(2, cache_position, v.to(layer_kv[1].dtype))
+    return k_cache, v_cache, (k_cache, v_cache)
+
+
+def default_positions(input_ids: torch.Tensor, positions, kv_cache, cache_position):
+    """Fills in positions [B, T] (RoPE) and cache_position [T] (cache columns) when not given."""
+    t = input_ids.shape[1]
+    if cache_position is None:
+        start = 0 if positions is None else positions[0, 0]
+        cache_position = torch.arange(t, device=input_ids.device) + start
+    if positions is None:
+        positions = cache_position[None, :].expand(input_ids.shape[0], t)
+    return positions, cache_position
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------------
+class Router(nn.Module):
+    """``gate.weight`` [E, H], computed in fp32."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """Stacked expert weights, the layout of transformers' Mixtral: ``gate_up_proj`` [E, 2F, H] and
+    ``down_proj`` [E, H, F], so one sharding rule places the expert dim of all of them."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, dtype=torch.float32):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * ffn, hidden, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, ffn, dtype=dtype))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of gated-FFN experts.
+
+    routing="softmax_topk" (Grok-1): softmax over all experts, keep the top k probabilities as they
+    are. routing="topk_softmax" (Mixtral): the same top k, renormalised to sum to one.
+
+    Dispatch is dense: every expert runs on every token and a combine matrix that is zero outside
+    each token's top k mixes the results. That has no data-dependent shapes (jit-friendly) and under
+    expert parallelism each device runs only its own experts, then one reduction combines them.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, activation: str, routing: str):
+        super().__init__()
+        if routing not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"routing must be softmax_topk or topk_softmax, got {routing!r}")
+        self.top_k, self.routing, self.num_experts = top_k, routing, num_experts
+        self.act = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="none")}[activation]
+        self.gate = Router(hidden, num_experts)
+        self.experts = Experts(num_experts, hidden, ffn)
+
+    def combine_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, E] routing weights, zero outside each token's top k."""
+        probs = torch.softmax(self.gate(x), dim=-1)
+        top_p, top_i = torch.topk(probs, self.top_k, dim=-1)
+        if self.routing == "topk_softmax":
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(1, top_i, top_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        combine = self.combine_weights(x).to(x.dtype)
+        gate_up = torch.einsum("nh,eoh->neo", x, self.experts.gate_up_proj.to(x.dtype))
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.einsum("nef,ehf->neh", self.act(gate) * up, self.experts.down_proj.to(x.dtype))
+        return torch.einsum("neh,ne->nh", y, combine).reshape(shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once (tied weights once), buffers excluded; works on the meta device."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    for name, b in model.named_buffers():
+        if b.dtype == torch.int8:  # quantized weights are buffers (they take no gradient)
+            n += b.numel()
+    return n
+
+
+def head_layout_for(q_out: Sequence[str], o_in: Sequence[str], head_dim: int) -> list[tuple[str, int, int]]:
+    """Sharding metadata: which tensors carry whole heads on which dim (see sharding.plan)."""
+    col = "|".join(q_out)
+    row = "|".join(o_in)
+    return [
+        (rf"\.({col})\.(weight|bias|scale)$", 0, head_dim),
+        (rf"\.({row})\.weight$", 1, head_dim),
+    ]

@@ -1,0 +1,665 @@
+"""Sharding schemes as data: ordered tables of (parameter-name regex -> PartitionSpec), first match wins.
+
+This is the file to open when you want to try another way of placing a model on a mesh. A scheme is a
+``Scheme``: a rule table plus the mesh axes it uses, which axes carry the batch, and which axis (if any)
+splits attention heads (used for the KV cache). Adding a scheme means adding a table to ``SCHEMES`` or
+writing one in your own file (``--scheme my_rules.py:NAME`` or a JSON/YAML list of
+``[regex, [axis-or-null, ...]]`` rows).
+
+Spec entries are mesh-axis names, ``None`` (not sharded on that dim) or a tuple of axis names (sharded
+over their product). A spec shorter than the tensor's rank leaves the trailing dims unsharded.
+``ShardLargest(axis)`` is the one computed spec: the tensor's largest dimension that the axis divides
+(FSDP). Torch ``Linear`` weights are ``[out, in]``: column-parallel shards dim 0, row-parallel dim 1.
+
+This module does not import torch: names, shapes and dtypes are all it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+
+class ShardingError(ValueError):
+    """A scheme, mesh or rule does not fit the parameters it is applied to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLargest:
+    """Shard the largest dimension that ``axis`` divides (ties: the first); replicate if none does."""
+
+    axis: str
+    min_elements: int = 2**14  # small tensors (norms, biases) are not worth a gather
+
+
+Spec = tuple  # of None | str | tuple[str, ...]
+Rule = tuple  # (regex, Spec | ShardLargest)
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks shared by the tables. Patterns are searched in the state-dict name.
+# ---------------------------------------------------------------------------------------------------
+NORMS = r"(norm|layernorm|ln_f|layer_norm)[^.]*\.(weight|bias)$"
+ATTN_COLUMN = r"\.(q_proj|k_proj|v_proj|query_key_value)\.(weight|bias|scale)$"
+ATTN_ROW = r"\.(o_proj|attention\.dense)\.weight$"
+MLP_COLUMN = r"\.(gate_proj|up_proj|dense_h_to_4h)\.(weight|bias|scale)$"
+MLP_ROW = r"\.(down_proj|dense_4h_to_h)\.weight$"
+ROW_BIAS = r"\.(o_proj|attention\.dense|down_proj|dense_4h_to_h)\.bias$"
+EMBED = r"(embed_tokens|embed_in|wte)\.weight$"
+LM_HEAD = r"(lm_head|embed_out)\.(weight|scale)$"
+ROUTER = r"\.mlp\.gate\.weight$"
+EXPERT_IN = r"\.experts\.gate_up_proj(_scale)?$"  # [E, 2F, H]
+EXPERT_OUT = r"\.experts\.down_proj$"  # [E, H, F]
+EXPERT_OUT_SCALE = r"\.experts\.down_proj_scale$"  # [E, H]
+CATCH_ALL = r".*"
+
+
+def megatron(axis: str) -> list[Rule]:
+    """Megatron tensor parallelism over ``axis``: one all-reduce after each row-parallel matmul.
+
+    Embedding and LM head are vocab-parallel (dim 0): the lookup becomes a masked local gather plus
+    one all-reduce, and the head's logits come out vocab-sharded with no reduction over the hidden
+    dim. Hidden-sharding them instead (P(None, axis)) costs an all-reduce of [B, T, vocab] logits.
+    """
+    return [
+        (NORMS, ()),
+        (ATTN_COLUMN, (axis,)),
+        (ATTN_ROW, (None, axis)),
+        (MLP_COLUMN, (axis,)),
+        (MLP_ROW, (None, axis)),
+        (ROW_BIAS, ()),
+        (EMBED, (axis, None)),
+        (LM_HEAD, (axis,)),
+    ]
+
+
+def experts(expert_axis: str | None, model_axis: str | None) -> list[Rule]:
+    """MoE experts: expert dim on ``expert_axis``, each expert's FFN Megatron-split on ``model_axis``."""
+    return [
+        (ROUTER, ()),
+        (EXPERT_IN, (expert_axis, model_axis)),
+        (EXPERT_OUT, (expert_axis, None, model_axis)),
+        (EXPERT_OUT_SCALE, (expert_axis,)),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    name: str
+    rules: tuple[Rule, ...]
+    # Mesh axes in order with their default size; -1 takes the devices left over (at most one).
+    mesh: tuple[tuple[str, int], ...]
+    batch_axes: tuple[str, ...] = ()  # input batch dim sharded over these
+    head_axis: str | None = None  # attention heads (and the KV cache's kv-head dim) split over this
+    description: str = ""
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.mesh)
+
+    def mesh_shape(self, num_devices: int, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Axis sizes for ``num_devices``: the scheme's defaults, ``overrides`` (``--mesh``) on top."""
+        sizes = dict(self.mesh)
+        for name, size in (overrides or {}).items():
+            if name not in sizes:
+                raise ShardingError(
+                    f"mesh axis {name!r} is not used by scheme {self.name!r} (its axes: "
+                    f"{', '.join(self.axis_names)}); pass --mesh with those axis names"
+                )
+            sizes[name] = size
+        free = [n for n, s in sizes.items() if s == -1]
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if len(free) > 1:
+            raise ShardingError(f"scheme {self.name!r}: at most one mesh axis may be -1")
+        if free:
+            if num_devices % fixed:
+                raise ShardingError(
+                    f"scheme {self.name!r}: {num_devices} devices do not divide into axes "
+                    f"{_fmt_mesh({n: s for n, s in sizes.items() if s != -1})} x {free[0]}=?; "
+                    f"pass --mesh with sizes whose product is {num_devices}"
+                )
+            sizes[free[0]] = num_devices // fixed
+        if math.prod(sizes.values()) != num_devices:
+            raise ShardingError(
+                f"mesh {_fmt_mesh(sizes)} needs {math.prod(sizes.values())} devices but "
+                f"{num_devices} are in use; pass --devices {math.prod(sizes.values())} or another --mesh"
+            )
+        return sizes
+
+
+def _fmt_mesh(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{n}={s}" for n, s in sizes.items())
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in [
+        Scheme(
+            "replicated",
+            rules=((CATCH_ALL, ()),),
+            mesh=(("model", -1),),
+            description="every weight on every device; the unsharded reference",
+        ),
+        Scheme(
+            "tp",
+            rules=(*megatron("model"), *experts(None, "model"), (CATCH_ALL, ())),
+            mesh=(("model", -1),),
+            head_axis="model",
+            description="Megatron tensor parallelism: q/k/v/gate/up column-, o/down row-parallel",
+        ),
+        Scheme(
+            "fsdp",
+            rules=((NORMS, ()), (CATCH_ALL, ShardLargest("fsdp"))),
+            mesh=(("fsdp", -1),),
+            batch_axes=("fsdp",),
+            description="each large weight split on its largest divisible dim, gathered per layer",
+        ),
+        Scheme(
+            "dp",
+            rules=((CATCH_ALL, ()),),
+            mesh=(("data", -1),),
+            batch_axes=("data",),
+            description="weights replicated, batch split",
+        ),
+        Scheme(
+            "dp_tp",
+            rules=(*megatron("model"), *experts(None, "model"), (CATCH_ALL, ())),
+            mesh=(("data", 2), ("model", -1)),
+            batch_axes=("data",),
+            head_axis="model",
+            description="2D mesh: batch on data, Megatron on model",
+        ),
+        Scheme(
+            "ep",
+            rules=(*experts("expert", None), *megatron("expert"), (CATCH_ALL, ())),
+            mesh=(("expert", -1),),
+            head_axis="expert",
+            description="MoE experts split over the expert axis, attention tensor-parallel on it",
+        ),
+        Scheme(
+            "ep_tp",
+            rules=(*experts("expert", "model"), *megatron("model"), (CATCH_ALL, ())),
+            mesh=(("expert", 2), ("model", -1)),
+            head_axis="model",
+            description="2D mesh: experts on expert, each expert's FFN and attention on model",
+        ),
+    ]
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading user schemes
+# ---------------------------------------------------------------------------------------------------
+def _spec_from_data(raw: Any) -> Spec | ShardLargest:
+    if isinstance(raw, Mapping) and "largest" in raw:
+        return ShardLargest(raw["largest"])
+    if not isinstance(raw, (list, tuple)):
+        raise ShardingError(f"a spec must be a list of axis names or nulls, got {raw!r}")
+    return tuple(tuple(e) if isinstance(e, list) else e for e in raw)
+
+
+def scheme_from_rows(name: str, rows: Iterable[Any], mesh=None, **kw) -> Scheme:
+    """A scheme from ``[regex, spec]`` rows (as in JSON/YAML); mesh axes inferred from the specs."""
+    rules = []
+    for row in rows:
+        if not (isinstance(row, (list, tuple)) and len(row) == 2 and isinstance(row[0], str)):
+            raise ShardingError(f"scheme {name!r}: each rule is [regex, spec], got {row!r}")
+        try:
+            re.compile(row[0])
+        except re.error as e:
+            raise ShardingError(f"scheme {name!r}: bad regex {row[0]!r}: {e}") from None
+        rules.append((row[0], _spec_from_data(row[1])))
+    if mesh is None:
+        axes: list[str] = []
+        for _, spec in rules:
+            for a in _spec_axes(spec):
+                if a not in axes:
+                    axes.append(a)
+        mesh = tuple((a, -1 if i == len(axes) - 1 else 1) for i, a in enumerate(axes)) or (("model", -1),)
+    return Scheme(name, tuple(rules), tuple(mesh), **kw)
+
+
+def get_scheme(name_or_path: str | Scheme) -> Scheme:
+    """A built-in scheme by name, ``file.py:NAME`` (a Scheme or a list of rules), or a JSON/YAML file."""
+    if isinstance(name_or_path, Scheme):
+        return name_or_path
+    if name_or_path in SCHEMES:
+        return SCHEMES[name_or_path]
+    path, _, attr = name_or_path.partition(":")
+    if path.endswith(".py"):
+        if not Path(path).is_file():
+            raise ShardingError(f"scheme file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"user_scheme_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        attr = attr or "SCHEME"
+        if not hasattr(module, attr):
+            raise ShardingError(f"{path} defines no {attr!r}; name the table: {path}:NAME")
+        obj = getattr(module, attr)
+        return obj if isinstance(obj, Scheme) else scheme_from_rows(attr, obj)
+    if path.endswith((".json", ".yaml", ".yml")):
+        if not Path(path).is_file():
+            raise ShardingError(f"scheme file {path} does not exist")
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml  # optional: only for YAML scheme files
+
+            data = yaml.safe_load(text)
+        if isinstance(data, Mapping):  # {"rules": [...], "mesh": {...}, "batch_axes": [...], ...}
+            mesh = tuple(data["mesh"].items()) if "mesh" in data else None
+            return scheme_from_rows(
+                Path(path).stem,
+                data["rules"],
+                mesh=mesh,
+                batch_axes=tuple(data.get("batch_axes", ())),
+                head_axis=data.get("head_axis"),
+            )
+        return scheme_from_rows(Path(path).stem, data)
+    raise ShardingError(
+        f"unknown sharding scheme {name_or_path!r}; choose one of {', '.join(SCHEMES)} "
+        f"or pass a rules file (rules.py:NAME, rules.json, rules.yaml)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------------------
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``."""
+    if not text:
+        return {}
+    sizes = {}
+    for part in text.split(","):
+        name, eq, size = part.partition("=")
+        if not eq or not size.strip().lstrip("-").isdigit():
+            raise ShardingError(f"--mesh expects name=size pairs like data=2,model=4, got {text!r}")
+        sizes[name.strip()] = int(size)
+    return sizes
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with Auto axis types (jax >= 0.9 defaults to Explicit, where Megatron sharding fails)."""
+    devices = list(devices if devices is not None else jax.devices())
+    need = math.prod(axis_sizes.values())
+    if need != len(devices):
+        raise ShardingError(
+            f"mesh {_fmt_mesh(axis_sizes)} needs {need} devices, {len(devices)} available; "
+            f"pass --devices {need} or a --mesh whose sizes multiply to {len(devices)}"
+        )
+    return jax.make_mesh(
+        tuple(axis_sizes.values()),
+        tuple(axis_sizes.keys()),
+        axis_types=(AxisType.Auto,) * len(axis_sizes),
+        devices=devices,
+    )
+
+
+def mesh_for(scheme: Scheme | str, num_devices: int | None = None, overrides=None, devices=None) -> Mesh:
+    scheme = get_scheme(scheme)
+    devices = list(devices if devices is not None else jax.devices())
+    n = num_devices or len(devices)
+    return make_mesh(scheme.mesh_shape(n, overrides), devices[:n])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resolving specs
+# ---------------------------------------------------------------------------------------------------
+def _spec_axes(spec) -> list[str]:
+    if isinstance(spec, ShardLargest):
+        return [spec.axis]
+    out = []
+    for e in spec:
+        if e is None:
+            continue
+        out.extend(e if isinstance(e, tuple) else (e,))
+    return out
+
+
+def _axis_size(mesh_shape: Mapping[str, int], entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh_shape[n] for n in names)
+
+
+@dataclasses.dataclass
+class Placement:
+    name: str
+    shape: tuple[int, ...]
+    dtype: Any
+    spec: P
+    rule: str  # the regex that matched
+    fallback: str | None = None  # why the rule's spec was replaced by replication
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    def bytes_total(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    def shard_shape(self, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d // _axis_size(mesh_shape, e) for d, e in zip(self.shape, tuple(self.spec) + (None,) * 8))
+
+    def bytes_per_device(self, mesh_shape: Mapping[str, int]) -> int:
+        return math.prod(self.shard_shape(mesh_shape)) * self.itemsize
+
+    @property
+    def replicated(self) -> bool:
+        return all(e is None for e in self.spec)
+
+
+def _suggest_sizes(dims: Iterable[int], limit: int) -> list[int]:
+    return [k for k in range(1, limit + 1) if all(d % k == 0 for d in dims)]
+
+
+def plan(
+    shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+    scheme: Scheme | str,
+    mesh_shape: Mapping[str, int],
+    *,
+    head_layout: Sequence[tuple[str, int, int]] = (),
+    fallback: str = "error",
+) -> dict[str, Placement]:
+    """Resolves each parameter's spec by the scheme's first matching rule, and validates it.
+
+    ``shapes`` maps name -> (shape, dtype). ``head_layout`` lists (regex, dim, unit): a tensor whose
+    name matches must be split on ``dim`` only in multiples of ``unit`` (the head size), so no device
+    holds part of a head. ``fallback="replicate"`` replicates a tensor whose rule does not fit, with a
+    warning, instead of raising.
+    """
+    scheme = get_scheme(scheme)
+    if fallback not in ("error", "replicate"):
+        raise ShardingError(f"fallback must be 'error' or 'replicate', got {fallback!r}")
+    for a in scheme.axis_names:
+        if a not in mesh_shape:
+            raise ShardingError(f"scheme {scheme.name!r} uses mesh axis {a!r}, the mesh has {list(mesh_shape)}")
+    compiled = [(re.compile(p), p, spec) for p, spec in scheme.rules]
+    out: dict[str, Placement] = {}
+    problems: list[str] = []
+    for name, (shape, dtype) in shapes.items():
+        shape = tuple(shape)
+        match = next(((p, spec) for rx, p, spec in compiled if rx.search(name)), None)
+        if match is None:
+            raise ShardingError(
+                f"parameter {name} {list(shape)} matches no rule of scheme {scheme.name!r}; add a rule "
+                f"for it or end the table with a catch-all ('.*', [])"
+            )
+        pattern, spec = match
+        for a in _spec_axes(spec):
+            if a not in mesh_shape:
+                raise ShardingError(
+                    f"rule {pattern!r} of scheme {scheme.name!r} names mesh axis {a!r}, "
+                    f"the mesh has axes {list(mesh_shape)}"
+                )
+        if isinstance(spec, ShardLargest):
+            size = mesh_shape[spec.axis]
+            spec = ()
+            if math.prod(shape) >= spec_min(match[1]) and size > 1:
+                divisible = [i for i, d in enumerate(shape) if d % size == 0]
+                if divisible:
+                    dim = max(divisible, key=lambda i: (shape[i], -i))
+                    spec = (None,) * dim + (match[1].axis,)
+        if len(spec) > len(shape):
+            raise ShardingError(
+                f"rule {pattern!r} gives {name} {list(shape)} a spec of rank {len(spec)} > its rank {len(shape)}"
+            )
+        problem = None
+        for dim, entry in enumerate(spec):
+            k = _axis_size(mesh_shape, entry)
+            if shape[dim] % k:
+                fits = _suggest_sizes([shape[dim]], k * 2)
+                problem = (
+                    f"{name} {list(shape)}: dim {dim} ({shape[dim]}) does not divide by mesh axis "
+                    f"{entry!r} of size {k} (rule {pattern!r}); axis sizes that fit: "
+                    f"{', '.join(map(str, fits))}"
+                )
+                break
+            for rx_text, hdim, unit in head_layout:
+                if hdim == dim and k > 1 and re.search(rx_text, name) and (shape[dim] // k) % unit:
+                    heads = shape[dim] // unit
+                    fits = [
+                        s
+                        for s in _suggest_sizes(_head_counts(shapes, head_layout), max(k, heads))
+                        if s > 1
+                    ]
+                    problem = (
+                        f"{name} {list(shape)}: splitting dim {dim} over {entry!r} ({k} devices) would "
+                        f"split attention heads ({heads} heads of size {unit}) across devices "
+                        f"(rule {pattern!r}); a model axis of {' or '.join(map(str, fits)) or '1'} "
+                        f"fits every head count"
+                    )
+                    break
+            if problem:
+                break
+        fallback_reason = None
+        if problem:
+            if fallback == "error":
+                problems.append(problem)
+            else:
+                fallback_reason = problem
+                spec = ()
+        out[name] = Placement(name, shape, dtype, P(*spec), pattern, fallback_reason)
+    for line in fallback_summary(out):
+        warnings.warn(line, stacklevel=2)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardingError(
+            f"scheme {scheme.name!r} on mesh {_fmt_mesh(mesh_shape)}: {problems[0]}{more}. "
+            f"Use a mesh that fits, or --fallback replicate to replicate such tensors instead"
+        )
+    return out
+
+
+def fallback_summary(placements: Mapping[str, Placement]) -> list[str]:
+    """One line per rule whose tensors were replicated by the fallback, with the first reason."""
+    by_rule: dict[str, list[Placement]] = {}
+    for p in placements.values():
+        if p.fallback:
+            by_rule.setdefault(p.rule, []).append(p)
+    return [
+        f"fallback: {len(ps)} tensor(s) matching {rule!r} replicated; first: {ps[0].fallback}"
+        for rule, ps in by_rule.items()
+    ]
+
+
+def spec_min(spec) -> int:
+    return spec.min_elements if isinstance(spec, ShardLargest) else 0
+
+
+def _head_counts(shapes, head_layout) -> list[int]:
+    counts = set()
+    for name, (shape, _) in shapes.items():
+        for rx_text, dim, unit in head_layout:
+            if re.search(rx_text, name) and len(shape) > dim:
+                counts.add(shape[dim] // unit)
+    return sorted(counts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Placing arrays
+# ---------------------------------------------------------------------------------------------------
+def _shape_dtype(x) -> tuple[tuple[int, ...], Any]:
+    return tuple(x.shape), x.dtype
+
+
+def shard(
+    weights: Mapping[str, Any],
+    mesh: Mesh,
+    scheme: Scheme | str,
+    *,
+    head_layout: Sequence[tuple[str, int, int]] = (),
+    fallback: str = "error",
+) -> tuple[dict[str, jax.Array], dict[str, Placement]]:
+    """Validates every placement first, then device_puts each weight by its spec."""
+    placements = plan(
+        {k: _shape_dtype(v) for k, v in weights.items()},
+        scheme,
+        dict(mesh.shape),
+        head_layout=head_layout,
+        fallback=fallback,
+    )
+    placed = {k: jax.device_put(v, NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
+    return placed, placements
+
+
+def shardings_of(placements: Mapping[str, Placement], mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, p.spec) for k, p in placements.items()}
+
+
+def batch_spec(scheme: Scheme | str, mesh: Mesh, batch: int, rank: int = 2) -> P:
+    """Inputs: batch dim over the scheme's batch axes when they divide it, else replicated."""
+    scheme = get_scheme(scheme)
+    axes = tuple(a for a in scheme.batch_axes if a in mesh.shape)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return P()
+    return P(axes if len(axes) > 1 else axes[0], *([None] * (rank - 1)))
+
+
+def kv_cache_spec(scheme: Scheme | str, mesh: Mesh, batch: int, kv_heads: int) -> P:
+    """KV cache ``[batch, kv_heads, seq, head_dim]``: batch like inputs, kv heads on the head axis
+    when they divide it (else replicated: each device then holds every kv head)."""
+    scheme = get_scheme(scheme)
+    b = batch_spec(scheme, mesh, batch, 1)
+    b = b[0] if len(b) else None
+    h = scheme.head_axis
+    if h is None or h not in mesh.shape or kv_heads % mesh.shape[h]:
+        h = None
+    return P(b, h, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------
+def report(placements: Mapping[str, Placement], mesh_shape: Mapping[str, int]) -> dict[str, Any]:
+    rows = []
+    total = per_device = replicated = 0
+    for p in placements.values():
+        b = p.bytes_total()
+        d = p.bytes_per_device(mesh_shape)
+        total += b
+        per_device += d
+        replicated += b if p.replicated else 0
+        rows.append(
+            {
+                "name": p.name,
+                "shape": list(p.shape),
+                "dtype": str(np.dtype(p.dtype)),
+                "spec": str(p.spec),
+                "bytes_per_device": d,
+                "fallback": p.fallback,
+            }
+        )
+    return {
+        "rows": rows,
+        "mesh": dict(mesh_shape),
+        "param_bytes_total": total,
+        "param_bytes_per_device": per_device,
+        "replicated_fraction": replicated / total if total else 0.0,
+    }
+
+
+def format_report(rep: Mapping[str, Any], max_rows: int | None = None) -> str:
+    rows = rep["rows"] if max_rows is None else rep["rows"][:max_rows]
+    w = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'name':<{w}}  {'shape':<16} {'spec':<28} {'bytes/device':>13}"]
+    for r in rows:
+        flag = "  (fallback: replicated)" if r["fallback"] else ""
+        lines.append(
+            f"{r['name']:<{w}}  {str(r['shape']):<16} {r['spec']:<28} {r['bytes_per_device']:>13,}{flag}"
+        )
+    if max_rows is not None and len(rep["rows"]) > max_rows:
+        lines.append(f"... {len(rep['rows']) - max_rows} more")
+    lines.append(
+        f"mesh {_fmt_mesh(rep['mesh'])}: parameter bytes per device {rep['param_bytes_per_device']:,} of "
+        f"{rep['param_bytes_total']:,} total; {rep['replicated_fraction']:.1%} of parameter bytes replicated"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled-program analysis
+# ---------------------------------------------------------------------------------------------------
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
+}  # fmt: skip
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|\w+\[[^\]]*\](?:\{[^}]*\})?)\s+"
+    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(",
+    re.M,
+)
+_ARRAY = re.compile(r"(\w+)\[([^\]]*)\]")
+
+
+def _shape_bytes(shape_text: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        n = math.prod(int(d) for d in dims.split(",") if d.strip()) if dims.strip() else 1
+        total += n * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collectives in an optimized HLO module by kind: ``{kind: {"count": n, "bytes": result bytes}}``.
+
+    Async pairs (``all-reduce-start``/``-done``) count once; bytes are each op's result size per device.
+    """
+    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    for m in _INSTR.finditer(hlo_text):
+        shape = m.group("shape")
+        if m.group("start") and shape.startswith("("):  # start ops return (operands, results, ...)
+            parts = _ARRAY.findall(shape)
+            shape = " ".join(f"{d}[{s}]" for d, s in parts[len(parts) // 2 :])
+        out[m.group("op")]["count"] += 1
+        out[m.group("op")]["bytes"] += _shape_bytes(shape)
+    return out
+
+
+def collective_instructions(hlo_text: str) -> list[tuple[str, str]]:
+    """(kind, result shape) of each collective, in program order."""
+    return [(m.group("op"), m.group("shape")) for m in _INSTR.finditer(hlo_text)]
+
+
+def compiled_stats(compiled) -> dict[str, Any]:
+    """Collectives and per-device memory of a ``jit(...).lower(...).compile()`` result."""
+    mem = compiled.memory_analysis()
+    memory = {}
+    if mem is not None:
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
+            memory[field] = int(getattr(mem, field, 0))
+        memory["peak_bytes"] = (
+            memory["argument_size_in_bytes"]
+            + memory["output_size_in_bytes"]
+            + memory["temp_size_in_bytes"]
+            - memory["alias_size_in_bytes"]
+        )
+    return {"collectives": collectives(compiled.as_text()), "memory": memory}
+
+
+def format_collectives(colls: Mapping[str, Mapping[str, int]]) -> str:
+    parts = [f"{k} x{v['count']} ({v['bytes']:,} B)" for k, v in colls.items() if v["count"]]
+    return ", ".join(parts) if parts else "none"
+
+
+def count_by_kind(colls: Mapping[str, Mapping[str, int]]) -> Counter:
+    return Counter({k: v["count"] for k, v in colls.items()})
