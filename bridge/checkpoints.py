@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -162,10 +163,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path} holds no *.safetensors or pytorch_model.bin")
 
 
+def rename_keys(state: dict, rules) -> dict:
+    """Applies ordered (regex, replacement) rules to each key: the first rule that matches wins."""
+    if not rules:
+        return state
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for key, value in state.items():
+        for rx, repl in compiled:
+            if rx.search(key):
+                key = rx.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """``load_state_dict(strict=True)`` with one error listing every missing/unexpected key."""
     expected = set(model.state_dict())
-    tied = {n for n in expected if n in ("lm_head.weight", "embed_out.weight")}
+    tied = {"lm_head.weight"} & expected if getattr(model.config, "tie_word_embeddings", False) else set()
     got = set(state)
     missing = sorted(expected - got - tied)
     unexpected = sorted(got - expected)
@@ -182,9 +198,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             )
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):  # assign=True unties: tie again
-        for head, emb in (("lm_head", "model.embed_tokens"), ("embed_out", "gpt_neox.embed_in")):
-            if hasattr(model, head):
-                model.get_submodule(head).weight = model.get_submodule(emb).weight
+        for emb in ("model.embed_tokens", "gpt_neox.embed_in"):
+            if hasattr(model, "lm_head") and emb.split(".")[0] in dict(model.named_children()):
+                model.lm_head.weight = model.get_submodule(emb).weight
     return model
 
 
@@ -237,6 +253,7 @@ def load(checkpoint: str = SMOLLM2, dtype: str = "float32", with_tokenizer: bool
     with torch.device("meta"):
         model = cls(config)
     state = read_state_dict(path) if state is None else state
+    state = rename_keys(state, getattr(cls, "CHECKPOINT_RENAMES", []))
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_into(model, state)
     return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type)

@@ -60,6 +60,7 @@ def named_tensor_placeholders(answered: list[str] | None = None):
 
     ``answered`` (optional) collects the qualified names that were answered with a placeholder.
     """
+    answered = [] if answered is None else answered
     packet = torch._ops.OpOverloadPacket
     original = packet.__getattr__
 
@@ -70,7 +71,7 @@ def named_tensor_placeholders(answered: list[str] | None = None):
             if not NAMED_TENSOR_OVERLOAD.search(key):
                 raise
             name = f"{self._qualified_op_name}.{key}"
-            if answered is not None and name not in answered:
+            if name not in answered:
                 answered.append(name)
             return RemovedOverload(name)
 

@@ -1,6 +1,7 @@
 """GPT-NeoX (Pythia, NeoX-20B): LayerNorm, fused per-head QKV, partial rotary, parallel residual.
 
-Names are transformers' (``gpt_neox.layers.0.attention.query_key_value.weight``, ``embed_out.weight``).
+Names are transformers' (``gpt_neox.layers.0.attention.query_key_value.weight``, ``lm_head.weight``;
+checkpoint files written before transformers 5 call the head ``embed_out``: ``CHECKPOINT_RENAMES``).
 The fused QKV output is laid out per head (``[q|k|v]`` for each head), so splitting its dim 0 over a
 model axis lands on head boundaries. Same ``forward`` contract as ``llama.LlamaForCausalLM``.
 """
@@ -161,13 +162,16 @@ class GPTNeoXModel(nn.Module):
 
 
 class GPTNeoXForCausalLM(nn.Module):
+    # (regex, replacement) applied to checkpoint keys before loading: older files name the head embed_out.
+    CHECKPOINT_RENAMES = [(r"^embed_out\.", "lm_head.")]
+
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
         self.gpt_neox = GPTNeoXModel(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+            self.lm_head.weight = self.gpt_neox.embed_in.weight
 
     def forward(
         self,
@@ -189,7 +193,7 @@ class GPTNeoXForCausalLM(nn.Module):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
             if new_cache is not None:
                 new_cache.append(layer_kv)
-        return self.embed_out(self.gpt_neox.final_layer_norm(x)), new_cache
+        return self.lm_head(self.gpt_neox.final_layer_norm(x)), new_cache
 
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
         c = self.config

@@ -1,0 +1,40 @@
+"""8 simulated CPU devices for every test (set before jax is first imported), and shared fixtures."""
+
+import os
+import re
+
+os.environ["XLA_FLAGS"] = (
+    re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity checks at 1e-4
+
+RTOL = 1e-4  # fp32, relative to the largest logit magnitude
+
+
+def max_rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from bridge import checkpoints
+
+    return checkpoints.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
+    return jax.devices()
+
+
+def random_ids(vocab: int, shape, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
