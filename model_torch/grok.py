@@ -101,7 +101,7 @@ class GrokConfig:
 PRESETS: dict[str, GrokConfig] = {
     "grok-1": GrokConfig(),
     "tiny-grok": GrokConfig(
-        vocab_size=256, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=16, num_kv_heads=8, head_dim=8,
         num_experts=8, num_experts_per_tok=2, attn_output_multiplier=8**-0.5, max_position_embeddings=256,
     ),
 }  # fmt: skip

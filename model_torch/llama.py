@@ -115,9 +115,10 @@ PRESETS: dict[str, LlamaConfig] = {
         num_kv_heads=3, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2,
     ),
+    # tiny-* presets: 8 kv heads where they are meant to split 8 ways under tp.
     "tiny-llama": LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-        num_kv_heads=4, max_position_embeddings=256,
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=16,
+        num_kv_heads=8, max_position_embeddings=256,
     ),
     "tiny-llama-3": LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
@@ -130,7 +131,7 @@ PRESETS: dict[str, LlamaConfig] = {
         tie_word_embeddings=True, max_position_embeddings=256,
     ),
     "tiny-mixtral": LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=4,
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=8,
         num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, model_type="mixtral",
     ),
 }  # fmt: skip
