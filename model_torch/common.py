@@ -127,54 +127,77 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------------
 # Masks and attention
 # ---------------------------------------------------------------------------------------------------
-def causal_mask(
-    cache_position: torch.Tensor, kv_len: int, key_mask: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """Boolean [B|1, 1, T, S]: query at cache column ``cache_position[t]`` sees key columns <= it,
-    and only keys where ``key_mask`` [B, S] is set (padding excluded)."""
-    cols = torch.arange(kv_len, device=cache_position.device)
-    mask = (cols[None, :] <= cache_position[:, None])[None, None]
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :kv_len].bool()
-    return mask
+class Masks:
+    """Which keys each new query sees, split into the cache written before this call (``old``,
+    [B|1, 1, 1, S]) and the ``T`` keys of this call (``new``, [B|1, 1, T, T]).
+
+    Attention reads the old cache and the new keys separately (one joint softmax), so the updated
+    cache is only written, never read in the same call: XLA then updates the donated cache buffer in
+    place instead of copying it.
+    """
+
+    def __init__(self, cache_position: torch.Tensor, cache_len: Optional[int], key_mask: Optional[torch.Tensor]):
+        t = cache_position.shape[0]
+        steps = torch.arange(t, device=cache_position.device)
+        new = (steps[None, :] <= steps[:, None])[None, None]  # causal among the new tokens
+        self.old = None
+        if key_mask is not None:
+            key_mask = key_mask.bool()
+            new = new & key_mask.index_select(1, cache_position)[:, None, None, :]
+        if cache_len is not None:
+            cols = torch.arange(cache_len, device=cache_position.device)
+            old = (cols < cache_position[0])[None, None, None, :]
+            self.old = old & key_mask[:, None, None, :] if key_mask is not None else old
+        self.new = new
 
 
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    masks: Masks,
     scale: float,
     softcap: Optional[float] = None,
+    layer_kv: Optional[LayerKV] = None,
 ) -> torch.Tensor:
-    """Grouped-query attention. q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B|1, 1, T, S] -> [B, T, Hq*D].
+    """Grouped-query attention of q [B, Hq, T, D] over the cached keys/values (``layer_kv``, each
+    [B, Hkv, S, D], may be None) and this call's k/v [B, Hkv, T, D] -> [B, T, Hq*D].
 
-    Query heads are grouped under their kv head by a reshape, so keys and values are never repeated.
-    Scores and softmax run in fp32; ``softcap`` applies ``c * tanh(s / c)`` (Grok-1).
+    Query heads are grouped under their kv head by a reshape (keys and values are never repeated).
+    Scores and softmax are fp32; ``softcap`` applies ``c * tanh(s / c)`` (Grok-1).
     """
     b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    scores = torch.matmul(q.reshape(b, hkv, g * t, d), k.transpose(-1, -2)).float() * scale
-    scores = scores.view(b, hkv, g, t, s)
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask[:, :, None], MASKED)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs.view(b, hkv, g * t, s), v).view(b, hq, t, d)
-    return out.transpose(1, 2).reshape(b, t, hq * d)
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, t, d)
 
+    def scores(keys, mask):
+        s = torch.einsum("bhgtd,bhsd->bhgts", qg, keys).float() * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        return s.masked_fill(~mask[:, :, None], MASKED)
 
-def update_kv(
-    layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, Optional[LayerKV]]:
-    """Writes new keys/values at ``cache_position`` columns; returns the keys/values to attend over
-    and the layer's new cache (None when running without a cache)."""
+    new = scores(k, masks.new)
     if layer_kv is None:
-        return k, v, None
-    k_cache = layer_kv[0].index_copy(2, cache_position, k.to(layer_kv[0].dtype))
-    v_cache = layer_kv[1].index_copy(2, cache_position, v.to(layer_kv[1].dtype))
-    return k_cache, v_cache, (k_cache, v_cache)
+        probs = torch.softmax(new, dim=-1).to(v.dtype)
+        out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)
+    else:
+        old = scores(layer_kv[0], masks.old)
+        probs = torch.softmax(torch.cat([old, new], dim=-1), dim=-1).to(v.dtype)
+        s = old.shape[-1]
+        out = torch.einsum("bhgts,bhsd->bhgtd", probs[..., :s], layer_kv[1]) + torch.einsum(
+            "bhgts,bhsd->bhgtd", probs[..., s:], v
+        )
+    return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+
+
+def write_kv(layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+    """The layer's new cache: this call's keys/values written at ``cache_position`` columns."""
+    if layer_kv is None:
+        return None
+    return (
+        layer_kv[0].index_copy(2, cache_position, k.to(layer_kv[0].dtype)),
+        layer_kv[1].index_copy(2, cache_position, v.to(layer_kv[1].dtype)),
+    )
 
 
 def default_positions(input_ids: torch.Tensor, positions, kv_cache, cache_position):

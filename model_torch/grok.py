@@ -29,13 +29,13 @@ from .common import (
     RMSNorm,
     apply_rope,
     attend,
-    causal_mask,
+    Masks,
     default_positions,
     head_layout_for,
     init_kv_cache,
     rope_cos_sin,
     rope_inv_freq,
-    update_kv,
+    write_kv,
 )
 
 
@@ -123,9 +123,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, new_kv = update_kv(layer_kv, k, v, cache_position)
-        out = attend(q, k, v, mask, self.c.attn_output_multiplier, softcap=self.c.attn_softcap)
-        return self.o_proj(out), new_kv
+        out = attend(q, k, v, mask, self.c.attn_output_multiplier, self.c.attn_softcap, layer_kv)
+        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position)
 
 
 class DecoderLayer(nn.Module):
@@ -171,8 +170,8 @@ class GrokForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids) * c.embedding_multiplier_scale
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, None, x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
-        kv_len = input_ids.shape[1] if kv_cache is None else kv_cache[0][0].shape[2]
-        mask = causal_mask(cache_position, kv_len, attention_mask)
+        kv_len = None if kv_cache is None else kv_cache[0][0].shape[2]
+        mask = Masks(cache_position, kv_len, attention_mask)
         new_cache = [] if kv_cache is not None else None
         for i, layer in enumerate(self.model.layers):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)

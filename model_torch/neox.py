@@ -19,12 +19,12 @@ from .common import (
     KVCache,
     apply_rope,
     attend,
-    causal_mask,
+    Masks,
     default_positions,
     init_kv_cache,
     rope_cos_sin,
     rope_inv_freq,
-    update_kv,
+    write_kv,
 )
 
 
@@ -121,8 +121,8 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(b, t, -1, 3 * d).transpose(1, 2)  # per head [q|k|v]
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, new_kv = update_kv(layer_kv, k, v, cache_position)
-        return self.dense(attend(q, k, v, mask, d**-0.5)), new_kv
+        out = attend(q, k, v, mask, d**-0.5, layer_kv=layer_kv)
+        return self.dense(out), write_kv(layer_kv, k, v, cache_position)
 
 
 class MLP(nn.Module):
@@ -186,8 +186,8 @@ class GPTNeoXForCausalLM(nn.Module):
         x = self.gpt_neox.embed_in(input_ids)
         inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta, None, x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
-        kv_len = input_ids.shape[1] if kv_cache is None else kv_cache[0][0].shape[2]
-        mask = causal_mask(cache_position, kv_len, attention_mask)
+        kv_len = None if kv_cache is None else kv_cache[0][0].shape[2]
+        mask = Masks(cache_position, kv_len, attention_mask)
         new_cache = [] if kv_cache is not None else None
         for i, layer in enumerate(self.gpt_neox.layers):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
