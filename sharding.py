@@ -40,7 +40,7 @@ class ShardLargest:
     """Shard the largest dimension that ``axis`` divides (ties: the first); replicate if none does."""
 
     axis: str
-    min_elements: int = 2**14  # small tensors (norms, biases) are not worth a gather
+    min_elements: int = 4096  # smaller tensors (biases, norm scales) are not worth a gather
 
 
 Spec = tuple  # of None | str | tuple[str, ...]
