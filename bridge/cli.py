@@ -27,7 +27,9 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--fallback", choices=["error", "replicate"], default="error",
                    help="when a rule does not fit a tensor (indivisible dim, split heads): fail (default) "
                         "or replicate that tensor with a warning")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--rows", type=int, default=None, help="show at most this many parameter rows")
     s.add_argument("--json", action="store_true")
+    c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
+    c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
+    c.add_argument("dst", help="the directory to create (written atomically)")
+    c.add_argument("--max-shard-size", type=float, default=2048.0, metavar="MB",
+                   help="split the tensors into files of at most this many MB (default %(default)s)")  # fmt: skip
     return parser
 
 
@@ -88,7 +95,7 @@ def _setup(args):
 
     scheme = sharding.get_scheme(args.scheme)  # fail on a bad scheme before loading anything
     mesh = sharding.mesh_for(scheme, len(devs), sharding.parse_mesh(args.mesh), devs)
-    loaded = checkpoints.load(args.checkpoint, args.dtype)
+    loaded = checkpoints.load(args.checkpoint, args.dtype, quantize=args.quantize)
     import warnings
 
     with warnings.catch_warnings():
@@ -199,7 +206,18 @@ def cmd_shardings(args) -> int:
     return 0
 
 
-COMMANDS = {"forward": cmd_forward, "generate": cmd_generate, "shardings": cmd_shardings}
+def cmd_convert(args) -> int:
+    import time
+
+    from bridge import checkpoints
+
+    t0 = time.perf_counter()
+    dst = checkpoints.convert(args.src, args.dst, int(args.max_shard_size * 2**20))
+    print(f"wrote {dst} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+COMMANDS = {"forward": cmd_forward, "generate": cmd_generate, "shardings": cmd_shardings, "convert": cmd_convert}
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,29 @@ def extract(model: torch.nn.Module):
         return tx.extract_jax(model)
 
 
+def extract_fn(model: torch.nn.Module):
+    """(names -> (shape, torch dtype), fn): ``extract`` without converting any weight, so ``model``
+    may live on the meta device; the weights come from elsewhere (a checkpoint, abstract shapes)."""
+    tx = import_torchax()
+    from torchax.interop import JittableModule
+
+    model.eval()
+    jm = JittableModule(model, dedup_parameters=True)
+    env = tx.default_env()
+    names = {**{k: (tuple(v.shape), v.dtype) for k, v in jm.buffers.items()},
+             **{k: (tuple(v.shape), v.dtype) for k, v in jm.params.items()}}  # fmt: skip
+
+    def fn(states, args, kwargs=None):  # as torchax.extract_jax's jax_func
+        params = {k: states[k] for k in jm.params}
+        buffers = {k: states[k] for k in jm.buffers}
+        params, buffers, args, kwargs = env.j2t_iso((params, buffers, args, kwargs or {}))
+        with env:
+            out = jm.functional_call("forward", params, buffers, *args, **kwargs)
+        return env.t2j_iso(out)
+
+    return names, fn
+
+
 @dataclasses.dataclass
 class Lifted:
     model: torch.nn.Module
@@ -110,6 +133,75 @@ def lift(
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=head_layout, fallback=fallback)
     del weights
     return Lifted(model, fn, placed, mesh, scheme, placements)
+
+
+def lift_checkpoint(
+    path,
+    mesh: Mesh,
+    scheme: sharding.Scheme | str = "tp",
+    *,
+    dtype: str = "float32",
+    fallback: str = "error",
+) -> Lifted:
+    """Loads a HF checkpoint directory straight onto the mesh.
+
+    The model is built on the meta device (no memory); every placement is validated first; then each
+    device's slice of each tensor is read from the memory-mapped safetensors file
+    (``jax.make_array_from_callback``), so no full copy of the model is ever held as torch tensors.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    import model_torch
+    from bridge import checkpoints
+
+    path = Path(path)
+    scheme = sharding.get_scheme(scheme)
+    found = model_torch.config_from_hf(AutoConfig.from_pretrained(path))
+    if found is None:
+        raise checkpoints.CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
+    cls, config = found
+    with torch.device("meta"):
+        model = cls(config)
+    names, fn = extract_fn(model)
+    source = checkpoints.TensorSource(checkpoints.checkpoint_files(path))
+    renamed = checkpoints.rename_keys({k: k for k in source.keys()}, getattr(cls, "CHECKPOINT_RENAMES", []))
+    missing = sorted(set(names) - set(renamed))
+    unexpected = sorted(set(renamed) - set(model.state_dict()))
+    if missing or unexpected:
+        raise checkpoints.CheckpointError(
+            f"checkpoint keys do not match the model: missing in checkpoint: {missing or 'none'}; "
+            f"unexpected in checkpoint: {unexpected or 'none'}"
+        )
+    torch_dtype = checkpoints.DTYPES[dtype]
+    np_dtype = {torch.float32: np.float32, torch.bfloat16: jnp.bfloat16, torch.float16: np.float16}[torch_dtype]
+    for name, (shape, _) in names.items():
+        if source.shape(renamed[name]) != shape:
+            raise checkpoints.CheckpointError(
+                f"shape mismatch for {name}: checkpoint {list(source.shape(renamed[name]))}, model {list(shape)}"
+            )
+    placements = sharding.plan(
+        {k: (shape, np_dtype) for k, (shape, _) in names.items()},
+        scheme,
+        dict(mesh.shape),
+        head_layout=model.head_layout(),
+        fallback=fallback,
+    )
+
+    def read(name):
+        src = renamed[name]
+
+        def callback(index):
+            t = source.get(src, index)
+            return (t.float() if torch_dtype == torch.bfloat16 else t.to(torch_dtype)).numpy().astype(np_dtype)
+
+        return callback
+
+    weights = {
+        k: jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), read(k)) for k, p in placements.items()
+    }
+    return Lifted(model, fn, weights, mesh, scheme, placements)
 
 
 def to_numpy(x) -> np.ndarray:

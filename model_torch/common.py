@@ -31,6 +31,22 @@ def init_kv_cache(
     ]
 
 
+class CausalLM(nn.Module):
+    """What every model here shares: the activation dtype and a KV cache shaped from its config
+    (``num_layers``, ``num_kv_heads``, ``head_dim``)."""
+
+    config: object
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in: that of the first floating-point parameter (not int8)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
+        c = self.config
+        return init_kv_cache(c.num_layers, batch, c.num_kv_heads, max_seq, c.head_dim, dtype or self.dtype, device)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -63,9 +79,7 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
         w = linear.weight.detach()
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
-        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q.weight = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        q.scale.data = scale.to(w.dtype)
+        q.weight, q.scale.data = _quantize_rows(w)
         if linear.bias is not None:
             q.bias.data = linear.bias.detach().clone()
         return q
@@ -76,13 +90,83 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class QuantizedEmbedding(nn.Module):
+    """int8 embedding table with one scale per row (token): ``weight[ids] * scale[ids]``.
+
+    A tied LM head shares this table and its scales (a row of the table is an output channel of the
+    head), so tying survives quantization with no second copy.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8))
+        self.scale = nn.Parameter(torch.ones(num_embeddings, dtype=dtype))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "QuantizedEmbedding":
+        w = emb.weight.detach()
+        q = cls(w.shape[0], w.shape[1], dtype=w.dtype)
+        q.weight, q.scale.data = _quantize_rows(w)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.scale.dtype) * self.scale[ids][..., None]
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: scale = absmax / 127."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(w.dtype)
+
+
+def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ table.T`` for a head tied to ``embedding`` (plain or int8)."""
+    if isinstance(embedding, QuantizedEmbedding):
+        return F.linear(x, embedding.weight.to(x.dtype)) * embedding.scale.to(x.dtype)
+    return F.linear(x, embedding.weight)
+
+
+class TiedHead(nn.Module):
+    """An LM head that reads its embedding's table (int8 or not) instead of holding a copy.
+
+    The embedding is kept out of this module's registered children, so its tensors are listed once
+    (under the embedding's name) by ``state_dict`` and by ``torchax.extract_jax``.
+    """
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tied_logits(self._embedding[0], x)
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swaps every ``nn.Linear`` for a ``QuantizedLinear`` in place; returns the model."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, QuantizedLinear.from_linear(child))
-        else:
-            quantize_int8(child)
+    """Swaps every ``nn.Linear`` / ``nn.Embedding`` for its int8 version, in place; returns the model.
+
+    A head tied to the embedding (same weight tensor) becomes a ``TiedHead`` over the quantized table.
+    """
+    embeddings: dict[int, QuantizedEmbedding] = {}
+
+    def swap(module: nn.Module):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Embedding):
+                q = QuantizedEmbedding.from_embedding(child)
+                embeddings[id(child.weight)] = q
+                setattr(module, name, q)
+            elif isinstance(child, Experts):
+                child.quantize()
+            elif isinstance(child, nn.Linear):
+                tied = embeddings.get(id(child.weight))
+                if tied is not None and child.bias is None:
+                    setattr(module, name, TiedHead(tied))
+                else:
+                    setattr(module, name, QuantizedLinear.from_linear(child))
+            else:
+                swap(child)
+
+    swap(model)
     return model
 
 
@@ -227,12 +311,35 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Stacked expert weights, the layout of transformers' Mixtral: ``gate_up_proj`` [E, 2F, H] and
-    ``down_proj`` [E, H, F], so one sharding rule places the expert dim of all of them."""
+    ``down_proj`` [E, H, F], so one sharding rule places the expert dim of all of them.
+
+    int8 (``quantize()``): the same names hold int8, with per-output-channel ``gate_up_proj_scale``
+    [E, 2F] and ``down_proj_scale`` [E, H].
+    """
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, dtype=torch.float32):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * ffn, hidden, dtype=dtype))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, ffn, dtype=dtype))
+        self.quantized = False
+
+    def quantize(self) -> None:
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name).detach()
+            e, o, i = w.shape
+            q, scale = _quantize_rows(w.reshape(e * o, i))
+            delattr(self, name)
+            self.register_buffer(name, q.reshape(e, o, i))
+            setattr(self, f"{name}_scale", nn.Parameter(scale.reshape(e, o)))
+        self.quantized = True
+
+    def project_in(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, E, 2F]
+        y = torch.einsum("nh,eoh->neo", x, self.gate_up_proj.to(x.dtype))
+        return y * self.gate_up_proj_scale.to(x.dtype) if self.quantized else y
+
+    def project_out(self, a: torch.Tensor) -> torch.Tensor:  # [N, E, F] -> [N, E, H]
+        y = torch.einsum("nef,ehf->neh", a, self.down_proj.to(a.dtype))
+        return y * self.down_proj_scale.to(a.dtype) if self.quantized else y
 
 
 class MoE(nn.Module):
@@ -267,9 +374,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         combine = self.combine_weights(x).to(x.dtype)
-        gate_up = torch.einsum("nh,eoh->neo", x, self.experts.gate_up_proj.to(x.dtype))
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = torch.einsum("nef,ehf->neh", self.act(gate) * up, self.experts.down_proj.to(x.dtype))
+        gate, up = self.experts.project_in(x).chunk(2, dim=-1)
+        y = self.experts.project_out(self.act(gate) * up)
         return torch.einsum("neh,ne->nh", y, combine).reshape(shape)
 
 

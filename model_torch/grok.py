@@ -20,10 +20,10 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import (
+    CausalLM,
     KVCache,
     MoE,
     RMSNorm,
@@ -32,9 +32,9 @@ from .common import (
     Masks,
     default_positions,
     head_layout_for,
-    init_kv_cache,
     rope_cos_sin,
     rope_inv_freq,
+    tied_logits,
     write_kv,
 )
 
@@ -151,7 +151,7 @@ class GrokModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
-class GrokForCausalLM(nn.Module):
+class GrokForCausalLM(CausalLM):
     def __init__(self, config: GrokConfig):
         super().__init__()
         self.config = config
@@ -177,13 +177,8 @@ class GrokForCausalLM(nn.Module):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
             if new_cache is not None:
                 new_cache.append(layer_kv)
-        logits = F.linear(self.model.norm(x), self.model.embed_tokens.weight) * c.output_multiplier_scale
+        logits = tied_logits(self.model.embed_tokens, self.model.norm(x)) * c.output_multiplier_scale
         return logits, new_cache
-
-    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
-        c = self.config
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return init_kv_cache(c.num_layers, batch, c.num_kv_heads, max_seq, c.head_dim, dtype, device)
 
     def head_layout(self):
         return head_layout_for(["q_proj", "k_proj", "v_proj"], ["o_proj"], self.config.head_dim)

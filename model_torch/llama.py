@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (
+    CausalLM,
     KVCache,
     MoE,
     RMSNorm,
@@ -31,7 +32,6 @@ from .common import (
     Masks,
     default_positions,
     head_layout_for,
-    init_kv_cache,
     rope_cos_sin,
     rope_inv_freq,
     write_kv,
@@ -194,7 +194,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -226,10 +226,5 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)), new_cache
 
     # -- what the bridge needs to know about this model ---------------------------------------------
-    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
-        c = self.config
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return init_kv_cache(c.num_layers, batch, c.num_kv_heads, max_seq, c.head_dim, dtype, device)
-
     def head_layout(self):
         return head_layout_for(["q_proj", "k_proj", "v_proj"], ["o_proj"], self.config.head_dim)

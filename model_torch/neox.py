@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (
+    CausalLM,
     KVCache,
     apply_rope,
     attend,
     Masks,
     default_positions,
-    init_kv_cache,
     rope_cos_sin,
     rope_inv_freq,
     write_kv,
@@ -161,7 +161,7 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(CausalLM):
     # (regex, replacement) applied to checkpoint keys before loading: older files name the head embed_out.
     CHECKPOINT_RENAMES = [(r"^embed_out\.", "lm_head.")]
 
@@ -194,11 +194,6 @@ class GPTNeoXForCausalLM(nn.Module):
             if new_cache is not None:
                 new_cache.append(layer_kv)
         return self.lm_head(self.gpt_neox.final_layer_norm(x)), new_cache
-
-    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
-        c = self.config
-        dtype = dtype or self.gpt_neox.embed_in.weight.dtype
-        return init_kv_cache(c.num_layers, batch, c.num_heads, max_seq, c.head_dim, dtype, device)
 
     def head_layout(self):
         # The fused QKV carries 3 * head_dim rows per head.
