@@ -429,7 +429,10 @@ def plan(
                     f"{', '.join(map(str, fits))}"
                 )
                 break
-            for rx_text, hdim, unit in head_layout:
+            # Only a tensor-parallel split (over the scheme's head axis) must keep heads whole; a
+            # weight FSDP splits on another axis is gathered whole before use.
+            entry_axes = entry if isinstance(entry, tuple) else (entry,)
+            for rx_text, hdim, unit in head_layout if scheme.head_axis in entry_axes else ():
                 if hdim == dim and k > 1 and re.search(rx_text, name) and (shape[dim] // k) % unit:
                     heads = shape[dim] // unit
                     fits = [

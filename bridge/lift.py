@@ -194,7 +194,9 @@ def lift_checkpoint(
 
         def callback(index):
             t = source.get(src, index)
-            return (t.float() if torch_dtype == torch.bfloat16 else t.to(torch_dtype)).numpy().astype(np_dtype)
+            if torch_dtype == torch.bfloat16:  # numpy has no bfloat16: go through fp32
+                return t.float().numpy().astype(np_dtype)
+            return t.to(torch_dtype).numpy()  # no copy when the dtype already matches
 
         return callback
 
