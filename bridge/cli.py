@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--rows", type=int, default=None, help="show at most this many parameter rows")
     s.add_argument("--json", action="store_true")
+    cmp = sub.add_parser("compare", help="sharding schemes side by side: time, memory, collectives, accuracy")
+    _common(cmp)
+    cmp.add_argument("--schemes", default="replicated,tp,fsdp,dp,dp_tp", help="comma-separated scheme names")
+    cmp.add_argument("--batch", type=int, default=8)
+    cmp.add_argument("--seq", type=int, default=64, help="tokens per row (forward) or KV cache length (decode)")
+    cmp.add_argument("--mode", choices=["forward", "decode"], default="forward")
+    cmp.add_argument("--repeats", type=int, default=5, help="timed runs per scheme (median, min, max)")
+    cmp.add_argument("--out", default="compare-out", help="directory for compare.csv, compare.md, compare.png")
+
+    prof = sub.add_parser("profile", help="trace K warm steps into a TensorBoard / xprof log directory")
+    _common(prof)
+    prof.add_argument("--steps", type=int, default=3)
+    prof.add_argument("--logdir", default="/tmp/torchax-bridge-trace")
+    prof.add_argument("--mode", choices=["forward", "decode"], default="forward")
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--seq", type=int, default=32)
+
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
     c.add_argument("dst", help="the directory to create (written atomically)")
@@ -206,6 +223,32 @@ def cmd_shardings(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    devs = device_setup.setup(args.devices)
+    import sharding
+    from bridge import checkpoints, experiments
+
+    schemes = [s for s in args.schemes.split(",") if s]
+    for name in schemes:
+        sharding.get_scheme(name)  # unknown names fail before any work
+    loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=False, quantize=args.quantize)
+    rows = experiments.compare(loaded.model, schemes, devs, args.mode, args.batch, args.seq, args.repeats, args.fallback)
+    title = f"{args.checkpoint}: {args.mode}, batch {args.batch}, seq {args.seq}, {len(devs)} devices"
+    paths = experiments.write_outputs(rows, args.out, title)
+    print(experiments.format_markdown(rows, title))
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    loaded, lifted = _setup(args)
+    from bridge import profiling
+
+    summary = profiling.profile(lifted, args.mode, args.steps, args.logdir, args.batch, args.seq)
+    print(profiling.format_summary(summary))
+    return 0
+
+
 def cmd_convert(args) -> int:
     import time
 
@@ -217,7 +260,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
-COMMANDS = {"forward": cmd_forward, "generate": cmd_generate, "shardings": cmd_shardings, "convert": cmd_convert}
+COMMANDS = {
+    "forward": cmd_forward,
+    "generate": cmd_generate,
+    "shardings": cmd_shardings,
+    "compare": cmd_compare,
+    "profile": cmd_profile,
+    "convert": cmd_convert,
+}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,191 @@
+"""Experiments: sharding schemes side by side (``compare``) on one model, in one process."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sharding
+from bridge.files import atomic_write
+from bridge.lift import Lifted, lift
+
+
+def step_function(lifted: Lifted, mode: str, batch: int, seq: int):
+    """(jitted step, its arguments): a full forward over [batch, seq] tokens, or one decode step
+    (one token per row over a KV cache of ``seq`` columns, the cache donated and kv heads sharded)."""
+    ids = lifted.put_input(np.zeros((batch, seq if mode == "forward" else 1), np.int32) + 1)
+    if mode == "forward":
+        return lifted.forward_jit(batch), (lifted.weights, ids)
+    cache_sharding = lifted.kv_sharding(batch)
+    cache = [
+        tuple(jax.device_put(jnp.zeros(t.shape, jnp.dtype(str(t.dtype).removeprefix("torch."))), cache_sharding) for t in kv)
+        for kv in lifted.model.init_kv_cache(batch, seq, device="meta")
+    ]
+
+    def decode(weights, token, cache, column):
+        logits, cache = lifted.fn(weights, (token,), dict(kv_cache=cache, cache_position=column[None]))
+        return logits, cache
+
+    return jax.jit(decode, donate_argnums=(2,)), (lifted.weights, ids, cache, jnp.asarray(seq // 2, jnp.int32))
+
+
+@dataclasses.dataclass
+class Row:
+    scheme: str
+    mesh: str
+    status: str = "ok"
+    compile_s: float = float("nan")
+    step_ms_median: float = float("nan")
+    step_ms_min: float = float("nan")
+    step_ms_max: float = float("nan")
+    param_bytes_per_device: int = 0
+    peak_bytes_per_device: int = 0
+    all_reduce: int = 0
+    all_gather: int = 0
+    reduce_scatter: int = 0
+    all_to_all: int = 0
+    collective_permute: int = 0
+    collective_bytes: int = 0
+    max_rel_diff: float = float("nan")
+
+
+def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error") -> tuple[Row, Optional[np.ndarray]]:
+    scheme = sharding.get_scheme(scheme_name)
+    try:
+        mesh = sharding.mesh_for(scheme, len(devices), devices=devices)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lifted = lift(model, mesh, scheme, fallback=fallback)
+    except sharding.ShardingError as e:
+        return Row(scheme.name, "-", status=f"does not fit: {e}"), None
+    fn, args = step_function(lifted, mode, batch, seq)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    stats = sharding.compiled_stats(compiled)
+    times, out = [], None
+    for i in range(repeats + 1):
+        call_args = args if mode == "forward" else (*args[:2], _fresh_cache(args[2]), args[3])
+        t0 = time.perf_counter()
+        out = compiled(*call_args)
+        jax.block_until_ready(out)
+        if i:  # the first run warms caches
+            times.append((time.perf_counter() - t0) * 1000)
+    logits = np.asarray(out if mode == "forward" else out[0])
+    c = stats["collectives"]
+    row = Row(
+        scheme.name,
+        ",".join(f"{k}={v}" for k, v in mesh.shape.items()),
+        compile_s=compile_s,
+        step_ms_median=statistics.median(times),
+        step_ms_min=min(times),
+        step_ms_max=max(times),
+        param_bytes_per_device=lifted.report()["param_bytes_per_device"],
+        peak_bytes_per_device=stats["memory"].get("peak_bytes", 0),
+        all_reduce=c["all-reduce"]["count"],
+        all_gather=c["all-gather"]["count"],
+        reduce_scatter=c["reduce-scatter"]["count"],
+        all_to_all=c["all-to-all"]["count"],
+        collective_permute=c["collective-permute"]["count"],
+        collective_bytes=sum(v["bytes"] for v in c.values()),
+    )
+    if reference is not None:
+        row.max_rel_diff = float(np.abs(logits - reference).max() / np.abs(reference).max())
+    return row, logits
+
+
+def _fresh_cache(cache):
+    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
+
+
+def compare(
+    model,
+    schemes: Sequence[str],
+    devices,
+    mode: str = "forward",
+    batch: int = 8,
+    seq: int = 64,
+    repeats: int = 5,
+    fallback: str = "error",
+) -> list[Row]:
+    """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
+    against the unsharded run on one device."""
+    ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1)
+    rows = []
+    for name in schemes:
+        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback)
+        rows.append(row)
+    return rows
+
+
+def write_outputs(rows: list[Row], out: Path, title: str) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(Row)]
+    with atomic_write(out / "compare.csv", "w") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+    with atomic_write(out / "compare.md", "w") as fh:
+        fh.write(format_markdown(rows, title))
+    plot(rows, out / "compare.png", title)
+    return {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
+
+
+def format_markdown(rows: list[Row], title: str) -> str:
+    head = ("| scheme | mesh | compile s | step ms (median [min, max]) | params/device | peak/device | "
+            "all-reduce | all-gather | reduce-scatter | all-to-all | coll. bytes | max rel diff |")  # fmt: skip
+    lines = [f"# {title}", "", head, "|" + " --- |" * 12]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"| {r.scheme} | {r.mesh} | {r.status} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {r.scheme} | {r.mesh} | {r.compile_s:.2f} | {r.step_ms_median:.2f} [{r.step_ms_min:.2f}, "
+            f"{r.step_ms_max:.2f}] | {r.param_bytes_per_device / 1e6:.2f} MB | {r.peak_bytes_per_device / 1e6:.2f} MB | "
+            f"{r.all_reduce} | {r.all_gather} | {r.reduce_scatter} | {r.all_to_all} | {r.collective_bytes:,} | "
+            f"{r.max_rel_diff:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    names = [r.scheme for r in ok]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.bar(names, [r.step_ms_median for r in ok], color="#4C72B0",
+          yerr=[[r.step_ms_median - r.step_ms_min for r in ok], [r.step_ms_max - r.step_ms_median for r in ok]],
+          capsize=4)  # fmt: skip
+    a.set_ylabel("warm step time (ms, median; bars: min-max)")
+    a.set_xlabel("sharding scheme")
+    a.set_title("step time")
+    width = 0.38
+    x = np.arange(len(ok))
+    b.bar(x - width / 2, [r.param_bytes_per_device / 2**20 for r in ok], width, label="parameters")
+    b.bar(x + width / 2, [r.peak_bytes_per_device / 2**20 for r in ok], width, label="peak (compiled program)")
+    b.set_xticks(x, names)
+    b.set_ylabel("MiB per device")
+    b.set_xlabel("sharding scheme")
+    b.set_title("memory per device")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,210 @@
+"""Profiling: trace steps with ``jax.profiler.trace`` into TensorBoard/xprof, with model layers named.
+
+Layer names: while the step function is traced, a forward hook on each torch submodule opens
+``jax.named_scope(<module path>)``, so every HLO op carries ``.../layers.3.self_attn/...`` in its
+metadata; TensorBoard's profile plugin shows those names, and ``summarize`` joins the trace's
+per-op events with them to report time per layer.
+
+The xplane is read as protobuf (XSpace, and the HloProto the profiler stores beside the trace);
+the message schemas below declare only the fields used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import jax
+
+import sharding
+
+LAYER_PATTERN = re.compile(r"((?:model\.|gpt_neox\.)?layers\.\d+)(\.(?:self_attn|attention|mlp))?")
+
+
+@contextlib.contextmanager
+def named_modules_scope(model, pattern=r"layers\.\d+(\.(self_attn|attention|mlp))?$") -> Iterator[None]:
+    """While active, each matching submodule's forward runs inside ``jax.named_scope(its path)``."""
+    handles, open_scopes = [], {}
+    rx = re.compile(pattern)
+    for name, module in model.named_modules():
+        if not rx.search(name):
+            continue
+        short = name.split(".", 1)[1] if name.startswith(("model.", "gpt_neox.")) else name
+
+        def pre(mod, args, short=short):
+            cm = jax.named_scope(short)
+            cm.__enter__()
+            open_scopes.setdefault(id(mod), []).append(cm)
+
+        def post(mod, args, out):
+            open_scopes[id(mod)].pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading an .xplane.pb
+# ---------------------------------------------------------------------------------------------------
+def _messages():
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name="torchax_bridge_xplane.proto", package="tbx", syntax="proto3")
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, *fields):
+        m = f.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            fd = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                fd.type_name = f".tbx.{type_name}"
+        return m
+
+    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+    msg("XStat", ("metadata_id", 1, T.TYPE_INT64, opt, None), ("double_value", 2, T.TYPE_DOUBLE, opt, None),
+        ("uint64_value", 3, T.TYPE_UINT64, opt, None), ("int64_value", 4, T.TYPE_INT64, opt, None),
+        ("str_value", 5, T.TYPE_STRING, opt, None), ("bytes_value", 6, T.TYPE_BYTES, opt, None),
+        ("ref_value", 7, T.TYPE_UINT64, opt, None))
+    msg("XEvent", ("metadata_id", 1, T.TYPE_INT64, opt, None), ("offset_ps", 2, T.TYPE_INT64, opt, None),
+        ("duration_ps", 3, T.TYPE_INT64, opt, None), ("stats", 4, T.TYPE_MESSAGE, rep, "XStat"))
+    msg("XLine", ("id", 1, T.TYPE_INT64, opt, None), ("name", 2, T.TYPE_STRING, opt, None),
+        ("timestamp_ns", 3, T.TYPE_INT64, opt, None), ("events", 4, T.TYPE_MESSAGE, rep, "XEvent"))
+    msg("XEventMetadata", ("id", 1, T.TYPE_INT64, opt, None), ("name", 2, T.TYPE_STRING, opt, None),
+        ("display_name", 4, T.TYPE_STRING, opt, None), ("stats", 5, T.TYPE_MESSAGE, rep, "XStat"))
+    msg("XStatMetadata", ("id", 1, T.TYPE_INT64, opt, None), ("name", 2, T.TYPE_STRING, opt, None))
+    # map<int64, X> is a repeated entry message with key = 1, value = 2
+    msg("EventMetadataEntry", ("key", 1, T.TYPE_INT64, opt, None), ("value", 2, T.TYPE_MESSAGE, opt, "XEventMetadata"))
+    msg("StatMetadataEntry", ("key", 1, T.TYPE_INT64, opt, None), ("value", 2, T.TYPE_MESSAGE, opt, "XStatMetadata"))
+    msg("XPlane", ("id", 1, T.TYPE_INT64, opt, None), ("name", 2, T.TYPE_STRING, opt, None),
+        ("lines", 3, T.TYPE_MESSAGE, rep, "XLine"), ("event_metadata", 4, T.TYPE_MESSAGE, rep, "EventMetadataEntry"),
+        ("stat_metadata", 5, T.TYPE_MESSAGE, rep, "StatMetadataEntry"), ("stats", 6, T.TYPE_MESSAGE, rep, "XStat"))
+    msg("XSpace", ("planes", 1, T.TYPE_MESSAGE, rep, "XPlane"))
+    # xla.HloProto, just the path to each instruction's metadata.op_name
+    msg("OpMetadata", ("op_type", 1, T.TYPE_STRING, opt, None), ("op_name", 2, T.TYPE_STRING, opt, None))
+    msg("HloInstruction", ("name", 1, T.TYPE_STRING, opt, None), ("opcode", 2, T.TYPE_STRING, opt, None),
+        ("metadata", 7, T.TYPE_MESSAGE, opt, "OpMetadata"))
+    msg("HloComputation", ("name", 1, T.TYPE_STRING, opt, None), ("instructions", 2, T.TYPE_MESSAGE, rep, "HloInstruction"))
+    msg("HloModule", ("name", 1, T.TYPE_STRING, opt, None), ("computations", 3, T.TYPE_MESSAGE, rep, "HloComputation"))
+    msg("HloProto", ("hlo_module", 1, T.TYPE_MESSAGE, opt, "HloModule"))  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    get = lambda n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tbx.{n}"))  # noqa: E731
+    return get("XSpace"), get("HloProto")
+
+
+def find_xplane(logdir) -> Path:
+    files = sorted(glob.glob(os.path.join(str(logdir), "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no .xplane.pb under {logdir}")
+    return Path(files[-1])
+
+
+def read_trace(path) -> dict:
+    """Events of an .xplane.pb: ``{"events": [(plane, line, name, duration_ps, stats)], "op_names":
+    {(module, hlo_op): op_name}}`` (op names from the HloProtos stored in the xplane)."""
+    XSpace, HloProto = _messages()
+    space = XSpace.FromString(Path(path).read_bytes())
+    events, op_names = [], {}
+    for plane in space.planes:
+        emeta = {e.key: e.value for e in plane.event_metadata}
+        smeta = {s.key: s.value.name for s in plane.stat_metadata}
+        for m in emeta.values():  # the metadata plane keeps each program's HloProto as a stat
+            for st in m.stats:
+                if smeta.get(st.metadata_id) in ("Hlo Proto", "hlo_proto") and st.bytes_value:
+                    module = HloProto.FromString(st.bytes_value).hlo_module
+                    for comp in module.computations:
+                        for ins in comp.instructions:
+                            if ins.metadata.op_name:
+                                op_names[(module.name, ins.name)] = ins.metadata.op_name
+        for line in plane.lines:
+            for ev in line.events:
+                stats = {}
+                for st in ev.stats:
+                    key = smeta.get(st.metadata_id, str(st.metadata_id))
+                    stats[key] = st.str_value or (smeta.get(st.ref_value) if st.ref_value else None) or st.int64_value or st.uint64_value
+                events.append((plane.name, line.name, emeta[ev.metadata_id].name if ev.metadata_id in emeta else "", ev.duration_ps, stats))
+    return {"events": events, "op_names": op_names}
+
+
+def innermost_layer(op_name: str):
+    """``jit(f)/layers.3/layers.3.self_attn/dot_general`` -> ``layers.3.self_attn``."""
+    found = [m.group(0) for m in LAYER_PATTERN.finditer(op_name)]
+    return found[-1].removeprefix("model.").removeprefix("gpt_neox.") if found else None
+
+
+def summarize(path, top: int = 10) -> dict:
+    """Top ops by self time, time per model layer, collectives vs compute, and the steps seen."""
+    trace = read_trace(path)
+    by_op, by_layer = Counter(), Counter()
+    collective_ps = compute_ps = 0
+    steps = set()
+    for plane, line, name, dur, stats in trace["events"]:
+        if plane.startswith("/host") and name == "step" and "step_num" in stats:  # StepTraceAnnotation
+            steps.add(f"step {stats['step_num']}")
+        hlo_op = stats.get("hlo_op")
+        if not hlo_op:
+            continue
+        by_op[hlo_op] += dur
+        if any(hlo_op.startswith(c) for c in sharding.COLLECTIVES):
+            collective_ps += dur
+        else:
+            compute_ps += dur
+        layer = innermost_layer(trace["op_names"].get((stats.get("hlo_module"), hlo_op), ""))
+        if layer:
+            by_layer[layer] += dur
+    return {
+        "steps": sorted(steps),
+        "top_ops_ms": [(n, d / 1e9) for n, d in by_op.most_common(top)],
+        "layers_ms": {k: v / 1e9 for k, v in sorted(by_layer.items())},
+        "collective_ms": collective_ps / 1e9,
+        "compute_ms": compute_ps / 1e9,
+        "named_layers": sorted({innermost_layer(n) for n in trace["op_names"].values()} - {None}),
+    }
+
+
+def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-bridge-trace", batch=1, seq=32) -> dict:
+    """Compiles and warms up outside the trace, then traces ``steps`` steps, each in a
+    StepTraceAnnotation. Returns the summary (with ``logdir`` and ``xplane``)."""
+    from bridge.experiments import _fresh_cache, step_function
+
+    with named_modules_scope(lifted.model):
+        lifted._forward = {}  # re-trace so the scopes land in the program
+        fn, args = step_function(lifted, mode, batch, seq)
+        compiled = fn.lower(*args).compile()
+    run = lambda: compiled(*(args if mode == "forward" else (*args[:2], _fresh_cache(args[2]), args[3])))  # noqa: E731
+    jax.block_until_ready(run())  # warm-up, outside the trace
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with jax.profiler.trace(str(logdir)):
+        for i in range(steps):
+            with jax.profiler.StepTraceAnnotation("step", step_num=i):
+                jax.block_until_ready(run())
+    traced_s = time.perf_counter() - t0
+    path = find_xplane(logdir)
+    summary = summarize(path)
+    summary.update(logdir=str(logdir), xplane=str(path), traced_seconds=traced_s)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"trace: {s['xplane']}", f"view it: tensorboard --logdir {s['logdir']}", f"steps traced: {', '.join(s['steps'])}"]
+    total = s["collective_ms"] + s["compute_ms"]
+    if total:
+        lines.append(f"op time: compute {s['compute_ms']:.2f} ms, collectives {s['collective_ms']:.2f} ms "
+                     f"({s['collective_ms'] / total:.0%})")  # fmt: skip
+    lines.append("top ops by self time:")
+    lines += [f"  {ms:9.3f} ms  {name}" for name, ms in s["top_ops_ms"]]
+    if s["layers_ms"]:
+        lines.append("time per named layer:")
+        lines += [f"  {ms:9.3f} ms  {name}" for name, ms in s["layers_ms"].items()]
+    return "\n".join(lines)
