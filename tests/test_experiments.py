@@ -1,0 +1,90 @@
+"""Examples, `compare` and `profile`, run as a user runs them."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, timeout=600):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_example_01_forward_core_flow():
+    out = run(["examples/01_forward.py", "--checkpoint", "tiny-llama"])
+    assert "1 device(s): first call" in out and "8 device(s): first call" in out
+    diff = float(out.strip().split("max relative difference ")[-1])
+    assert diff < 1e-4
+
+
+def test_example_02_generate_smollm2():
+    out = run(["examples/02_generate.py", "--max-new-tokens", "12"])
+    assert "Paris" in out and "tokens/s" in out
+
+
+def test_example_03_profile(tmp_path):
+    out = run(["examples/03_profile.py", "--checkpoint", "tiny-llama", "--devices", "8", "--logdir", str(tmp_path)])
+    assert f"tensorboard --logdir {tmp_path}" in out and "time per named layer" in out
+
+
+def test_example_04_swap_sharding():
+    out = run(["examples/04_swap_sharding.py", "--checkpoint", "tiny-llama"])
+    assert "== mlp_only" in out and "== tp" in out
+    assert float(out.strip().split("max relative difference ")[-1]) < 1e-4
+
+
+def test_example_05_moe_expert_parallel():
+    out = run(["examples/05_moe_expert_parallel.py"])
+    assert "== tp" in out and "== ep" in out and "(1, 688, 64) per device" in out
+    assert "all-reduce" in out
+
+
+def test_compare_writes_csv_md_png_with_a_row_per_scheme(tmp_path):
+    schemes = ["replicated", "tp", "fsdp", "dp", "dp_tp", "ep_tp"]
+    run(["-m", "bridge", "compare", "--checkpoint", "tiny-llama", "--devices", "8", "--schemes", ",".join(schemes),
+         "--batch", "8", "--seq", "16", "--repeats", "3", "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["scheme"]: r for r in csv.DictReader(open(tmp_path / "compare.csv"))}
+    assert list(rows) == schemes
+    for name, r in rows.items():
+        assert r["status"] == "ok", r
+        assert float(r["max_rel_diff"]) < 1e-4
+        assert 0 < float(r["step_ms_min"]) <= float(r["step_ms_median"]) <= float(r["step_ms_max"])
+        assert int(r["param_bytes_per_device"]) > 0 and int(r["peak_bytes_per_device"]) > 0
+    layers = 2  # tiny-llama: tp needs 2 all-reduces per layer plus at most 2 (embedding, head)
+    assert 2 * layers <= int(rows["tp"]["all_reduce"]) <= 2 * layers + 2
+    assert int(rows["replicated"]["collective_bytes"]) == 0
+    assert int(rows["tp"]["param_bytes_per_device"]) < int(rows["replicated"]["param_bytes_per_device"]) / 4
+    assert (tmp_path / "compare.md").read_text().count("\n| ") == len(schemes) + 2  # header, separator, rows
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_reports_a_scheme_that_does_not_fit(tmp_path, smollm2):
+    run(["-m", "bridge", "compare", "--devices", "8", "--schemes", "tp,dp", "--batch", "8", "--seq", "8",
+         "--repeats", "1", "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["scheme"]: r for r in csv.DictReader(open(tmp_path / "compare.csv"))}
+    assert rows["tp"]["status"].startswith("does not fit") and "heads" in rows["tp"]["status"]
+    assert rows["dp"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+def test_profile_trace_names_layers_and_steps(tmp_path, mode):
+    out = run(["-m", "bridge", "profile", "--checkpoint", "tiny-llama", "--devices", "8", "--scheme", "tp",
+               "--steps", "3", "--mode", mode, "--logdir", str(tmp_path)])  # fmt: skip
+    assert f"tensorboard --logdir {tmp_path}" in out
+    from bridge import profiling
+
+    path = profiling.find_xplane(tmp_path)
+    trace = profiling.read_trace(path)  # the XSpace protobuf, parsed
+    steps = {f"step {s['step_num']}" for plane, line, name, dur, s in trace["events"] if name == "step"}
+    assert steps == {"step 0", "step 1", "step 2"}
+    named = {profiling.innermost_layer(n) for n in trace["op_names"].values()}
+    assert "layers.1.self_attn" in named and "layers.0.mlp" in named
+    timed = [s["hlo_op"] for _, _, _, _, s in trace["events"] if "hlo_op" in s]
+    layer_ops = [o for o in timed if any(profiling.innermost_layer(n or "") for (m, h), n in trace["op_names"].items() if h == o)]
+    assert layer_ops, "no traced op maps to a model layer"
