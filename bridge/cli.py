@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch", type=int, default=1)
     prof.add_argument("--seq", type=int, default=32)
 
+    pl = sub.add_parser("plan", help="per-device memory and collectives of a model on a mesh, no weights allocated")
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", help="a model_torch preset, e.g. grok-1, llama-3-8b, neox-20b")
+    what.add_argument("--checkpoint", help="a HF checkpoint directory (only its config.json is read)")
+    pl.add_argument("--devices", type=int, default=8)
+    pl.add_argument("--mesh", default=None)
+    pl.add_argument("--scheme", default="tp")
+    pl.add_argument("--fallback", choices=["error", "replicate"], default="error")
+    pl.add_argument("--dtype", choices=["bfloat16", "int8", "float32"], default="bfloat16")
+    pl.add_argument("--mode", choices=["forward", "decode"], default="decode")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--seq", type=int, default=2048, help="tokens (forward) or KV-cache length (decode)")
+    pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
+    pl.add_argument("--json", action="store_true")
+
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
     c.add_argument("dst", help="the directory to create (written atomically)")
@@ -249,6 +264,43 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    devs = device_setup.setup(args.devices)
+    import sharding
+    from bridge import plan as planner
+
+    memory = None
+    if args.device_memory:
+        try:
+            memory = planner.parse_bytes(args.device_memory)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    scheme = sharding.get_scheme(args.scheme)
+    mesh = sharding.mesh_for(scheme, len(devs), sharding.parse_mesh(args.mesh), devs)
+    if args.preset:
+        import model_torch
+
+        if args.preset not in model_torch.PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; presets: {', '.join(sorted(model_torch.PRESETS))}")
+        what = args.preset
+    else:
+        from bridge import checkpoints
+
+        kind, path = checkpoints.resolve(args.checkpoint)
+        if kind != "dir":
+            raise UsageError("plan --checkpoint needs a HF checkpoint directory (or use --preset)")
+        import model_torch
+        from transformers import AutoConfig
+
+        what = model_torch.config_from_hf(AutoConfig.from_pretrained(path))
+        if what is None:
+            raise UsageError(f"{path}: no model_torch model for this model_type")
+    result = planner.plan(what, mesh, scheme, dtype=args.dtype, mode=args.mode, batch=args.batch, seq=args.seq,
+                          fallback=args.fallback, device_memory=memory)  # fmt: skip
+    print(json.dumps(result, indent=2, default=str) if args.json else planner.format_plan(result))
+    return 0
+
+
 def cmd_convert(args) -> int:
     import time
 
@@ -266,6 +318,7 @@ COMMANDS = {
     "shardings": cmd_shardings,
     "compare": cmd_compare,
     "profile": cmd_profile,
+    "plan": cmd_plan,
     "convert": cmd_convert,
 }
 

@@ -1,0 +1,216 @@
+"""Plan before you buy: per-device memory and communication of a model on a mesh, with no weight
+ever allocated.
+
+The model is built on torch's meta device, lifted with torchax (``extract_fn``: shapes only), its
+placements resolved and validated by the scheme's rule table, and its forward (or one decode step
+with its KV cache) lowered and compiled for the mesh with abstract inputs
+(``jax.ShapeDtypeStruct`` carrying shardings).
+
+Layers are unrolled in the traced program, so compile time grows with depth. The plan therefore
+compiles the model with 1 and 2 layers and extrapolates linearly to the full depth (every decoder
+layer is identical); parameter and KV-cache bytes are exact, computed from the full model's
+placements. The output says which figures are extrapolated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import model_torch
+import sharding
+from bridge.lift import extract_fn
+
+# Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
+ACCELERATORS = {
+    "H100": {"memory_bytes_per_s": 3.35e12, "bf16_flops": 989e12, "interconnect_bytes_per_s": 450e9, "memory": 80 * 2**30},
+    "H200": {"memory_bytes_per_s": 4.8e12, "bf16_flops": 989e12, "interconnect_bytes_per_s": 450e9, "memory": 141 * 2**30},
+    "TPU v5e": {"memory_bytes_per_s": 0.819e12, "bf16_flops": 197e12, "interconnect_bytes_per_s": 200e9, "memory": 16 * 2**30},
+    "TPU v5p": {"memory_bytes_per_s": 2.765e12, "bf16_flops": 459e12, "interconnect_bytes_per_s": 600e9, "memory": 95 * 2**30},
+}  # fmt: skip
+
+TORCH_TO_JNP = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16,
+                torch.int8: jnp.int8, torch.int32: jnp.int32, torch.int64: jnp.int32}  # fmt: skip
+
+
+def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[int] = None):
+    """A model_torch model on the meta device: a preset name, or (module class, config)."""
+    if isinstance(preset_or_config, str):
+        cls, config = model_torch.PRESETS[preset_or_config]
+    else:
+        cls, config = preset_or_config
+    if num_layers is not None:
+        config = dataclasses.replace(config, num_layers=num_layers)
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    with torch.device("meta"):
+        model = cls(config).to(torch_dtype)
+    if dtype == "int8":
+        model_torch.common.quantize_int8(model)
+    return model.eval()
+
+
+def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
+    """(placements, compiled program) of the forward / one decode step over abstract sharded inputs."""
+    names, fn = extract_fn(model)
+    shapes = {k: (shape, TORCH_TO_JNP[dt]) for k, (shape, dt) in names.items()}
+    placements = sharding.plan(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
+    weights = {
+        k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
+    }
+    in_spec = sharding.batch_spec(scheme, mesh, batch)
+    t = seq if mode == "forward" else 1
+    ids = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(mesh, in_spec))
+    if mode == "forward":
+        program = jax.jit(lambda w, i: fn(w, (i,))[0])
+        args = (weights, ids)
+    else:
+        c = model.config
+        kv_spec = sharding.kv_cache_spec(scheme, mesh, batch, c.num_kv_heads)
+        kv = jax.ShapeDtypeStruct((batch, c.num_kv_heads, seq, c.head_dim), TORCH_TO_JNP[model.dtype],
+                                  sharding=NamedSharding(mesh, kv_spec))  # fmt: skip
+        cache = [(kv, kv) for _ in range(c.num_layers)]
+        column = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+        program = jax.jit(
+            lambda w, i, cache, col: fn(w, (i,), dict(kv_cache=cache, cache_position=col[None])), donate_argnums=(2,)
+        )
+        args = (weights, ids, cache, column)
+    return placements, program.lower(*args).compile()
+
+
+def plan(
+    preset_or_config,
+    mesh,
+    scheme="tp",
+    *,
+    dtype: str = "bfloat16",
+    mode: str = "decode",
+    batch: int = 1,
+    seq: int = 2048,
+    fallback: str = "error",
+    probe_layers: tuple[int, int] = (1, 2),
+    device_memory: Optional[int] = None,
+) -> dict:
+    scheme = sharding.get_scheme(scheme)
+    full = meta_model(preset_or_config, dtype)
+    c = full.config
+    mesh_shape = dict(mesh.shape)
+    names, _ = extract_fn(full)
+    shapes = {k: (shape, TORCH_TO_JNP[dt]) for k, (shape, dt) in names.items()}
+    placements = sharding.plan(shapes, scheme, mesh_shape, head_layout=full.head_layout(), fallback=fallback)
+    rep = sharding.report(placements, mesh_shape)
+
+    kv_spec = sharding.kv_cache_spec(scheme, mesh, batch, c.num_kv_heads)
+    kv_entry = lambda i: kv_spec[i] if i < len(kv_spec) else None  # noqa: E731
+    kv_per_layer = 2 * math.prod(d // sharding._axis_size(mesh_shape, kv_entry(i))
+                                 for i, d in enumerate((batch, c.num_kv_heads, seq, c.head_dim)))  # fmt: skip
+    kv_bytes = kv_per_layer * c.num_layers * jnp.dtype(TORCH_TO_JNP[full.dtype]).itemsize if mode == "decode" else 0
+
+    exact = c.num_layers <= max(probe_layers)
+    probes = (c.num_layers,) if exact else probe_layers
+    measured = {}
+    for n in probes:
+        _, compiled = abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq, fallback)
+        stats = sharding.compiled_stats(compiled)
+        cost = (compiled.cost_analysis() or {}) if hasattr(compiled, "cost_analysis") else {}
+        cost = cost[0] if isinstance(cost, list) else cost
+        measured[n] = {
+            "collectives": stats["collectives"],
+            "temp_bytes": stats["memory"].get("temp_size_in_bytes", 0),
+            "flops": float(cost.get("flops", 0.0)),
+        }
+
+    def scaled(get):
+        if exact:
+            return get(measured[c.num_layers])
+        (l1, l2) = probes
+        per_layer = (get(measured[l2]) - get(measured[l1])) / (l2 - l1)
+        return get(measured[l1]) + per_layer * (c.num_layers - l1)
+
+    collectives = {
+        kind: {
+            "count": round(scaled(lambda m: m["collectives"][kind]["count"])),
+            "bytes": round(scaled(lambda m: m["collectives"][kind]["bytes"])),
+        }
+        for kind in sharding.COLLECTIVES
+    }
+    temp = round(scaled(lambda m: m["temp_bytes"]))
+    flops = scaled(lambda m: m["flops"])  # per device (SPMD program)
+    param = rep["param_bytes_per_device"]
+    total = param + kv_bytes + temp
+    coll_bytes = sum(v["bytes"] for v in collectives.values())
+    estimates = {}
+    for name, acc in ACCELERATORS.items():
+        t_mem = (param + kv_bytes) / acc["memory_bytes_per_s"]
+        t_flops = flops / acc["bf16_flops"]
+        t_comm = coll_bytes / acc["interconnect_bytes_per_s"]
+        estimates[name] = {
+            "step_seconds": max(t_mem, t_flops) + t_comm,
+            "memory_seconds": t_mem,
+            "compute_seconds": t_flops,
+            "collective_seconds": t_comm,
+            "fits": total <= (device_memory or acc["memory"]),
+        }
+    return {
+        "model": preset_or_config if isinstance(preset_or_config, str) else type(full).__name__,
+        "parameters": model_torch.common.count_parameters(full),
+        "scheme": scheme.name,
+        "mesh": mesh_shape,
+        "dtype": dtype,
+        "mode": mode,
+        "batch": batch,
+        "seq": seq,
+        "param_bytes_per_device": param,
+        "param_bytes_total": rep["param_bytes_total"],
+        "kv_cache_bytes_per_device": kv_bytes,
+        "temp_bytes_per_device": temp,
+        "total_bytes_per_device": total,
+        "collectives": collectives,
+        "flops_per_device": flops,
+        "device_memory": device_memory,
+        "fits_device_memory": None if device_memory is None else total <= device_memory,
+        "estimates": estimates,
+        "extrapolated": None if exact else f"compiled {probes[0]} and {probes[1]} layers, scaled to {c.num_layers}",
+        "fallbacks": sharding.fallback_summary(placements),
+    }
+
+
+def format_plan(p: dict) -> str:
+    gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
+    lines = [
+        f"plan: {p['model']} ({p['parameters'] / 1e9:,.1f}B parameters), {p['dtype']}, scheme {p['scheme']}, "
+        f"mesh {','.join(f'{k}={v}' for k, v in p['mesh'].items())}, {p['mode']} batch {p['batch']} seq {p['seq']}",
+        f"per device: parameters {gib(p['param_bytes_per_device'])} | KV cache {gib(p['kv_cache_bytes_per_device'])} | "
+        f"temporaries {gib(p['temp_bytes_per_device'])} | total {gib(p['total_bytes_per_device'])}",
+        f"collectives per step: {sharding.format_collectives(p['collectives'])}",
+    ]
+    if p["device_memory"]:
+        verdict = "fits" if p["fits_device_memory"] else "does NOT fit"
+        lines.append(f"{verdict} in {gib(p['device_memory'])} per device")
+    lines.append("roofline estimate of one step (a model, not a measurement):")
+    lines.append(f"  {'device':<8} {'step ms':>9} {'memory ms':>10} {'compute ms':>11} {'collect. ms':>12} {'fits':>5}")
+    for name, e in p["estimates"].items():
+        lines.append(f"  {name:<8} {e['step_seconds'] * 1e3:>9.2f} {e['memory_seconds'] * 1e3:>10.2f} "
+                     f"{e['compute_seconds'] * 1e3:>11.2f} {e['collective_seconds'] * 1e3:>12.2f} {str(e['fits']):>5}")  # fmt: skip
+    if p["extrapolated"]:
+        lines.append(f"note: temporaries, collectives and FLOPs extrapolated ({p['extrapolated']}); parameter and KV bytes exact")
+    lines += [f"note: {f}" for f in p["fallbacks"]]
+    return "\n".join(lines)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    num = text.strip().lower().rstrip()
+    i = len(num)
+    while i and not (num[i - 1].isdigit() or num[i - 1] == "."):
+        i -= 1
+    value, unit = num[:i], num[i:].strip()
+    if not value or unit not in units:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GiB or 16GB")
+    return int(float(value) * units[unit])
