@@ -175,6 +175,7 @@ def plan(
         "flops_per_device": flops,
         "device_memory": device_memory,
         "fits_device_memory": None if device_memory is None else total <= device_memory,
+        "fits_without_temporaries": None if device_memory is None else param + kv_bytes <= device_memory,
         "estimates": estimates,
         "extrapolated": None if exact else f"compiled {probes[0]} and {probes[1]} layers, scaled to {c.num_layers}",
         "fallbacks": sharding.fallback_summary(placements),
@@ -192,7 +193,10 @@ def format_plan(p: dict) -> str:
     ]
     if p["device_memory"]:
         verdict = "fits" if p["fits_device_memory"] else "does NOT fit"
-        lines.append(f"{verdict} in {gib(p['device_memory'])} per device")
+        base = "fit" if p["fits_without_temporaries"] else "do NOT fit"
+        lines.append(f"{verdict} in {gib(p['device_memory'])} per device with temporaries; parameters + KV cache "
+                     f"alone {base} (temporaries come from an XLA:CPU compile, whose layout copies of large "
+                     f"weights an accelerator compile may not make)")
     lines.append("roofline estimate of one step (a model, not a measurement):")
     lines.append(f"  {'device':<8} {'step ms':>9} {'memory ms':>10} {'compute ms':>11} {'collect. ms':>12} {'fits':>5}")
     for name, e in p["estimates"].items():

@@ -78,7 +78,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
         w = linear.weight.detach()
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
+        with torch.device(w.device):  # meta stays meta (planning)
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
         q.weight, q.scale.data = _quantize_rows(w)
         if linear.bias is not None:
             q.bias.data = linear.bias.detach().clone()
@@ -105,7 +106,8 @@ class QuantizedEmbedding(nn.Module):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "QuantizedEmbedding":
         w = emb.weight.detach()
-        q = cls(w.shape[0], w.shape[1], dtype=w.dtype)
+        with torch.device(w.device):  # meta stays meta (planning)
+            q = cls(w.shape[0], w.shape[1], dtype=w.dtype)
         q.weight, q.scale.data = _quantize_rows(w)
         return q
 
