@@ -63,3 +63,13 @@ def test_plan_runs_for_big_presets(preset, scheme, n, dtype, devices):
     assert p["param_bytes_per_device"] < full / n * 1.1
     text = planner.format_plan(p)
     assert "roofline estimate" in text and "per device: parameters" in text
+
+
+def test_grok1_on_64_simulated_devices_ep_tp():
+    proc = subprocess.run([sys.executable, "-m", "bridge", "plan", "--preset", "grok-1", "--devices", "64",
+                           "--scheme", "ep_tp", "--mesh", "expert=8,model=8", "--dtype", "int8", "--json"],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = json.loads(proc.stdout)
+    assert p["mesh"] == {"expert": 8, "model": 8}
+    assert 314e9 / 64 <= p["param_bytes_per_device"] <= 314e9 / 64 * 1.1
