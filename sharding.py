@@ -516,8 +516,30 @@ def shard(
         head_layout=head_layout,
         fallback=fallback,
     )
-    placed = {k: jax.device_put(v, NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
+    placed = {k: put_global(v, NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
     return placed, placements
+
+
+def put_global(value, named: NamedSharding) -> jax.Array:
+    """An array on ``named``'s devices, each device filled with only its slice of ``value``.
+
+    Works the same in one process and in several (every process passes the same full value and fills
+    only its own devices), unlike device_put of a host array onto devices of other processes.
+    """
+    if isinstance(value, jax.Array) and value.is_fully_addressable and len(value.devices()) == 1:
+        if jax.process_count() == 1:
+            return jax.device_put(value, named)
+        value = np.asarray(value)
+    return jax.make_array_from_callback(tuple(value.shape), named, lambda index: value[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on this host."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def shardings_of(placements: Mapping[str, Placement], mesh: Mesh) -> dict[str, NamedSharding]:

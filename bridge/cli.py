@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
     pl.add_argument("--json", action="store_true")
 
+    la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")
+    la.add_argument("--processes", type=int, default=2)
+    la.add_argument("--devices-per-process", type=int, default=4)
+    la.add_argument("--timeout", type=float, default=60.0, help="seconds for the processes to join (default 60)")
+    la.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- forward --checkpoint tiny-llama ...")
+
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
     c.add_argument("dst", help="the directory to create (written atomically)")
@@ -127,12 +133,25 @@ def _setup(args):
 
     scheme = sharding.get_scheme(args.scheme)  # fail on a bad scheme before loading anything
     mesh = sharding.mesh_for(scheme, len(devs), sharding.parse_mesh(args.mesh), devs)
-    loaded = checkpoints.load(args.checkpoint, args.dtype, quantize=args.quantize)
     import warnings
+
+    from bridge import distributed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback summary is printed below, once
-        lifted = lift(loaded.model, mesh, scheme, fallback=args.fallback)
+        kind, path = checkpoints.resolve(args.checkpoint)
+        if distributed.configured() and kind == "dir" and args.quantize == "none":
+            # Several processes: each reads only its own devices' slices from the memory-mapped files.
+            from transformers import AutoTokenizer
+
+            from bridge.lift import lift_checkpoint
+
+            lifted = lift_checkpoint(path, mesh, scheme, dtype=args.dtype, fallback=args.fallback)
+            loaded = checkpoints.Loaded(lifted.model, AutoTokenizer.from_pretrained(path), str(path),
+                                        lifted.model.config.model_type)  # fmt: skip
+        else:
+            loaded = checkpoints.load(args.checkpoint, args.dtype, quantize=args.quantize)
+            lifted = lift(loaded.model, mesh, scheme, fallback=args.fallback)
     for line in sharding.fallback_summary(lifted.placements):
         print(f"note: {line}", file=sys.stderr)
     return loaded, lifted
@@ -151,8 +170,15 @@ def cmd_forward(args) -> int:
             raise UsageError(f"--input-ids must lie in [0, {vocab}) for this model")
     else:
         ids = Generator(lifted, loaded.tokenizer).encode(args.prompt, chat=args.chat)
+    import sharding
+    from bridge.distributed import is_main
+
     logits, first, warm = lifted.timed_forward([ids])
-    logits = np.asarray(logits)
+    logits = sharding.to_host(logits)
+    held = sum(s.data.nbytes for a in lifted.weights.values() for s in a.addressable_shards)
+    if not is_main():
+        return 0
+    print(f"parameter bytes held by this process: {held:,}")
     last = logits[0, -1]
     top = np.argsort(-last)[:5]
     print(f"mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: logits shape {list(logits.shape)}")
@@ -188,8 +214,13 @@ def cmd_generate(args) -> int:
     except GenerationError as e:
         raise UsageError(str(e)) from None
     loaded, lifted = _setup(args)
+    from bridge.distributed import is_main
+
     gen = Generator(lifted, loaded.tokenizer)
     stream = None
+    if not is_main():
+        gen.generate(prompts, args.max_new_tokens, sampling, args.seed, args.chat, None, args.truncate)
+        return 0
     if not args.json and len(prompts) == 1:
         stream = lambda row, piece: print(piece, end="", flush=True)  # noqa: E731
     results = gen.generate(prompts, args.max_new_tokens, sampling, args.seed, args.chat, stream, args.truncate)
@@ -301,6 +332,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from bridge import distributed
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if "--devices" in rest:
+        raise UsageError("launch sets --devices per process itself; use --devices-per-process")
+    try:
+        return distributed.launch(rest, args.processes, args.devices_per_process, args.timeout)
+    except distributed.LaunchError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_convert(args) -> int:
     import time
 
@@ -319,6 +362,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "profile": cmd_profile,
     "plan": cmd_plan,
+    "launch": cmd_launch,
     "convert": cmd_convert,
 }
 

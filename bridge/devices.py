@@ -40,8 +40,17 @@ def setup(n: int | None) -> list:
             raise DeviceError(f"--devices must be at least 1, got {n}")
         if not backend_started():
             request_cpu_devices(n)
+    from bridge import distributed
+
+    if distributed.configured() and not backend_started():
+        distributed.initialize()  # several processes: --devices counts each process's devices
     import jax
 
+    if jax.process_count() > 1:
+        if n is not None and jax.local_device_count() < n:
+            raise DeviceError(f"--devices {n} per process: this process has {jax.local_device_count()}")
+        per = n or jax.local_device_count()
+        return [d for d in jax.devices() if d.id in {x.id for x in _local_first(jax, per)}]
     devices = jax.devices()
     if n is None:
         return devices
@@ -54,3 +63,11 @@ def setup(n: int | None) -> list:
         )
         raise DeviceError(f"--devices {n}: only {len(devices)} {where} devices available ({hint})")
     return devices[:n]
+
+
+def _local_first(jax, per_process: int) -> list:
+    """The first ``per_process`` devices of every process, ordered by process."""
+    out = []
+    for p in range(jax.process_count()):
+        out += [d for d in jax.devices() if d.process_index == p][:per_process]
+    return out

@@ -135,7 +135,9 @@ class Generator:
             for layer in self.model.init_kv_cache(batch, cache_len, device="meta")
         ]
 
-    def _prefill(self, weights, ids, positions, key_mask, key, *, cache_len: int, sampling: Sampling):
+    def _prefill(self, weights, ids, positions, key_mask, pads, seed, limit, *, cache_len: int, n_out: int, sampling: Sampling):
+        """Runs the prompts, samples the first token, and returns the whole decode state (built
+        inside the jitted program, so every piece of it lives on the mesh)."""
         batch, plen = ids.shape
         cache = self._empty_cache(batch, cache_len)
         logits, cache = self.lifted.fn(
@@ -143,8 +145,20 @@ class Generator:
             (ids,),
             dict(positions=positions, kv_cache=cache, cache_position=jnp.arange(plen), attention_mask=key_mask),
         )
+        key = jax.random.key(seed)
         token = sample_logits(logits[:, -1], key, sampling)
-        return token, cache
+        return dict(
+            cache=cache,
+            token=token,
+            column=jnp.asarray(plen, jnp.int32),
+            positions=(plen - pads).astype(jnp.int32),
+            key_mask=key_mask,
+            done=jnp.isin(token, self.eos),
+            out=jnp.full((batch, n_out), self.pad_id, jnp.int32).at[:, 0].set(token),
+            step=jnp.asarray(1, jnp.int32),
+            limit=limit,
+            key=jax.random.fold_in(key, 1),
+        )
 
     def _decode_step(self, weights, state, *, sampling: Sampling):
         """One token for every row. state: cache, token [B] (last sampled), column (its cache column),
@@ -267,56 +281,46 @@ class Generator:
         prompt_ids, ids, positions, key_mask, pads, cache_len = self._prepare(prompt_ids, max_new_tokens, truncate)
         batch, plen = ids.shape
         in_shard = self.lifted.input_sharding(batch)
-        put = lambda a: jax.device_put(jnp.asarray(a), in_shard)  # noqa: E731
-        ids_d, pos_d, mask_d = put(ids), put(positions), put(key_mask)
-        key = jax.random.key(seed)
+        from sharding import put_global, to_host
+
+        ids_d, pos_d, mask_d = (put_global(a, in_shard) for a in (ids, positions, key_mask))
+        replicated = NamedSharding(self.lifted.mesh, P())
+        pads_d = put_global(pads.astype(np.int32), replicated)
+        seed_d = put_global(np.asarray(seed, np.uint32), replicated)
+        limit_d = put_global(np.asarray(max_new_tokens, np.int32), replicated)
         w = self.lifted.weights
+        n_out = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
 
         prefill = self._compile(
-            f"prefill/{cache_len}/{sampling}",
-            lambda w, i, p, m, k: self._prefill(w, i, p, m, k, cache_len=cache_len, sampling=sampling),
-            (w, ids_d, pos_d, mask_d, key),
+            f"prefill/{cache_len}/{n_out}/{sampling}",
+            lambda w, *a: self._prefill(w, *a, cache_len=cache_len, n_out=n_out, sampling=sampling),
+            (w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d),
         )
         t0 = time.perf_counter()
-        token, cache = prefill(w, ids_d, pos_d, mask_d, key)
-        token.block_until_ready()
+        state = prefill(w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d)
+        jax.block_until_ready(state["token"])
         prefill_s = time.perf_counter() - t0
 
-        n_out = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
-        done = jnp.isin(token, self.eos)
-        state = dict(
-            cache=cache,
-            token=token,
-            column=jnp.asarray(plen, jnp.int32),
-            positions=jnp.asarray(plen - pads, jnp.int32),
-            key_mask=mask_d,
-            done=done,
-            out=jnp.full((batch, n_out), self.pad_id, jnp.int32).at[:, 0].set(token),
-            step=jnp.asarray(1, jnp.int32),
-            limit=jnp.asarray(max_new_tokens, jnp.int32),
-            key=jax.random.fold_in(key, 1),
-        )
-        t0 = time.perf_counter()
         if on_token is None:
             loop = self._compile(
                 f"loop/{sampling}", lambda w, s: self._decode_loop(w, s, sampling=sampling), (w, state), donate=(1,)
             )
             t0 = time.perf_counter()
             state = loop(w, state)
-            out = np.asarray(state["out"])
-            steps = int(state["step"])
+            out = to_host(state["out"])
+            steps = int(to_host(state["step"]))
         else:
             step_fn = self._compile(
                 f"step/{sampling}", lambda w, s: self._decode_step(w, s, sampling=sampling), (w, state), donate=(1,)
             )
-            on_token(np.asarray(token))
+            on_token(to_host(state["token"]))
             t0 = time.perf_counter()
             steps = 1
-            while steps < max_new_tokens and not bool(np.all(np.asarray(state["done"]))):
+            while steps < max_new_tokens and not bool(np.all(to_host(state["done"]))):
                 state = step_fn(w, state)
                 steps += 1
-                on_token(np.asarray(state["token"]))
-            out = np.asarray(state["out"])
+                on_token(to_host(state["token"]))
+            out = to_host(state["out"])
         decode_s = time.perf_counter() - t0
         results = []
         eos = set(np.asarray(self.eos).tolist())

@@ -92,8 +92,8 @@ class Lifted:
         return self._forward[batch]
 
     def put_input(self, ids) -> jax.Array:
-        ids = jnp.asarray(np.asarray(ids, dtype=np.int32))
-        return jax.device_put(ids, self.input_sharding(ids.shape[0], ids.ndim))
+        ids = np.asarray(ids, dtype=np.int32)
+        return sharding.put_global(ids, self.input_sharding(ids.shape[0], ids.ndim))
 
     def forward(self, input_ids) -> jax.Array:
         ids = self.put_input(input_ids)
@@ -206,5 +206,3 @@ def lift_checkpoint(
     return Lifted(model, fn, weights, mesh, scheme, placements)
 
 
-def to_numpy(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
