@@ -25,11 +25,7 @@ def step_function(lifted: Lifted, mode: str, batch: int, seq: int):
     ids = lifted.put_input(np.zeros((batch, seq if mode == "forward" else 1), np.int32) + 1)
     if mode == "forward":
         return lifted.forward_jit(batch), (lifted.weights, ids)
-    cache_sharding = lifted.kv_sharding(batch)
-    cache = [
-        tuple(jax.device_put(jnp.zeros(t.shape, jnp.dtype(str(t.dtype).removeprefix("torch."))), cache_sharding) for t in kv)
-        for kv in lifted.model.init_kv_cache(batch, seq, device="meta")
-    ]
+    cache = jax.jit(lambda: lifted.empty_kv_cache(batch, seq))()
 
     def decode(weights, token, cache, column):
         logits, cache = lifted.fn(weights, (token,), dict(kv_cache=cache, cache_position=column[None]))

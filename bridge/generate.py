@@ -122,24 +122,11 @@ class Generator:
         self.last_compile_seconds = 0.0
 
     # -- building blocks (pure JAX) --------------------------------------------------------------
-    def _empty_cache(self, batch: int, cache_len: int):
-        """Zeros shaped by the model's own ``init_kv_cache`` (built on meta: no memory), on the mesh."""
-        shard = self.lifted.kv_sharding(batch)
-        return [
-            tuple(
-                jax.lax.with_sharding_constraint(
-                    jnp.zeros(t.shape, jnp.dtype(str(t.dtype).removeprefix("torch."))), shard
-                )
-                for t in layer
-            )
-            for layer in self.model.init_kv_cache(batch, cache_len, device="meta")
-        ]
-
     def _prefill(self, weights, ids, positions, key_mask, pads, seed, limit, *, cache_len: int, n_out: int, sampling: Sampling):
         """Runs the prompts, samples the first token, and returns the whole decode state (built
         inside the jitted program, so every piece of it lives on the mesh)."""
         batch, plen = ids.shape
-        cache = self._empty_cache(batch, cache_len)
+        cache = self.lifted.empty_kv_cache(batch, cache_len)
         logits, cache = self.lifted.fn(
             weights,
             (ids,),

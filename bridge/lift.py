@@ -23,6 +23,11 @@ import sharding
 from bridge.torchax_compat import import_torchax
 
 
+def jax_dtype(torch_dtype: torch.dtype):
+    """The JAX dtype of a torch dtype (torch.bfloat16 -> jnp.bfloat16, ...)."""
+    return jnp.dtype(str(torch_dtype).removeprefix("torch."))
+
+
 def extract(model: torch.nn.Module):
     """(weights, fn) of ``model`` through torchax. Tied weights are kept once."""
     tx = import_torchax()
@@ -76,6 +81,15 @@ class Lifted:
 
     def report(self) -> dict:
         return sharding.report(self.placements, dict(self.mesh.shape))
+
+    def empty_kv_cache(self, batch: int, seq: int):
+        """Zeros shaped by the model's own ``init_kv_cache`` (built on meta: no memory), on the mesh
+        with kv heads split where the scheme splits heads. Usable inside jit too."""
+        shard = self.kv_sharding(batch)
+        return [
+            tuple(jax.lax.with_sharding_constraint(jnp.zeros(t.shape, jax_dtype(t.dtype)), shard) for t in layer)
+            for layer in self.model.init_kv_cache(batch, seq, device="meta")
+        ]
 
     # -- forward --------------------------------------------------------------------------------
     def logits_fn(self, weights, input_ids):
@@ -175,7 +189,7 @@ def lift_checkpoint(
             f"unexpected in checkpoint: {unexpected or 'none'}"
         )
     torch_dtype = checkpoints.DTYPES[dtype]
-    np_dtype = {torch.float32: np.float32, torch.bfloat16: jnp.bfloat16, torch.float16: np.float16}[torch_dtype]
+    np_dtype = jax_dtype(torch_dtype)
     for name, (shape, _) in names.items():
         if source.shape(renamed[name]) != shape:
             raise checkpoints.CheckpointError(

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import model_torch
 import sharding
-from bridge.lift import extract_fn
+from bridge.lift import extract_fn, jax_dtype
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
 ACCELERATORS = {
@@ -36,8 +36,6 @@ ACCELERATORS = {
     "TPU v5p": {"memory_bytes_per_s": 2.765e12, "bf16_flops": 459e12, "interconnect_bytes_per_s": 600e9, "memory": 95 * 2**30},
 }  # fmt: skip
 
-TORCH_TO_JNP = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16,
-                torch.int8: jnp.int8, torch.int32: jnp.int32, torch.int64: jnp.int32}  # fmt: skip
 
 
 def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[int] = None):
@@ -59,7 +57,7 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
 def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
     """(placements, compiled program) of the forward / one decode step over abstract sharded inputs."""
     names, fn = extract_fn(model)
-    shapes = {k: (shape, TORCH_TO_JNP[dt]) for k, (shape, dt) in names.items()}
+    shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
     placements = sharding.plan(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
     weights = {
         k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
@@ -73,7 +71,7 @@ def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallb
     else:
         c = model.config
         kv_spec = sharding.kv_cache_spec(scheme, mesh, batch, c.num_kv_heads)
-        kv = jax.ShapeDtypeStruct((batch, c.num_kv_heads, seq, c.head_dim), TORCH_TO_JNP[model.dtype],
+        kv = jax.ShapeDtypeStruct((batch, c.num_kv_heads, seq, c.head_dim), jax_dtype(model.dtype),
                                   sharding=NamedSharding(mesh, kv_spec))  # fmt: skip
         cache = [(kv, kv) for _ in range(c.num_layers)]
         column = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -102,7 +100,7 @@ def plan(
     c = full.config
     mesh_shape = dict(mesh.shape)
     names, _ = extract_fn(full)
-    shapes = {k: (shape, TORCH_TO_JNP[dt]) for k, (shape, dt) in names.items()}
+    shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
     placements = sharding.plan(shapes, scheme, mesh_shape, head_layout=full.head_layout(), fallback=fallback)
     rep = sharding.report(placements, mesh_shape)
 
@@ -110,7 +108,7 @@ def plan(
     kv_entry = lambda i: kv_spec[i] if i < len(kv_spec) else None  # noqa: E731
     kv_per_layer = 2 * math.prod(d // sharding._axis_size(mesh_shape, kv_entry(i))
                                  for i, d in enumerate((batch, c.num_kv_heads, seq, c.head_dim)))  # fmt: skip
-    kv_bytes = kv_per_layer * c.num_layers * jnp.dtype(TORCH_TO_JNP[full.dtype]).itemsize if mode == "decode" else 0
+    kv_bytes = kv_per_layer * c.num_layers * jnp.dtype(jax_dtype(full.dtype)).itemsize if mode == "decode" else 0
 
     exact = c.num_layers <= max(probe_layers)
     probes = (c.num_layers,) if exact else probe_layers
