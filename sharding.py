@@ -69,7 +69,9 @@ def megatron(axis: str) -> list[Rule]:
 
     Embedding and LM head are vocab-parallel (dim 0): the lookup becomes a masked local gather plus
     one all-reduce, and the head's logits come out vocab-sharded with no reduction over the hidden
-    dim. Hidden-sharding them instead (P(None, axis)) costs an all-reduce of [B, T, vocab] logits.
+    dim. Measured against hidden-sharding them (P(None, axis), the tutorial's choice) on SmolLM2 over
+    3 devices: forward 61 vs 122 all-reduces (+60 all-gathers), 9.0 vs 30.3 MB of collectives,
+    184 vs 205 MB peak per device; decode step 66 vs 79 ms (`torchax-bridge compare`).
     """
     return [
         (NORMS, ()),
