@@ -104,6 +104,9 @@ class Scheme:
     batch_axes: tuple[str, ...] = ()  # input batch dim sharded over these
     head_axis: str | None = None  # attention heads (and the KV cache's kv-head dim) split over this
     description: str = ""
+    # Pin each decoder layer's output [B, T, H] to the batch spec: without it, XLA may move
+    # activations instead of gathering weights (for FSDP that defeats the point).
+    constrain_activations: bool = False
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -164,6 +167,7 @@ SCHEMES: dict[str, Scheme] = {
             rules=((NORMS, ()), (CATCH_ALL, ShardLargest("fsdp"))),
             mesh=(("fsdp", -1),),
             batch_axes=("fsdp",),
+            constrain_activations=True,
             description="each large weight split on its largest divisible dim, gathered per layer",
         ),
         Scheme(

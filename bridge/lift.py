@@ -59,6 +59,44 @@ def extract_fn(model: torch.nn.Module):
     return names, fn
 
 
+def constrain(fn, model: torch.nn.Module, mesh: Mesh, scheme: sharding.Scheme):
+    """``fn`` with each decoder layer's output pinned to the scheme's batch spec while it is traced
+    (a forward hook through torchax interop; model_torch stays free of JAX). A no-op for schemes
+    that do not ask for it."""
+    if not scheme.constrain_activations:
+        return fn
+    import re
+
+    from torchax.interop import call_jax
+
+    # Decoder layers and every projection inside them: pinning each matmul's output to the batch
+    # spec leaves XLA one way to compute it (gather the weight), which is what FSDP means.
+    layers = [
+        m
+        for name, m in model.named_modules()
+        if re.search(r"layers\.\d+$", name) or (re.search(r"layers\.\d+\.", name) and not list(m.children()))
+    ]
+
+    def pin_one(x):
+        spec = sharding.batch_spec(scheme, mesh, x.shape[0], x.ndim)
+        return call_jax(lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec)), x)
+
+    def pin(module, args, out):
+        if isinstance(out, tuple):  # a decoder layer: (hidden, kv)
+            return (pin_one(out[0]), *out[1:])
+        return pin_one(out) if isinstance(out, torch.Tensor) and out.ndim >= 2 else out
+
+    def constrained(weights, args, kwargs=None):
+        handles = [m.register_forward_hook(pin) for m in layers]
+        try:
+            return fn(weights, args, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    return constrained
+
+
 @dataclasses.dataclass
 class Lifted:
     model: torch.nn.Module
@@ -146,7 +184,7 @@ def lift(
     head_layout = model.head_layout() if hasattr(model, "head_layout") else []
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=head_layout, fallback=fallback)
     del weights
-    return Lifted(model, fn, placed, mesh, scheme, placements)
+    return Lifted(model, constrain(fn, model, mesh, scheme), placed, mesh, scheme, placements)
 
 
 def lift_checkpoint(
@@ -217,6 +255,6 @@ def lift_checkpoint(
     weights = {
         k: jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), read(k)) for k, p in placements.items()
     }
-    return Lifted(model, fn, weights, mesh, scheme, placements)
+    return Lifted(model, constrain(fn, model, mesh, scheme), weights, mesh, scheme, placements)
 
 

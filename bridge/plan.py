@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import model_torch
 import sharding
-from bridge.lift import extract_fn, jax_dtype
+from bridge.lift import constrain, extract_fn, jax_dtype
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
 ACCELERATORS = {
@@ -57,6 +57,7 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
 def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
     """(placements, compiled program) of the forward / one decode step over abstract sharded inputs."""
     names, fn = extract_fn(model)
+    fn = constrain(fn, model, mesh, scheme)
     shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
     placements = sharding.plan(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
     weights = {

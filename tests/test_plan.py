@@ -34,13 +34,14 @@ def test_plan_int8_matches_real_int8_placement(devices):
     assert p["param_bytes_per_device"] == sum(a.addressable_shards[0].data.nbytes for a in real.weights.values())
 
 
-# Runs the CLI in this process and reports its own peak RSS (RUSAGE_CHILDREN would include every
-# earlier child of the test session).
+# Runs the CLI and reports the peak RSS of its own address space (VmHWM). getrusage's ru_maxrss would
+# not do: Linux carries it over fork and exec, so a child starts with the test session's peak.
 MEASURED = (
-    "import json, resource, runpy, sys\n"
+    "import json, runpy, sys\n"
     "sys.argv = ['torchax-bridge'] + json.loads(sys.argv[1])\n"
     "try:\n    runpy.run_module('bridge', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
+    "print('PEAK_RSS_KIB', hwm, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
