@@ -22,7 +22,6 @@ import json
 import math
 import re
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -693,6 +692,3 @@ def format_collectives(colls: Mapping[str, Mapping[str, int]]) -> str:
     parts = [f"{k} x{v['count']} ({v['bytes']:,} B)" for k, v in colls.items() if v["count"]]
     return ", ".join(parts) if parts else "none"
 
-
-def count_by_kind(colls: Mapping[str, Mapping[str, int]]) -> Counter:
-    return Counter({k: v["count"] for k, v in colls.items()})

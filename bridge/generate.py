@@ -91,12 +91,6 @@ class Result:
         return dataclasses.asdict(self)
 
 
-def bucket_for(n: int, limit: int) -> int:
-    for b in BUCKETS:
-        if b >= n and b <= limit:
-            return b
-    return -1
-
 
 class Generator:
     def __init__(self, lifted: Lifted, tokenizer=None, *, eos_token_ids: Sequence[int] = (), pad_id: int = 0):
