@@ -46,6 +46,23 @@ class CausalLM(nn.Module):
         c = self.config
         return init_kv_cache(c.num_layers, batch, c.num_kv_heads, max_seq, c.head_dim, dtype or self.dtype, device)
 
+    def run_layers(self, layers, x, positions, kv_cache, cache_position, attention_mask):
+        """The decoder stack every model shares: RoPE tables (``rotary_dim`` of the config, else
+        ``head_dim``; ``rope_scaling`` when set), the masks, and each layer in turn, collecting the
+        new cache. Returns (hidden states, new cache or None)."""
+        c = self.config
+        positions, cache_position = default_positions(x, positions, kv_cache, cache_position)
+        rot_dim = getattr(c, "rotary_dim", c.head_dim)
+        inv_freq = rope_inv_freq(rot_dim, c.rope_theta, getattr(c, "rope_scaling", None), x.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[2], attention_mask)
+        new_cache = None if kv_cache is None else []
+        for i, layer in enumerate(layers):
+            x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
+            if new_cache is not None:
+                new_cache.append(layer_kv)
+        return x, new_cache
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -287,7 +304,8 @@ def write_kv(layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cach
 
 
 def default_positions(input_ids: torch.Tensor, positions, kv_cache, cache_position):
-    """Fills in positions [B, T] (RoPE) and cache_position [T] (cache columns) when not given."""
+    """Fills in positions [B, T] (RoPE) and cache_position [T] (cache columns) when not given.
+    ``input_ids`` may be any [B, T, ...] tensor of the call (only its shape and device are used)."""
     t = input_ids.shape[1]
     if cache_position is None:
         start = 0 if positions is None else positions[0, 0]

@@ -29,11 +29,7 @@ from .common import (
     RMSNorm,
     apply_rope,
     attend,
-    Masks,
-    default_positions,
     head_layout_for,
-    rope_cos_sin,
-    rope_inv_freq,
     tied_logits,
     write_kv,
 )
@@ -166,17 +162,8 @@ class GrokForCausalLM(CausalLM):
         attention_mask: Optional[torch.Tensor] = None,
     ):
         c = self.config
-        positions, cache_position = default_positions(input_ids, positions, kv_cache, cache_position)
         x = self.model.embed_tokens(input_ids) * c.embedding_multiplier_scale
-        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, None, x.device)
-        cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
-        kv_len = None if kv_cache is None else kv_cache[0][0].shape[2]
-        mask = Masks(cache_position, kv_len, attention_mask)
-        new_cache = [] if kv_cache is not None else None
-        for i, layer in enumerate(self.model.layers):
-            x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
-            if new_cache is not None:
-                new_cache.append(layer_kv)
+        x, new_cache = self.run_layers(self.model.layers, x, positions, kv_cache, cache_position, attention_mask)
         logits = tied_logits(self.model.embed_tokens, self.model.norm(x)) * c.output_multiplier_scale
         return logits, new_cache
 
