@@ -187,21 +187,49 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} holds no *.safetensors or pytorch_model.bin")
 
 
+# safetensors dtype names -> numpy (bfloat16 from ml_dtypes, which jax depends on)
+def _numpy_dtype(name: str):
+    import ml_dtypes
+    import numpy as np
+
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}  # fmt: skip
+    if name not in table:
+        raise CheckpointError(f"safetensors dtype {name} is not supported")
+    return np.dtype(table[name])
+
+
+def _safetensors_layout(f: Path) -> dict[str, tuple[int, str, tuple[int, ...]]]:
+    """name -> (absolute byte offset, dtype, shape), from the file's header (the format: an 8-byte
+    little-endian header size, a JSON header, then the data; offsets are relative to the data)."""
+    with open(f, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return {k: (8 + size + v["data_offsets"][0], v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
 class TensorSource:
-    """Tensors of a checkpoint by name, read lazily: safetensors files are memory-mapped, so a slice
-    (one device's shard) reads only its own bytes."""
+    """Tensors of a checkpoint by name, read lazily.
+
+    ``get`` returns torch tensors backed by the memory-mapped file (the torch-module path).
+    ``read`` returns a numpy array of one slice (one device's shard) read with ``pread`` into a
+    fresh buffer: only the rows the slice covers are read, and no file page is mapped into the
+    process, so a direct-to-mesh load holds the placed weights plus the slices in flight, not a
+    second, file-backed copy of the checkpoint.
+    """
 
     def __init__(self, files: list[Path]):
         from safetensors import safe_open
 
-        self.handles, self.where, self.state = [], {}, {}
+        self.handles, self.where, self.state, self.layout = [], {}, {}, {}
         for f in files:
             try:
                 if f.suffix == ".safetensors":
-                    h = safe_open(str(f), framework="pt")
+                    h = safe_open(str(f), framework="pt")  # validates the header
                     self.handles.append(h)
                     for k in h.keys():
                         self.where[k] = (h, f)
+                    self.layout.update({k: (f, *v) for k, v in _safetensors_layout(f).items()})
                 else:
                     self.state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
                     self.where.update({k: (None, f) for k in self.state})
@@ -224,6 +252,31 @@ class TensorSource:
             return h.get_tensor(name) if index is None else h.get_slice(name)[index]
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name} from {f}: {e} (truncated or corrupt file?)") from None
+
+    def read(self, name: str, index: tuple = ()):
+        """``tensor[index]`` as a numpy array (``index``: a tuple of slices, as
+        ``jax.make_array_from_callback`` passes them)."""
+        import numpy as np
+
+        if name not in self.layout:  # a torch state dict (.bin): already memory-mapped by torch.load
+            t = self.get(name, index)
+            return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        f, offset, dtype_name, shape = self.layout[name]
+        dtype = _numpy_dtype(dtype_name)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        rows = range(shape[0])[index[0]] if shape else range(1)
+        if shape and rows.step != 1:
+            rows, index = range(shape[0]), index
+        else:
+            index = (slice(None),) + index[1:] if shape else ()
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        out = np.empty((len(rows), *shape[1:]) if shape else (), dtype)
+        want = out.nbytes
+        with open(f, "rb", buffering=0) as fh:
+            got = os.preadv(fh.fileno(), [out.reshape(-1).view(np.uint8)], offset + rows.start * row_bytes)
+        if got != want:
+            raise CheckpointError(f"cannot read tensor {name} from {f}: got {got} of {want} bytes (truncated file?)")
+        return out[index] if index else out
 
 
 def read_state_dict(path: Path, workers: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:

@@ -87,13 +87,17 @@ PLACEHOLDERS: list[str] = []
 
 
 def import_torchax() -> ModuleType:
-    """Imports torchax and builds its default environment, with the shim active during both."""
+    """Imports torchax and builds its default environment, with the shim active during both, then
+    installs our lowerings (``bridge.lowerings``; not part of the shim, they stay when it goes)."""
     global _torchax
     with _lock:
         if _torchax is None:
             with named_tensor_placeholders(PLACEHOLDERS):
                 import torchax
 
-                torchax.default_env()
+                env = torchax.default_env()
+            from bridge import lowerings
+
+            lowerings.install(env)
             _torchax = torchax
     return _torchax

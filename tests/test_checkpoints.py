@@ -182,6 +182,54 @@ def test_direct_to_mesh_loading_equals_normal_loading(smollm2, devices):
     assert np.array_equal(np.asarray(direct.forward(ids)), np.asarray(normal.forward(ids)))
 
 
+def test_sliced_reads_equal_the_safetensors_library(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(6, 4, generator=g), "bf16": torch.randn(6, 4, generator=g).to(torch.bfloat16),
+               "i8": torch.randint(-127, 127, (5, 3), dtype=torch.int8, generator=g), "scalar": torch.tensor(3.5),
+               "vec": torch.randn(7, generator=g)}  # fmt: skip
+    save_file(tensors, tmp_path / "model.safetensors")
+    source = checkpoints.TensorSource([tmp_path / "model.safetensors"])
+    for name, t in tensors.items():
+        indices = [()] if t.ndim == 0 else [(), (slice(2, 4),), (slice(0, t.shape[0], 2),)]
+        if t.ndim == 2:
+            indices += [(slice(None), slice(1, 3)), (slice(1, 5), slice(0, 2))]
+        for index in indices:
+            got = source.read(name, index)
+            want = t[index] if index else t
+            assert got.shape == tuple(want.shape), (name, index)
+            assert np.array_equal(got.astype(np.float64), want.double().numpy()), (name, index)
+
+
+LOAD_PEAK = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, sharding, transformers
+from bridge import checkpoints
+from bridge.lift import lift_checkpoint
+from bridge.torchax_compat import import_torchax
+import_torchax(), transformers.AutoConfig  # libraries loaded before measuring: only the load counts
+def vm(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+path = checkpoints.smollm2_dir()
+mesh = sharding.mesh_for("replicated", 1)
+before = vm("VmRSS")
+lifted = lift_checkpoint(path, mesh, "replicated")
+jax.block_until_ready(list(lifted.weights.values()))
+print(json.dumps({{"growth": vm("VmHWM") - before, "checkpoint": sum(f.stat().st_size for f in path.glob("*.safetensors"))}}))
+"""
+
+
+def test_direct_to_mesh_peak_memory_stays_under_1_5x_the_checkpoint(smollm2):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-c", LOAD_PEAK.format(root=root)], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The placed weights themselves are 1.0x (one CPU device lives in host memory).
+    assert r["growth"] < 1.5 * r["checkpoint"], f"peak grew by {r['growth'] / r['checkpoint']:.2f}x the checkpoint"
+
+
 def test_neox_checkpoint_with_old_head_name_loads(tmp_path):
     model = model_torch.from_preset("tiny-neox")
     hc = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,

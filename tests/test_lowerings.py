@@ -1,0 +1,78 @@
+"""Our F.linear lowering (bridge/lowerings.py): same numbers as torch, and for one token it compiles to
+a fused matrix-vector loop that reads a materialised input (the reason it exists)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bridge import lowerings
+from bridge.torchax_compat import import_torchax
+from conftest import RTOL, max_rel
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (3, 5, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_torch(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=g), torch.randn(48, 96, generator=g)
+    b = torch.randn(48, generator=g) if bias else None
+    ours = lowerings.linear(jnp.asarray(x.numpy()), jnp.asarray(w.numpy()), None if b is None else jnp.asarray(b.numpy()))
+    assert ours.shape == shape[:-1] + (48,)
+    assert max_rel(ours, F.linear(x, w, b).numpy()) < RTOL
+
+
+def test_installed_once_in_the_default_env_and_used_by_lifted_modules():
+    tx = import_torchax()
+    env = tx.default_env()
+    op = env._ops[F.linear]  # the torchax registry entry our install() wrote
+    lowerings.install(env)  # idempotent: the same entry stays
+    assert env._ops[F.linear] is op and op.is_user_defined
+    lin = torch.nn.Linear(96, 48).eval()
+    weights, fn = tx.extract_jax(lin)
+    x = torch.randn(1, 1, 96)
+    hlo = jax.jit(fn).lower(weights, (jnp.asarray(x.numpy()),)).as_text()
+    assert "...a,ba->...b" not in hlo  # torchax's own einsum lowering is not the one traced
+    with torch.no_grad():
+        assert max_rel(fn(weights, (jnp.asarray(x.numpy()),)), lin(x).numpy()) < RTOL
+
+
+def _compiled(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _dot_loop(text: str) -> str:
+    """The body of the fused computation that holds the matrix-vector dot; fails if the dot is a
+    standalone (library) call instead."""
+    entry = text.split("ENTRY")[1]
+    assert not re.search(r"= f32\S* dot\(", entry), "the matrix-vector product was not fused"
+    bodies = re.findall(r"\n(%fused_computation[^\n]*\{\n.*?\n\})", text, re.S)
+    with_dot = [b for b in bodies if re.search(r"= f32\[1536\]\{0\} dot\(", b)]
+    assert len(with_dot) == 1
+    return with_dot[0]
+
+
+def test_one_token_linear_is_a_fused_loop_that_reads_a_materialised_input():
+    x, w = jnp.ones((1, 1, 576)), jnp.ones((1536, 576))
+    scale = jnp.full((576,), 2.0)
+    # The input is a cheap elementwise product (as an RMSNorm scale is). Written plainly, XLA fuses
+    # it into the matrix-vector loop, which then recomputes it for every output row...
+    plain = _dot_loop(_compiled(lambda x, s, w: (x * s) @ w.T, x, scale, w))
+    assert "multiply(" in plain
+    # ... our lowering keeps the loop to the product itself.
+    ours = _dot_loop(_compiled(lambda x, s, w: lowerings.linear(x * s, w), x, scale, w))
+    assert "multiply(" not in ours
+    y = jax.jit(lambda x, s, w: lowerings.linear(x * s, w))(x, scale, w)
+    np.testing.assert_array_equal(np.asarray(y), np.full((1, 1, 1536), 1152.0, np.float32))
+
+
+def test_einsum_lowering_is_a_library_call_for_one_token():
+    """Why we replace torchax's einsum lowering: XLA:CPU sends it to a (single-threaded) library
+    matrix-vector call instead of the fused loop above."""
+    x, w = jnp.ones((1, 1, 576)), jnp.ones((1536, 576))
+    text = _compiled(lambda x, w: jnp.einsum("...a,ba->...b", x, w), x, w)
+    assert re.search(r"= f32\[1,1536\]\S* dot\(", text.split("ENTRY")[1])
