@@ -199,7 +199,7 @@ def lift_checkpoint(
 
     The model is built on the meta device (no memory); every placement is validated first; then each
     device's slice of each tensor is read straight from the safetensors file into a buffer and
-    placed (``jax.make_array_from_callback``, four tensors at a time), so no full copy of the model
+    placed (``jax.make_array_from_callback``, two tensors at a time), so no full copy of the model
     is ever held besides the placed weights.
     """
     from pathlib import Path
@@ -251,13 +251,13 @@ def lift_checkpoint(
 
         return jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), callback)
 
-    # A few tensors in flight at once: reading overlaps placing, and peak memory stays the placed
-    # weights plus those few tensors.
+    # Two tensors in flight: reading one overlaps placing the other. Measured on SmolLM2: 1 worker
+    # 0.9 s / 1.23x the checkpoint at peak, 2 workers 0.5-0.8 s / 1.26x, 4 workers 0.75 s / 1.37-1.41x.
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(4) as pool, tqdm(
+    with ThreadPoolExecutor(2) as pool, tqdm(
         total=len(placements), desc=f"placing {path.name}", unit="tensor", delay=1.0
     ) as bar:
         weights = {}
