@@ -14,7 +14,6 @@ benchmarks/results/load.json and prints a table.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import json, os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, {root!r})
 t_import = time.perf_counter()
-import psutil, torch, jax, warnings
+import torch, jax, warnings
 import gguf, transformers.models.llama.modeling_llama, transformers.models.auto.tokenization_auto
 import sharding
 from bridge import checkpoints

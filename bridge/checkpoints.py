@@ -263,12 +263,13 @@ class TensorSource:
             return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
         f, offset, dtype_name, shape = self.layout[name]
         dtype = _numpy_dtype(dtype_name)
+        # Read the rows of dim 0 the slice covers (all of them for a strided slice); slice the rest.
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         rows = range(shape[0])[index[0]] if shape else range(1)
-        if shape and rows.step != 1:
-            rows, index = range(shape[0]), index
+        if rows.step != 1:
+            rows = range(shape[0])
         else:
-            index = (slice(None),) + index[1:] if shape else ()
+            index = (slice(None), *index[1:]) if len(index) > 1 else ()
         row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         out = np.empty((len(rows), *shape[1:]) if shape else (), dtype)
         want = out.nbytes
@@ -279,23 +280,23 @@ class TensorSource:
         return out[index] if index else out
 
 
-def read_state_dict(path: Path, workers: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory (single or sharded safetensors, or pytorch_model.bin), read in
-    parallel, with a progress bar when the load takes over a second."""
+def map_tensors(fn, names, desc: str, workers: int, progress: bool = True) -> dict:
+    """``{name: fn(name)}`` over a thread pool, with a progress bar when it takes over a second."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
+    names = list(names)
+    with ThreadPoolExecutor(workers) as pool:
+        done = tqdm(pool.map(fn, names), total=len(names), desc=desc, unit="tensor", delay=1.0, disable=not progress)
+        return dict(zip(names, done))
+
+
+def read_state_dict(path: Path, workers: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory (single or sharded safetensors, or pytorch_model.bin), read in
+    parallel, with a progress bar when the load takes over a second."""
     source = TensorSource(checkpoint_files(path))
-    names = source.keys()
-    with ThreadPoolExecutor(workers) as pool, tqdm(
-        total=len(names), desc=f"loading {path.name}", unit="tensor", delay=1.0, disable=not progress
-    ) as bar:
-        out = {}
-        for name, tensor in zip(names, pool.map(source.get, names)):
-            out[name] = tensor
-            bar.update()
-    return out
+    return map_tensors(source.get, source.keys(), f"loading {path.name}", workers, progress)
 
 
 def rename_keys(state: dict, rules, verbose: bool = False) -> dict:

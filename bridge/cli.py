@@ -345,8 +345,6 @@ def cmd_launch(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import time
-
     from bridge import checkpoints
 
     t0 = time.perf_counter()

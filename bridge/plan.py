@@ -20,7 +20,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -16,7 +16,7 @@ import glob
 import os
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 

@@ -1,6 +1,5 @@
 """The core flow: torch module -> extract_jax -> weights on a mesh by rule table -> jit -> logits."""
 
-import jax
 import numpy as np
 import pytest
 import torch

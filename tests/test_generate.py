@@ -1,6 +1,5 @@
 """Generation engine: greedy equals HF generate token for token; sampling; batching; errors."""
 
-import dataclasses
 
 import numpy as np
 import pytest

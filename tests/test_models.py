@@ -1,6 +1,5 @@
 """model_torch against transformers' own classes (identical weights), in torch eager and lifted to JAX."""
 
-import math
 
 import jax
 import numpy as np

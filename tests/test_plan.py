@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-import model_torch
 import sharding
 from bridge import checkpoints
 from bridge import plan as planner
