@@ -29,9 +29,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from bridge.errors import ShardingError  # noqa: F401  (re-exported: scheme authors catch it here)
 
-class ShardingError(ValueError):
-    """A scheme, mesh or rule does not fit the parameters it is applied to."""
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,9 @@ class Scheme:
     # Pin each decoder layer's output [B, T, H] to the batch spec: without it, XLA may move
     # activations instead of gathering weights (for FSDP that defeats the point).
     constrain_activations: bool = False
+    # Built-in tables write (axis, None) once for a weight and its 1-D scale/bias; a table from a
+    # user's file is taken literally: a spec longer than the tensor's rank is an error there.
+    trim_specs: bool = True
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -115,6 +118,8 @@ class Scheme:
         """Axis sizes for ``num_devices``: the scheme's defaults, ``overrides`` (``--mesh``) on top."""
         sizes = dict(self.mesh)
         for name, size in (overrides or {}).items():
+            if size < 1:
+                raise ShardingError(f"mesh axis {name}={size}: sizes are positive integers; pass e.g. --mesh {name}=2")
             if name not in sizes:
                 raise ShardingError(
                     f"mesh axis {name!r} is not used by scheme {self.name!r} (its axes: "
@@ -207,10 +212,26 @@ SCHEMES: dict[str, Scheme] = {
 # ---------------------------------------------------------------------------------------------------
 def _spec_from_data(raw: Any) -> Spec | ShardLargest:
     if isinstance(raw, Mapping) and "largest" in raw:
+        if not isinstance(raw["largest"], str):
+            raise ShardingError(f"{{'largest': AXIS}} needs an axis name, got {raw!r}")
         return ShardLargest(raw["largest"])
     if not isinstance(raw, (list, tuple)):
         raise ShardingError(f"a spec must be a list of axis names or nulls, got {raw!r}")
-    return tuple(tuple(e) if isinstance(e, list) else e for e in raw)
+    spec = tuple(tuple(e) if isinstance(e, list) else e for e in raw)
+    for e in spec:
+        names = e if isinstance(e, tuple) else (e,)
+        if not all(isinstance(n, str) for n in names) and e is not None:
+            raise ShardingError(f"a spec entry is an axis name, null or a list of axis names, got {e!r} in {raw!r}")
+    return spec
+
+
+def check_spec(spec, where: str) -> None:
+    """A mesh axis may shard at most one dimension of a tensor."""
+    axes = _spec_axes(spec)
+    twice = sorted({a for a in axes if axes.count(a) > 1})
+    if twice:
+        raise ShardingError(f"{where}: mesh axis {twice[0]!r} appears twice in spec {list(spec)}; "
+                            f"an axis can shard only one dimension")  # fmt: skip
 
 
 def scheme_from_rows(name: str, rows: Iterable[Any], mesh=None, **kw) -> Scheme:
@@ -222,8 +243,10 @@ def scheme_from_rows(name: str, rows: Iterable[Any], mesh=None, **kw) -> Scheme:
         try:
             re.compile(row[0])
         except re.error as e:
-            raise ShardingError(f"scheme {name!r}: bad regex {row[0]!r}: {e}") from None
-        rules.append((row[0], _spec_from_data(row[1])))
+            raise ShardingError(f"scheme {name!r}: regex {row[0]!r} does not compile ({e})") from None
+        spec = _spec_from_data(row[1])
+        check_spec(spec, f"scheme {name!r}, rule {row[0]!r}")
+        rules.append((row[0], spec))
     if mesh is None:
         axes: list[str] = []
         for _, spec in rules:
@@ -231,7 +254,33 @@ def scheme_from_rows(name: str, rows: Iterable[Any], mesh=None, **kw) -> Scheme:
                 if a not in axes:
                     axes.append(a)
         mesh = tuple((a, -1 if i == len(axes) - 1 else 1) for i, a in enumerate(axes)) or (("model", -1),)
-    return Scheme(name, tuple(rules), tuple(mesh), **kw)
+    return Scheme(name, tuple(rules), tuple(mesh), **{"trim_specs": False, **kw})
+
+
+def _scheme_from_data(name: str, data: Any, path: str) -> Scheme:
+    """A scheme file's content: a list of ``[regex, spec]`` rows, or ``{"rules": [...], "mesh":
+    {axis: size}, "batch_axes": [...], "head_axis": AXIS}``."""
+    if isinstance(data, Mapping):
+        unknown = sorted(set(data) - {"rules", "mesh", "batch_axes", "head_axis"})
+        if unknown or "rules" not in data:
+            raise ShardingError(f"scheme file {path}: a mapping needs 'rules' (and may have mesh, batch_axes, "
+                                f"head_axis); found keys {sorted(data)}")  # fmt: skip
+        mesh = data.get("mesh")
+        if mesh is not None and not (isinstance(mesh, Mapping) and all(isinstance(k, str) and isinstance(v, int) for k, v in mesh.items())):
+            raise ShardingError(f"scheme file {path}: 'mesh' must map axis names to sizes, got {mesh!r}")
+        batch_axes = data.get("batch_axes", [])
+        if not (isinstance(batch_axes, list) and all(isinstance(a, str) for a in batch_axes)):
+            raise ShardingError(f"scheme file {path}: 'batch_axes' must be a list of axis names, got {batch_axes!r}")
+        head_axis = data.get("head_axis")
+        if head_axis is not None and not isinstance(head_axis, str):
+            raise ShardingError(f"scheme file {path}: 'head_axis' must be an axis name, got {head_axis!r}")
+        rows = data["rules"]
+        mesh = tuple(mesh.items()) if mesh is not None else None
+    else:
+        rows, mesh, batch_axes, head_axis = data, None, [], None
+    if not isinstance(rows, list) or not rows:
+        raise ShardingError(f"scheme file {path} must hold a non-empty list of [regex, spec] rows, got {type(rows).__name__}")
+    return scheme_from_rows(name, rows, mesh=mesh, batch_axes=tuple(batch_axes), head_axis=head_axis)
 
 
 def get_scheme(name_or_path: str | Scheme) -> Scheme:
@@ -246,32 +295,37 @@ def get_scheme(name_or_path: str | Scheme) -> Scheme:
             raise ShardingError(f"scheme file {path} does not exist")
         spec = importlib.util.spec_from_file_location(f"user_scheme_{Path(path).stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # the user's own Python: any error at all
+            raise ShardingError(f"scheme file {path} fails to run ({type(e).__name__}: {e})") from None
         attr = attr or "SCHEME"
         if not hasattr(module, attr):
             raise ShardingError(f"{path} defines no {attr!r}; name the table: {path}:NAME")
         obj = getattr(module, attr)
-        return obj if isinstance(obj, Scheme) else scheme_from_rows(attr, obj)
+        if isinstance(obj, Scheme):
+            for pattern, spec in obj.rules:
+                check_spec(spec, f"scheme {obj.name!r}, rule {pattern!r}")
+            return obj
+        if not isinstance(obj, (list, tuple)):
+            raise ShardingError(f"{path}:{attr} is a {type(obj).__name__}; it must be a Scheme or a list of (regex, spec) rows")
+        return scheme_from_rows(attr, obj)
     if path.endswith((".json", ".yaml", ".yml")):
         if not Path(path).is_file():
             raise ShardingError(f"scheme file {path} does not exist")
-        text = Path(path).read_text()
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml  # optional: only for YAML scheme files
+        try:
+            text = Path(path).read_text()
+            if path.endswith(".json"):
+                data = json.loads(text)
+            else:
+                import yaml
 
-            data = yaml.safe_load(text)
-        if isinstance(data, Mapping):  # {"rules": [...], "mesh": {...}, "batch_axes": [...], ...}
-            mesh = tuple(data["mesh"].items()) if "mesh" in data else None
-            return scheme_from_rows(
-                Path(path).stem,
-                data["rules"],
-                mesh=mesh,
-                batch_axes=tuple(data.get("batch_axes", ())),
-                head_axis=data.get("head_axis"),
-            )
-        return scheme_from_rows(Path(path).stem, data)
+                data = yaml.safe_load(text)
+        except Exception as e:  # OSError, UnicodeDecodeError, JSONDecodeError, yaml.YAMLError
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            kind = "JSON" if path.endswith(".json") else "YAML"
+            raise ShardingError(f"scheme file {path} is not valid {kind} ({msg}); it holds a list of [regex, spec] rows") from None
+        return _scheme_from_data(Path(path).stem, data, path)
     raise ShardingError(
         f"unknown sharding scheme {name_or_path!r}; choose one of {', '.join(SCHEMES)} "
         f"or pass a rules file (rules.py:NAME, rules.json, rules.yaml)"
@@ -290,6 +344,8 @@ def parse_mesh(text: str | None) -> dict[str, int]:
         name, eq, size = part.partition("=")
         if not eq or not size.strip().lstrip("-").isdigit():
             raise ShardingError(f"--mesh expects name=size pairs like data=2,model=4, got {text!r}")
+        if name.strip() in sizes:
+            raise ShardingError(f"--mesh names axis {name.strip()!r} twice in {text!r}; give each axis once")
         sizes[name.strip()] = int(size)
     return sizes
 
@@ -417,7 +473,7 @@ def plan(
                 if divisible:
                     dim = max(divisible, key=lambda i: (shape[i], -i))
                     spec = (None,) * dim + (match[1].axis,)
-        while len(spec) > len(shape) and spec[-1] is None:  # (axis, None) also fits a 1-D scale
+        while scheme.trim_specs and len(spec) > len(shape) and spec[-1] is None:  # (axis, None) fits a 1-D scale
             spec = spec[:-1]
         if len(spec) > len(shape):
             raise ShardingError(

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import model_torch
+from bridge.errors import CheckpointError
 
 log = logging.getLogger("torchax_bridge.checkpoints")
 
@@ -39,8 +40,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -78,6 +77,11 @@ def atomic_directory(dst: Path):
             return self
 
         def commit(self):
+            from bridge.files import normal_mode
+
+            normal_mode(self.path, directory=True)  # mkdtemp's 0700 would hide it from other users
+            for f in self.path.iterdir():
+                normal_mode(f)
             os.replace(self.path, dst) if not dst.exists() else shutil.rmtree(self.path)
 
         def __exit__(self, *exc):
@@ -129,12 +133,65 @@ def hf_state_dict(model: nn.Module, config) -> dict:
     return state
 
 
+def check_gguf(path: Path) -> None:
+    """Reads the GGUF header and tensor table (memory-mapped, cheap), so a file that is not GGUF,
+    empty or truncated is named before transformers touches it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # gguf raises ValueError, struct/IndexError, OSError, ... on bad files
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                              f"pass a complete .gguf file") from None  # fmt: skip
+    if not reader.tensors:
+        raise CheckpointError(f"{path} is a GGUF file with no tensors; pass a model's .gguf file")
+    if end > path.stat().st_size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {end:,} bytes, the file has "
+                              f"{path.stat().st_size:,}; download it again")  # fmt: skip
+
+
 def load_gguf_transformers(path: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    check_gguf(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers raises ValueError/KeyError/OSError for what it cannot map
+        raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {e})") from None
     return model, tokenizer
+
+
+# Files any one of which means a directory carries a tokenizer (HF fast/slow, SentencePiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json")  # fmt: skip
+
+
+def load_tokenizer(path: Path):
+    """The directory's tokenizer, or None when it has none (``save_pretrained`` of a model alone,
+    the usual research checkpoint): token ids need no tokenizer."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own errors
+        raise CheckpointError(f"the tokenizer files in {path} cannot be loaded ({type(e).__name__}: {e}); "
+                              f"fix or remove them, or pass --input-ids") from None  # fmt: skip
+
+
+def load_config(path: Path):
+    """``AutoConfig`` of a checkpoint directory, with a broken ``config.json`` named as such."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # JSONDecodeError, ValueError (unknown model_type), OSError, KeyError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path / 'config.json'} is not a usable transformers config ({msg}); "
+                              f"write it with save_pretrained") from None  # fmt: skip
 
 
 def smollm2_dir() -> Path:
@@ -155,10 +212,20 @@ def resolve(checkpoint: str) -> tuple[str, Optional[Path]]:
     path = Path(checkpoint).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"checkpoint directory {path} has no config.json")
+            raise CheckpointError(f"checkpoint directory {path} has no config.json; a HF checkpoint directory "
+                                  f"(save_pretrained) holds config.json and the weights")  # fmt: skip
         return "dir", path
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
+    if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        # A weights file on its own says nothing about the architecture: use the directory around it.
+        if (path.parent / "config.json").is_file():
+            return "dir", path.parent
+        raise CheckpointError(f"{path} is a weights file without a config.json beside it; pass a directory "
+                              f"holding config.json and the weights (save_pretrained writes both)")  # fmt: skip
+    if path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: pass a HF checkpoint directory, a .gguf file, "
+                              f"or a preset ({', '.join(sorted(model_torch.PRESETS))})")  # fmt: skip
     raise CheckpointError(
         f"checkpoint {checkpoint!r} not found: pass 'smollm2', a HF checkpoint directory, a .gguf file, "
         f"or a preset ({', '.join(sorted(model_torch.PRESETS))})"
@@ -405,19 +472,26 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool) -> Loaded:
         model = model_torch.from_preset(checkpoint).to(torch_dtype).eval()
         init_random(model)
         return Loaded(model, None, checkpoint, model.config.model_type)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if kind == "gguf":
         hf_model, tokenizer = load_gguf_transformers(path, torch_dtype)
         hf_config = hf_model.config
         state = hf_model.state_dict()
+        tokenizer = tokenizer if with_tokenizer else None
     else:
-        hf_config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+        hf_config = load_config(path)
+        checkpoint_files(path)  # no weights: say so before building anything
+        tokenizer = load_tokenizer(path) if with_tokenizer else None
         state = None
     found = model_torch.config_from_hf(hf_config)
     if found is None:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype) if kind == "dir" else hf_model
+        if kind == "dir":
+            from transformers import AutoModelForCausalLM
+
+            try:
+                hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            except Exception as e:  # transformers' own errors for unreadable or mismatched weights
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {msg})") from None
         return Loaded(HFCausalLM(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
     cls, config = found
     with torch.device("meta"):
@@ -430,12 +504,14 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool) -> Loaded:
 
 def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
     """``torchax-bridge convert``: any supported checkpoint -> a plain safetensors directory."""
-    dst = Path(dst)
-    if dst.exists():
-        raise CheckpointError(f"destination {dst} already exists; remove it or pick another path")
-    loaded = _load(src, "float32", with_tokenizer=True)
-    if loaded.hf_config is None:
+    from bridge.files import check_output
+
+    if max_shard_bytes < 1:
+        raise CheckpointError(f"the shard size must be positive, got {max_shard_bytes} bytes")
+    dst = check_output(dst, "convert destination", kind="dir")
+    if resolve(src)[0] == "preset":
         raise CheckpointError(f"{src} is a preset with random weights; convert a real checkpoint")
+    loaded = _load(src, "float32", with_tokenizer=True)
     model = loaded.model.hf if isinstance(loaded.model, HFCausalLM) else loaded.model
     return write_checkpoint(
         hf_state_dict(model, loaded.hf_config), loaded.hf_config.to_dict(), loaded.tokenizer, dst, max_shard_bytes

@@ -9,17 +9,53 @@ import sys
 import time
 
 from bridge import devices as device_setup
+from bridge.errors import BridgeError, UsageError
 
 
-class UsageError(ValueError):
-    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), like every other input error."""
+
+    def error(self, message: str):
+        print(f"torchax-bridge: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, low=None, *, above=None, high=None, what=""):
+    """An argparse type: ``kind`` parsed, then checked against its range (one-line message)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {what or kind.__name__}, got {text!r}") from None
+        if value != value or (low is not None and value < low) or (above is not None and value <= above) \
+                or (high is not None and value > high):  # fmt: skip
+            raise argparse.ArgumentTypeError(f"expects {what}, got {text}")
+        return value
+
+    parse.__name__ = what or kind.__name__
+    return parse
+
+
+POSITIVE = _number(int, 1, what="a positive integer")
+NON_NEGATIVE = _number(int, 0, what="an integer >= 0")
+TEMPERATURE = _number(float, 0.0, what="a number >= 0 (0 is greedy)")
+TOP_P = _number(float, above=0.0, high=1.0, what="a number in (0, 1]")
+POSITIVE_FLOAT = _number(float, above=0.0, what="a positive number")
+
+
+def _devices(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=POSITIVE, default=None,
+                   help="devices in the mesh (default: every device jax sees, 1 on a CPU host); on CPU, that "
+                        "many simulated devices")  # fmt: skip
 
 
 def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--checkpoint", default="smollm2",
                    help="'smollm2' (default, embedded), a HF checkpoint directory, a .gguf file, or a preset")
-    p.add_argument("--devices", type=int, default=None,
-                   help="number of devices for the mesh; on CPU, that many simulated devices (default: all)")
+    _devices(p)
     p.add_argument("--scheme", default=scheme_default,
                    help="sharding scheme: a built-in name (see `torchax-bridge shardings --list`), "
                         "rules.py:NAME, or a JSON/YAML rule file (default: %(default)s)")
@@ -33,9 +69,10 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="torchax-bridge",
-        description="Run PyTorch model definitions on JAX: lift with torchax, shard by rule table, jit.",
+        description="Run PyTorch model definitions on JAX: lift with torchax, shard by rule table, jit. "
+                    "Exit codes: 0 ok, 1 failure, 2 usage or input error, 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -43,88 +80,112 @@ def build_parser() -> argparse.ArgumentParser:
     _common(f)
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text to tokenize")
-    src.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3 (no tokenizer is loaded)")
     f.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
-    f.add_argument("--save-logits", metavar="FILE.npy", help="write the logits [batch, seq, vocab] here")
+    f.add_argument("--save-logits", metavar="FILE.npy", help="write the logits [batch, seq, vocab] here (a new file)")
 
     g = sub.add_parser("generate", help="generate text (jitted prefill + on-device decode loop)")
     _common(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
+    src.add_argument("--input-ids", help="comma-separated token ids (one prompt), or a file with one comma-"
+                                         "separated row per line (a batch); no tokenizer is loaded")  # fmt: skip
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0)
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt too long for the context")
-    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (with its token ids) instead of text")
 
     s = sub.add_parser("shardings", help="where each weight goes under a scheme, and what one forward costs")
     _common(s)
     s.add_argument("--list", action="store_true", help="list the built-in schemes and exit")
-    s.add_argument("--seq", type=int, default=32, help="sequence length of the analysed forward")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--rows", type=int, default=None, help="show at most this many parameter rows")
+    s.add_argument("--seq", type=POSITIVE, default=32, help="sequence length of the analysed forward")
+    s.add_argument("--batch", type=POSITIVE, default=1)
+    s.add_argument("--rows", type=POSITIVE, default=None, help="show at most this many parameter rows")
     s.add_argument("--json", action="store_true")
     cmp = sub.add_parser("compare", help="sharding schemes side by side: time, memory, collectives, accuracy")
     _common(cmp)
-    cmp.add_argument("--schemes", default="replicated,tp,fsdp,dp,dp_tp", help="comma-separated scheme names")
-    cmp.add_argument("--batch", type=int, default=8)
-    cmp.add_argument("--seq", type=int, default=64, help="tokens per row (forward) or KV cache length (decode)")
+    cmp.add_argument("--schemes", default=None,
+                     help="comma-separated scheme names (default: those of replicated,tp,fsdp,dp,dp_tp that fit "
+                          "the model on this mesh; a scheme named here that does not fit is a row saying why)")  # fmt: skip
+    cmp.add_argument("--batch", type=POSITIVE, default=8)
+    cmp.add_argument("--seq", type=POSITIVE, default=64, help="tokens per row (forward) or KV cache length (decode)")
     cmp.add_argument("--mode", choices=["forward", "decode"], default="forward")
-    cmp.add_argument("--repeats", type=int, default=5, help="timed runs per scheme (median, min, max)")
+    cmp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per scheme (median, min, max)")
     cmp.add_argument("--out", default="compare-out", help="directory for compare.csv, compare.md, compare.png")
 
     prof = sub.add_parser("profile", help="trace K warm steps into a TensorBoard / xprof log directory")
     _common(prof)
-    prof.add_argument("--steps", type=int, default=3)
-    prof.add_argument("--logdir", default="/tmp/torchax-bridge-trace")
+    prof.add_argument("--steps", type=POSITIVE, default=3)
+    prof.add_argument("--logdir", default="/tmp/torchax-bridge-trace",
+                      help="TensorBoard log directory (each run adds its own subdirectory)")
     prof.add_argument("--mode", choices=["forward", "decode"], default="forward")
-    prof.add_argument("--batch", type=int, default=1)
-    prof.add_argument("--seq", type=int, default=32)
+    prof.add_argument("--batch", type=POSITIVE, default=1)
+    prof.add_argument("--seq", type=POSITIVE, default=32)
 
     pl = sub.add_parser("plan", help="per-device memory and collectives of a model on a mesh, no weights allocated")
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", help="a model_torch preset, e.g. grok-1, llama-3-8b, neox-20b")
     what.add_argument("--checkpoint", help="a HF checkpoint directory (only its config.json is read)")
-    pl.add_argument("--devices", type=int, default=8)
+    _devices(pl)
     pl.add_argument("--mesh", default=None)
     pl.add_argument("--scheme", default="tp")
     pl.add_argument("--fallback", choices=["error", "replicate"], default="error")
     pl.add_argument("--dtype", choices=["bfloat16", "int8", "float32"], default="bfloat16")
     pl.add_argument("--mode", choices=["forward", "decode"], default="decode")
-    pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--seq", type=int, default=2048, help="tokens (forward) or KV-cache length (decode)")
+    pl.add_argument("--batch", type=POSITIVE, default=1)
+    pl.add_argument("--seq", type=POSITIVE, default=2048, help="tokens (forward) or KV-cache length (decode)")
     pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
     pl.add_argument("--json", action="store_true")
 
     la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")
-    la.add_argument("--processes", type=int, default=2)
-    la.add_argument("--devices-per-process", type=int, default=4)
-    la.add_argument("--timeout", type=float, default=60.0, help="seconds for the processes to join (default 60)")
+    la.add_argument("--processes", type=POSITIVE, default=2)
+    la.add_argument("--devices-per-process", type=POSITIVE, default=4)
+    la.add_argument("--timeout", type=POSITIVE_FLOAT, default=60.0, help="seconds for the processes to join (default 60)")
     la.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- forward --checkpoint tiny-llama ...")
 
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
-    c.add_argument("dst", help="the directory to create (written atomically)")
-    c.add_argument("--max-shard-size", type=float, default=2048.0, metavar="MB",
+    c.add_argument("dst", help="the directory to create (written atomically; must not exist)")
+    c.add_argument("--max-shard-size", type=POSITIVE_FLOAT, default=2048.0, metavar="MB",
                    help="split the tensors into files of at most this many MB (default %(default)s)")  # fmt: skip
     return parser
 
 
-def _parse_ids(text: str) -> list[int]:
+def _parse_ids(text: str, where: str = "--input-ids") -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise UsageError(f"--input-ids expects comma-separated integers like 1,2,3, got {text!r}") from None
+        raise UsageError(f"{where} expects comma-separated integers like 1,2,3, got {text.strip()[:60]!r}") from None
     if not ids:
-        raise UsageError("--input-ids is empty; give at least one token id")
+        raise UsageError(f"{where} is empty; give at least one token id")
     return ids
 
 
-def _setup(args):
+def _id_rows(value: str) -> list[list[int]]:
+    """``--input-ids``: one comma-separated row, or a file of such rows (one prompt per line)."""
+    import os
+
+    if os.path.isfile(value):
+        try:
+            with open(value) as fh:
+                lines = [line for line in fh.read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --input-ids file {value}: {e}") from None
+        if not lines:
+            raise UsageError(f"--input-ids file {value} holds no rows; write one comma-separated row per line")
+        return [_parse_ids(line, f"--input-ids file {value}, line {i + 1},") for i, line in enumerate(lines)]
+    if "/" in value or value.endswith(".txt"):
+        raise UsageError(f"--input-ids file {value} does not exist; pass ids like 1,2,3 or an existing file")
+    return [_parse_ids(value)]
+
+
+def _setup(args, with_tokenizer: bool = True):
     """Devices, checkpoint, mesh, lifted model — in that order (devices before jax starts)."""
     devs = device_setup.setup(args.devices)
     import sharding
@@ -142,34 +203,42 @@ def _setup(args):
         kind, path = checkpoints.resolve(args.checkpoint)
         if distributed.configured() and kind == "dir" and args.quantize == "none":
             # Several processes: each reads only its own devices' slices from the memory-mapped files.
-            from transformers import AutoTokenizer
-
             from bridge.lift import lift_checkpoint
 
             lifted = lift_checkpoint(path, mesh, scheme, dtype=args.dtype, fallback=args.fallback)
-            loaded = checkpoints.Loaded(lifted.model, AutoTokenizer.from_pretrained(path), str(path),
-                                        lifted.model.config.model_type)  # fmt: skip
+            tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
+            loaded = checkpoints.Loaded(lifted.model, tokenizer, str(path), lifted.model.config.model_type)
         else:
-            loaded = checkpoints.load(args.checkpoint, args.dtype, quantize=args.quantize)
+            loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=with_tokenizer, quantize=args.quantize)
             lifted = lift(loaded.model, mesh, scheme, fallback=args.fallback)
     for line in sharding.fallback_summary(lifted.placements):
         print(f"note: {line}", file=sys.stderr)
     return loaded, lifted
 
 
+def _no_chat_with_ids(args) -> None:
+    if args.chat and args.input_ids is not None:
+        raise UsageError("--chat applies the tokenizer's chat template to text; drop it with --input-ids")
+
+
 def cmd_forward(args) -> int:
-    loaded, lifted = _setup(args)
+    _no_chat_with_ids(args)
+    ids = _parse_ids(args.input_ids) if args.input_ids is not None else None
+    if args.save_logits:
+        from bridge.files import check_output
+
+        check_output(args.save_logits, "--save-logits")
+    loaded, lifted = _setup(args, with_tokenizer=ids is None)
     import numpy as np
 
-    from bridge.generate import Generator
+    from bridge.generate import Generator, check_token_ids
 
-    if args.input_ids is not None:
-        ids = _parse_ids(args.input_ids)
-        vocab = lifted.model.config.vocab_size
-        if max(ids) >= vocab or min(ids) < 0:
-            raise UsageError(f"--input-ids must lie in [0, {vocab}) for this model")
-    else:
+    if ids is None:
         ids = Generator(lifted, loaded.tokenizer).encode(args.prompt, chat=args.chat)
+    check_token_ids([ids], lifted.model.config.vocab_size)
+    context = lifted.model.config.max_position_embeddings
+    if len(ids) > context:
+        raise UsageError(f"the input is {len(ids)} tokens; this model's context is {context}: shorten it")
     import sharding
     from bridge.distributed import is_main
 
@@ -197,33 +266,39 @@ def cmd_forward(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    _no_chat_with_ids(args)
+    prompts, id_rows = None, None
     if args.batch_file:
         try:
             with open(args.batch_file) as fh:
                 prompts = [line.rstrip("\n") for line in fh if line.strip()]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read --batch-file: {e}") from None
         if not prompts:
             raise UsageError(f"--batch-file {args.batch_file} holds no prompts")
+    elif args.input_ids is not None:
+        id_rows = _id_rows(args.input_ids)
     else:
         prompts = [args.prompt]
-    from bridge.generate import GenerationError, Generator, Sampling
+    from bridge.generate import Generator, Sampling
 
-    try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    except GenerationError as e:
-        raise UsageError(str(e)) from None
-    loaded, lifted = _setup(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    loaded, lifted = _setup(args, with_tokenizer=id_rows is None)
     from bridge.distributed import is_main
 
     gen = Generator(lifted, loaded.tokenizer)
-    stream = None
+    if id_rows is None:
+        id_rows = [gen.encode(p, args.chat) for p in prompts]
+    run = lambda stream: gen.generate_from_ids(  # noqa: E731
+        id_rows, args.max_new_tokens, sampling, args.seed, stream, args.truncate, prompts
+    )
     if not is_main():
-        gen.generate(prompts, args.max_new_tokens, sampling, args.seed, args.chat, None, args.truncate)
+        run(None)
         return 0
-    if not args.json and len(prompts) == 1:
+    stream = None
+    if not args.json and len(id_rows) == 1:
         stream = lambda row, piece: print(piece, end="", flush=True)  # noqa: E731
-    results = gen.generate(prompts, args.max_new_tokens, sampling, args.seed, args.chat, stream, args.truncate)
+    results = run(stream)
     for r in results:
         if args.json:
             print(json.dumps(r.to_json()))
@@ -248,7 +323,7 @@ def cmd_shardings(args) -> int:
         for s in sharding.SCHEMES.values():
             print(f"{s.name:<11} mesh {','.join(n for n, _ in s.mesh):<14} {s.description}")
         return 0
-    loaded, lifted = _setup(args)
+    loaded, lifted = _setup(args, with_tokenizer=False)
     import numpy as np
 
     import sharding
@@ -270,24 +345,45 @@ def cmd_shardings(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from bridge import experiments
+    from bridge.files import check_output
+
+    out = check_output(args.out, "--out", kind="dir", may_exist=True)
+    for name in experiments.OUTPUT_FILES:
+        check_output(out / name, "--out")  # an earlier run's results are not overwritten
+    if args.schemes is not None:
+        schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+        if not schemes:
+            raise UsageError("--schemes is empty; name at least one scheme, e.g. --schemes tp,fsdp")
+    else:
+        schemes = None
     devs = device_setup.setup(args.devices)
     import sharding
-    from bridge import checkpoints, experiments
+    from bridge import checkpoints
 
-    schemes = [s for s in args.schemes.split(",") if s]
-    for name in schemes:
+    overrides = sharding.parse_mesh(args.mesh)
+    for name in schemes or ():
         sharding.get_scheme(name)  # unknown names fail before any work
     loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=False, quantize=args.quantize)
-    rows = experiments.compare(loaded.model, schemes, devs, args.mode, args.batch, args.seq, args.repeats, args.fallback)
+    if schemes is None:
+        schemes, left_out = experiments.default_schemes(loaded.model, devs, overrides, args.fallback)
+        for name, why in left_out:
+            print(f"note: default scheme {name} left out: {why}", file=sys.stderr)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    rows = experiments.compare(loaded.model, schemes, devs, args.mode, args.batch, args.seq, args.repeats,
+                               args.fallback, mesh=overrides, progress=progress)  # fmt: skip
     title = f"{args.checkpoint}: {args.mode}, batch {args.batch}, seq {args.seq}, {len(devs)} devices"
-    paths = experiments.write_outputs(rows, args.out, title)
+    paths = experiments.write_outputs(rows, out, title)
     print(experiments.format_markdown(rows, title))
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
 def cmd_profile(args) -> int:
-    loaded, lifted = _setup(args)
+    from bridge.files import check_output
+
+    check_output(args.logdir, "--logdir", kind="dir", may_exist=True)
+    loaded, lifted = _setup(args, with_tokenizer=False)
     from bridge import profiling
 
     summary = profiling.profile(lifted, args.mode, args.steps, args.logdir, args.batch, args.seq)
@@ -321,9 +417,8 @@ def cmd_plan(args) -> int:
         if kind != "dir":
             raise UsageError("plan --checkpoint needs a HF checkpoint directory (or use --preset)")
         import model_torch
-        from transformers import AutoConfig
 
-        what = model_torch.config_from_hf(AutoConfig.from_pretrained(path))
+        what = model_torch.config_from_hf(checkpoints.load_config(path))
         if what is None:
             raise UsageError(f"{path}: no model_torch model for this model_type")
     result = planner.plan(what, mesh, scheme, dtype=args.dtype, mode=args.mode, batch=args.batch, seq=args.seq,
@@ -338,10 +433,13 @@ def cmd_launch(args) -> int:
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if "--devices" in rest:
         raise UsageError("launch sets --devices per process itself; use --devices-per-process")
-    try:
-        return distributed.launch(rest, args.processes, args.devices_per_process, args.timeout)
-    except distributed.LaunchError as e:
-        raise UsageError(str(e)) from None
+    if not rest:
+        raise UsageError("nothing to launch: give a command after --, e.g. -- forward --checkpoint tiny-llama ...")
+    # The children's command line is checked here, once: a command that cannot start is a usage error.
+    child = build_parser().parse_args([*rest, "--devices", str(args.devices_per_process)])
+    if child.command in ("launch", "convert"):
+        raise UsageError(f"launch runs model commands (forward, generate, ...), not {child.command}")
+    return distributed.launch(rest, args.processes, args.devices_per_process, args.timeout)
 
 
 def cmd_convert(args) -> int:
@@ -366,13 +464,13 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from bridge.errors import USER_ERRORS
-
+    """Exit codes: 0 ok, 1 failure (a bug or a failed child process), 2 usage or input error (one
+    line on stderr naming the problem and the fix), 130 interrupted (Ctrl-C; nothing half-written)."""
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"torchax-bridge: error: {e}", file=sys.stderr)
+    except BridgeError as e:
+        print(f"torchax-bridge: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("torchax-bridge: interrupted", file=sys.stderr)

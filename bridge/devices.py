@@ -6,11 +6,11 @@ import os
 import re
 import sys
 
+from bridge.errors import DeviceError
+
 FLAG = "--xla_force_host_platform_device_count"
 
 
-class DeviceError(ValueError):
-    pass
 
 
 def request_cpu_devices(n: int) -> None:

@@ -23,16 +23,14 @@ import threading
 import time
 from collections import deque
 
+from bridge.errors import LaunchError
+
 ENV = {
     "coordinator": ("TORCHAX_BRIDGE_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
     "num_processes": ("TORCHAX_BRIDGE_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
     "process_id": ("TORCHAX_BRIDGE_PROCESS_ID", "JAX_PROCESS_ID"),
 }
 TIMEOUT_ENV = "TORCHAX_BRIDGE_INIT_TIMEOUT"
-
-
-class LaunchError(RuntimeError):
-    pass
 
 
 def _env(key: str):
@@ -150,6 +148,9 @@ def launch(command: list[str], processes: int, devices_per_process: int, timeout
                 end_all()
                 for r in readers:
                     r.join(timeout=2)
+                said = [ln for ln in tails[i] if ln.startswith("torchax-bridge: error:")]
+                if codes[i] == 2 and said:  # the child refused its input: a usage error, said once
+                    raise LaunchError(f"process {i} of {processes}: {said[-1].removeprefix('torchax-bridge: error: ')}")
                 how = f"signal {-codes[i]}" if codes[i] < 0 else f"exit code {codes[i]}"
                 last = "\n".join(f"  [{i}] {line}" for line in tails[i]) or "  (no output)"
                 print(f"torchax-bridge launch: process {i} of {processes} failed ({how}); all processes ended. "

@@ -1,9 +1,31 @@
-"""Errors that mean "the input was wrong": the CLI prints them as one line and exits 2."""
+"""Errors that mean "the input was wrong". A leaf module (imports nothing of ours): every user-facing
+error derives from ``BridgeError``, and the CLI maps that one class to a single line on stderr and
+exit code 2. Anything else escaping a command is a bug (exit 1 with a traceback)."""
 
-from bridge.checkpoints import CheckpointError
-from bridge.cli import UsageError
-from bridge.devices import DeviceError
-from bridge.generate import GenerationError
-from sharding import ShardingError
 
-USER_ERRORS = (CheckpointError, DeviceError, GenerationError, ShardingError, UsageError)
+class BridgeError(ValueError):
+    """Bad input: a message that names the thing that is wrong and how to fix it."""
+
+
+class UsageError(BridgeError):
+    """A command-line argument or combination of arguments is wrong."""
+
+
+class CheckpointError(BridgeError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class DeviceError(BridgeError):
+    """The requested devices do not exist."""
+
+
+class GenerationError(BridgeError):
+    """A generation request cannot be served (prompt too long, bad sampling settings, no tokenizer)."""
+
+
+class ShardingError(BridgeError):
+    """A scheme, mesh or rule does not fit the parameters it is applied to."""
+
+
+class LaunchError(BridgeError):
+    """A multi-process launch cannot start."""

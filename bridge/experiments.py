@@ -54,10 +54,40 @@ class Row:
     max_rel_diff: float = float("nan")
 
 
-def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error") -> tuple[Row, Optional[np.ndarray]]:
+OUTPUT_FILES = ("compare.csv", "compare.md", "compare.png")
+DEFAULT_SCHEMES = ("replicated", "tp", "fsdp", "dp", "dp_tp")
+
+
+def fit_problem(model, scheme, devices, mesh=None, fallback="error") -> Optional[str]:
+    """Why ``scheme`` cannot place ``model`` on these devices (None if it can), checked on names
+    and shapes alone: nothing is placed."""
+    scheme = sharding.get_scheme(scheme)
+    head_layout = model.head_layout() if hasattr(model, "head_layout") else []
+    shapes = {k: (tuple(v.shape), np.float32) for k, v in model.state_dict().items()}
+    try:
+        sizes = scheme.mesh_shape(len(devices), {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sharding.plan(shapes, scheme, sizes, head_layout=head_layout, fallback=fallback)
+    except sharding.ShardingError as e:
+        return str(e)
+    return None
+
+
+def default_schemes(model, devices, mesh=None, fallback="error") -> tuple[list[str], list[tuple[str, str]]]:
+    """(the default schemes that fit ``model`` on ``devices``, [(left-out scheme, why)])."""
+    fit, left_out = [], []
+    for name in DEFAULT_SCHEMES:
+        why = fit_problem(model, name, devices, mesh, fallback)
+        (left_out.append((name, why)) if why else fit.append(name))
+    return fit, left_out
+
+
+def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None) -> tuple[Row, Optional[np.ndarray]]:
     scheme = sharding.get_scheme(scheme_name)
     try:
-        mesh = sharding.mesh_for(scheme, len(devices), devices=devices)
+        overrides = {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names}
+        mesh = sharding.mesh_for(scheme, len(devices), overrides, devices=devices)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lifted = lift(model, mesh, scheme, fallback=fallback)
@@ -112,14 +142,25 @@ def compare(
     seq: int = 64,
     repeats: int = 5,
     fallback: str = "error",
+    mesh=None,
+    progress=None,
 ) -> list[Row]:
     """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
-    against the unsharded run on one device."""
+    against the unsharded run on one device. ``progress(line)`` hears of each scheme as it goes:
+    a scheme can take minutes to compile on a real model."""
+    say = progress or (lambda line: None)
+    t0 = time.perf_counter()
+    say(f"[reference] replicated on 1 device: compiling and running {mode} ...")
     ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1)
+    say(f"[reference] done in {time.perf_counter() - t0:.1f} s")
     rows = []
-    for name in schemes:
-        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback)
+    for i, name in enumerate(schemes, 1):
+        t0 = time.perf_counter()
+        say(f"[{i}/{len(schemes)}] {name}: placing, compiling, {repeats} timed runs ...")
+        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback, mesh)
         rows.append(row)
+        verdict = "done" if row.status == "ok" else "does not fit"
+        say(f"[{i}/{len(schemes)}] {name}: {verdict} in {time.perf_counter() - t0:.1f} s")
     return rows
 
 
@@ -144,7 +185,8 @@ def format_markdown(rows: list[Row], title: str) -> str:
     lines = [f"# {title}", "", head, "|" + " --- |" * 12]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.scheme} | {r.mesh} | {r.status} |" + " |" * 9)
+            status = r.status.replace("|", "\\|")  # rule regexes hold pipes
+            lines.append(f"| {r.scheme} | {r.mesh} | {status} |" + " |" * 9)
             continue
         lines.append(
             f"| {r.scheme} | {r.mesh} | {r.compile_s:.2f} | {r.step_ms_median:.2f} [{r.step_ms_min:.2f}, "
@@ -161,19 +203,25 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.status == "ok"]
-    names = [r.scheme for r in ok]
+    # Every scheme keeps its slot; one that does not fit gets no bar and says so in its slot.
+    names = [r.scheme for r in rows]
+    x = np.arange(len(rows))
+    val = lambda r, v: v if r.status == "ok" else 0.0  # noqa: E731
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.bar(names, [r.step_ms_median for r in ok], color="#4C72B0",
-          yerr=[[r.step_ms_median - r.step_ms_min for r in ok], [r.step_ms_max - r.step_ms_median for r in ok]],
-          capsize=4)  # fmt: skip
+    a.bar(x, [val(r, r.step_ms_median) for r in rows], color="#4C72B0",
+          yerr=[[val(r, r.step_ms_median - r.step_ms_min) for r in rows],
+                [val(r, r.step_ms_max - r.step_ms_median) for r in rows]], capsize=4)  # fmt: skip
+    a.set_xticks(x, names)
     a.set_ylabel("warm step time (ms, median; bars: min-max)")
     a.set_xlabel("sharding scheme")
     a.set_title("step time")
     width = 0.38
-    x = np.arange(len(ok))
-    b.bar(x - width / 2, [r.param_bytes_per_device / 2**20 for r in ok], width, label="parameters")
-    b.bar(x + width / 2, [r.peak_bytes_per_device / 2**20 for r in ok], width, label="peak (compiled program)")
+    b.bar(x - width / 2, [val(r, r.param_bytes_per_device / 2**20) for r in rows], width, label="parameters")
+    b.bar(x + width / 2, [val(r, r.peak_bytes_per_device / 2**20) for r in rows], width, label="peak (compiled program)")
+    for ax in (a, b):
+        for i, r in enumerate(rows):
+            if r.status != "ok":
+                ax.text(i, 0, "does not fit", rotation=90, ha="center", va="bottom", color="#C44E52")
     b.set_xticks(x, names)
     b.set_ylabel("MiB per device")
     b.set_xlabel("sharding scheme")

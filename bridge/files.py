@@ -1,4 +1,5 @@
-"""Writing files without ever leaving a half-written one: write a temporary sibling, then rename."""
+"""Writing files without ever leaving a half-written one (write a temporary sibling, then rename),
+and checking output paths before any work starts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+from bridge.errors import UsageError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give a finished output the permissions an ordinary
+    ``open``/``mkdir`` would (0666/0777 less the umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -18,7 +33,46 @@ def atomic_write(path, mode: str = "w"):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _writable_dir(d: Path) -> str | None:
+    """Why nothing can be created in the existing directory ``d`` (None if it can). Tries it for
+    real: permission bits say nothing when running as root or on a read-only mount."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".torchax-bridge-probe.", dir=d)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def check_output(path, flag: str, *, kind: str = "file", may_exist: bool = False) -> Path:
+    """Checks, before any work, that ``path`` can be created: it does not exist yet (unless
+    ``may_exist``; a file where a directory is wanted, or the reverse, never passes) and its
+    nearest existing ancestor is a writable directory. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.exists():
+        is_dir = path.is_dir()
+        if kind == "dir" and not is_dir:
+            raise UsageError(f"{flag} {path} is a file, not a directory; pick a directory path")
+        if kind == "file" and is_dir:
+            raise UsageError(f"{flag} {path} is a directory; give a file path")
+        if not may_exist:
+            raise UsageError(f"{flag} {path} already exists; remove it or pick another path")
+        probe_in = path if is_dir else path.parent
+    else:
+        probe_in = path.parent
+        while not probe_in.exists():
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            raise UsageError(f"{flag} {path}: {probe_in} is a file, so nothing can be created under it; pick another path")
+    why = _writable_dir(probe_in)
+    if why:
+        raise UsageError(f"{flag} {path} cannot be written ({probe_in}: {why}); pick a writable path")
+    return path

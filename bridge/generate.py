@@ -25,14 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bridge.errors import GenerationError
 from bridge.lift import Lifted
 
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 NEW_TOKEN_BUCKET = 32  # cache lengths are rounded up to this, so nearby max_new_tokens share a compile
 
 
-class GenerationError(ValueError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +89,20 @@ class Result:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+
+
+NO_TOKENIZER = "this checkpoint has no tokenizer; pass --input-ids (token ids) instead of text"
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Every id must index the embedding: out-of-range ids would be clamped silently under jit."""
+    for r, row in enumerate(rows):
+        if not len(row):
+            raise GenerationError(f"prompt row {r} has no token ids; give at least one")
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} (row {r}) is outside this model's vocabulary [0, {vocab_size}); "
+                                  f"pass ids below {vocab_size}")  # fmt: skip
 
 
 class Generator:
@@ -188,7 +201,7 @@ class Generator:
     # -- public API -----------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
-            raise GenerationError("this checkpoint has no tokenizer: pass token ids instead of text")
+            raise GenerationError(NO_TOKENIZER)
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise GenerationError("this tokenizer has no chat template; drop --chat")
@@ -335,6 +348,23 @@ class Generator:
     ) -> list[Result]:
         """Text in, text out. ``stream(row, text_piece)`` is called as tokens arrive."""
         prompt_ids = [self.encode(p, chat) for p in prompts]
+        return self.generate_from_ids(prompt_ids, max_new_tokens, sampling, seed, stream, truncate, prompts)
+
+    def generate_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        stream: Optional[Callable[[int, str], None]] = None,
+        truncate: bool = False,
+        prompts: Optional[Sequence[str]] = None,
+    ) -> list[Result]:
+        """Token ids in (no tokenizer needed), ``Result`` out; ``text`` is decoded when the model has
+        a tokenizer and the ids joined by spaces when it has none."""
+        check_token_ids(prompt_ids, self.model.config.vocab_size)
+        if prompts is None:
+            prompts = [self.decode(p) if self.tokenizer is not None else " ".join(map(str, p)) for p in prompt_ids]
         on_token = None
         if stream is not None:
             so_far: list[list[int]] = [[] for _ in prompts]

@@ -204,14 +204,12 @@ def lift_checkpoint(
     """
     from pathlib import Path
 
-    from transformers import AutoConfig
-
     import model_torch
     from bridge import checkpoints
 
     path = Path(path)
     scheme = sharding.get_scheme(scheme)
-    found = model_torch.config_from_hf(AutoConfig.from_pretrained(path))
+    found = model_torch.config_from_hf(checkpoints.load_config(path))
     if found is None:
         raise checkpoints.CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
     cls, config = found

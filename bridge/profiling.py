@@ -142,6 +142,23 @@ def innermost_layer(op_name: str):
     return found[-1].removeprefix("model.").removeprefix("gpt_neox.") if found else None
 
 
+def natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``: digits compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def viewer_hint(logdir) -> str:
+    """How to look at the trace: TensorBoard's profile plugin is the optional ``profile`` extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") and (
+        importlib.util.find_spec("tensorboard_plugin_profile") or importlib.util.find_spec("xprof")
+    ):
+        return f"view it: tensorboard --logdir {logdir}"
+    return (f"view it: pip install 'torchax-bridge[profile]' (TensorBoard + its profile plugin), "
+            f"then tensorboard --logdir {logdir}")  # fmt: skip
+
+
 def summarize(path, top: int = 10) -> dict:
     """Top ops by self time, time per model layer, collectives vs compute, and the steps seen."""
     trace = read_trace(path)
@@ -163,9 +180,9 @@ def summarize(path, top: int = 10) -> dict:
         if layer:
             by_layer[layer] += dur
     return {
-        "steps": sorted(steps),
+        "steps": sorted(steps, key=natural_key),
         "top_ops_ms": [(n, d / 1e9) for n, d in by_op.most_common(top)],
-        "layers_ms": {k: v / 1e9 for k, v in sorted(by_layer.items())},
+        "layers_ms": {k: by_layer[k] / 1e9 for k in sorted(by_layer, key=natural_key)},
         "collective_ms": collective_ps / 1e9,
         "compute_ms": compute_ps / 1e9,
         "named_layers": sorted({innermost_layer(n) for n in trace["op_names"].values()} - {None}),
@@ -197,7 +214,7 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"trace: {s['xplane']}", f"view it: tensorboard --logdir {s['logdir']}", f"steps traced: {', '.join(s['steps'])}"]
+    lines = [f"trace: {s['xplane']}", viewer_hint(s["logdir"]), f"steps traced: {', '.join(s['steps'])}"]
     total = s["collective_ms"] + s["compute_ms"]
     if total:
         lines.append(f"op time: compute {s['compute_ms']:.2f} ms, collectives {s['collective_ms']:.2f} ms "
