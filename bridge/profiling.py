@@ -149,12 +149,16 @@ def natural_key(name: str) -> list:
 
 def viewer_hint(logdir) -> str:
     """How to look at the trace: TensorBoard's profile plugin is the optional ``profile`` extra."""
-    import importlib.util
+    try:
+        import tensorboard  # noqa: F401
 
-    if importlib.util.find_spec("tensorboard") and (
-        importlib.util.find_spec("tensorboard_plugin_profile") or importlib.util.find_spec("xprof")
-    ):
+        try:
+            import tensorboard_plugin_profile  # noqa: F401
+        except ImportError:
+            import xprof  # noqa: F401
         return f"view it: tensorboard --logdir {logdir}"
+    except ImportError:
+        pass
     return (f"view it: pip install 'torchax-bridge[profile]' (TensorBoard + its profile plugin), "
             f"then tensorboard --logdir {logdir}")  # fmt: skip
 
