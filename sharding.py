@@ -50,17 +50,24 @@ Rule = tuple  # (regex, Spec | ShardLargest)
 # ---------------------------------------------------------------------------------------------------
 NORMS = r"(norm|layernorm|ln_f|layer_norm)[^.]*\.(weight|bias)$"
 ATTN_COLUMN = r"\.(q_proj|k_proj|v_proj|query_key_value)\.(weight|bias|scale)$"
-ATTN_ROW = r"\.(o_proj|attention\.dense)\.weight$"
+ATTN_ROW = r"\.(o_proj|attention\.dense|self_attention\.dense)\.weight$"
 MLP_COLUMN = r"\.(gate_proj|up_proj|dense_h_to_4h)\.(weight|bias|scale)$"
 MLP_ROW = r"\.(down_proj|dense_4h_to_h)\.weight$"
-ROW_BIAS = r"\.(o_proj|attention\.dense|down_proj|dense_4h_to_h)\.bias$"
-EMBED = r"(embed_tokens|embed_in|wte)\.(weight|scale)$"
+ROW_BIAS = r"\.(o_proj|attention\.dense|self_attention\.dense|down_proj|dense_4h_to_h)\.bias$"
+# GPT-2's Conv1D weights are stored [in, out]: column-parallel is dim 1, row-parallel dim 0. Its
+# config carries no tp plan, so these rows are written by hand.
+CONV1D_COLUMN = r"\.(c_attn|c_fc)\.weight$"
+CONV1D_COLUMN_BIAS = r"\.(c_attn|c_fc)\.bias$"
+CONV1D_ROW = r"\.c_proj\.weight$"
+CONV1D_ROW_BIAS = r"\.c_proj\.bias$"
+EMBED = r"(embed_tokens|embed_in|wte|word_embeddings)\.(weight|scale)$"
 LM_HEAD = r"lm_head\.(weight|scale)$"
 ROUTER = r"\.mlp\.gate\.weight$"
 EXPERT_IN = r"\.experts\.gate_up_proj(_scale)?$"  # [E, 2F, H]
 EXPERT_OUT = r"\.experts\.down_proj$"  # [E, H, F]
 EXPERT_OUT_SCALE = r"\.experts\.down_proj_scale$"  # [E, H]
 CATCH_ALL = r".*"
+VOCAB_TENSOR = re.compile(rf"{EMBED}|lm_head\.(weight|scale|bias)$")  # dim 0: the vocabulary (padded when split)
 
 
 def megatron(axis: str) -> list[Rule]:
@@ -79,6 +86,10 @@ def megatron(axis: str) -> list[Rule]:
         (MLP_COLUMN, (axis,)),
         (MLP_ROW, (None, axis)),
         (ROW_BIAS, ()),
+        (CONV1D_COLUMN, (None, axis)),
+        (CONV1D_COLUMN_BIAS, (axis,)),
+        (CONV1D_ROW, (axis, None)),
+        (CONV1D_ROW_BIAS, ()),
         (EMBED, (axis, None)),
         (LM_HEAD, (axis,)),
     ]
@@ -109,6 +120,17 @@ class Scheme:
     # Built-in tables write (axis, None) once for a weight and its 1-D scale/bias; a table from a
     # user's file is taken literally: a spec longer than the tensor's rank is an error there.
     trim_specs: bool = True
+    # Put the model's own tensor-parallel plan (``parallel_plan()`` of the model contract, e.g.
+    # translated from a transformers config's ``base_model_tp_plan``) on ``head_axis`` ahead of
+    # this table, so an architecture we never wrote a row for shards by its authors' plan.
+    use_model_plan: bool = False
+
+    def with_model_plan(self, plan: Sequence[tuple[str, int | None]]) -> "Scheme":
+        """This scheme with ``plan`` rows ((regex, dim to split or None), from the model) first."""
+        if not plan or not self.use_model_plan or self.head_axis is None:
+            return self
+        rows = tuple((rx, () if dim is None else (None,) * dim + (self.head_axis,)) for rx, dim in plan)
+        return dataclasses.replace(self, rules=rows + self.rules)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -165,6 +187,7 @@ SCHEMES: dict[str, Scheme] = {
             mesh=(("model", -1),),
             head_axis="model",
             description="Megatron tensor parallelism: q/k/v/gate/up column-, o/down row-parallel",
+            use_model_plan=True,
         ),
         Scheme(
             "fsdp",
@@ -188,6 +211,7 @@ SCHEMES: dict[str, Scheme] = {
             batch_axes=("data",),
             head_axis="model",
             description="2D mesh: batch on data, Megatron on model",
+            use_model_plan=True,
         ),
         Scheme(
             "ep",
@@ -195,6 +219,7 @@ SCHEMES: dict[str, Scheme] = {
             mesh=(("expert", -1),),
             head_axis="expert",
             description="MoE experts split over the expert axis, attention tensor-parallel on it",
+            use_model_plan=True,
         ),
         Scheme(
             "ep_tp",
@@ -202,6 +227,7 @@ SCHEMES: dict[str, Scheme] = {
             mesh=(("expert", 2), ("model", -1)),
             head_axis="model",
             description="2D mesh: experts on expert, each expert's FFN and attention on model",
+            use_model_plan=True,
         ),
     ]
 }
@@ -403,6 +429,9 @@ class Placement:
     spec: P
     rule: str  # the regex that matched
     fallback: str | None = None  # why the rule's spec was replaced by replication
+    # Vocab-parallel embedding / head whose vocab does not divide the axis: dim 0 padded with zero
+    # rows from ``padded_from`` to ``shape[0]`` (as Megatron and vLLM do); logits are cut back.
+    padded_from: int | None = None
 
     @property
     def itemsize(self) -> int:
@@ -426,7 +455,7 @@ def _suggest_sizes(dims: Iterable[int], limit: int) -> list[int]:
     return [k for k in range(1, limit + 1) if all(d % k == 0 for d in dims)]
 
 
-def plan(
+def resolve_placements(
     shapes: Mapping[str, tuple[tuple[int, ...], Any]],
     scheme: Scheme | str,
     mesh_shape: Mapping[str, int],
@@ -480,8 +509,12 @@ def plan(
                 f"rule {pattern!r} gives {name} {list(shape)} a spec of rank {len(spec)} > its rank {len(shape)}"
             )
         problem = None
+        padded_from = None
         for dim, entry in enumerate(spec):
             k = _axis_size(mesh_shape, entry)
+            if dim == 0 and shape[0] % k and VOCAB_TENSOR.search(name):
+                # Vocab-parallel: pad the vocab rows to a multiple of the axis (logits are cut back).
+                padded_from, shape = shape[0], (-(-shape[0] // k) * k, *shape[1:])
             if shape[dim] % k:
                 fits = _suggest_sizes([shape[dim]], k * 2)
                 problem = (
@@ -517,7 +550,9 @@ def plan(
             else:
                 fallback_reason = problem
                 spec = ()
-        out[name] = Placement(name, shape, dtype, P(*spec), pattern, fallback_reason)
+        if fallback_reason and padded_from is not None:  # replicated after all: no padding needed
+            shape, padded_from = (padded_from, *shape[1:]), None
+        out[name] = Placement(name, shape, dtype, P(*spec), pattern, fallback_reason, padded_from)
     for line in fallback_summary(out):
         warnings.warn(line, stacklevel=2)
     if problems:
@@ -570,15 +605,23 @@ def shard(
     fallback: str = "error",
 ) -> tuple[dict[str, jax.Array], dict[str, Placement]]:
     """Validates every placement first, then device_puts each weight by its spec."""
-    placements = plan(
+    placements = resolve_placements(
         {k: _shape_dtype(v) for k, v in weights.items()},
         scheme,
         dict(mesh.shape),
         head_layout=head_layout,
         fallback=fallback,
     )
-    placed = {k: put_global(v, NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
+    placed = {k: put_global(pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
     return placed, placements
+
+
+def pad_rows(value, p: Placement):
+    """``value`` with dim 0 zero-padded to the placement's shape (a vocab that does not divide)."""
+    if p.padded_from is None:
+        return value
+    value = np.asarray(value)
+    return np.pad(value, [(0, p.shape[0] - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
 
 
 def put_global(value, named: NamedSharding) -> jax.Array:
@@ -631,6 +674,17 @@ def kv_cache_spec(scheme: Scheme | str, mesh: Mesh, batch: int, kv_heads: int) -
 # ---------------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------------
+def replicated_because(p: Placement) -> str | None:
+    """Why a tensor is on every device whole (None when it is split)."""
+    if not p.replicated:
+        return None
+    if p.fallback:
+        return f"fallback: {p.fallback}"
+    if p.rule == CATCH_ALL:
+        return "no rule of the scheme splits it (catch-all row)"
+    return f"rule {p.rule!r} replicates it"
+
+
 def report(placements: Mapping[str, Placement], mesh_shape: Mapping[str, int]) -> dict[str, Any]:
     rows = []
     total = per_device = replicated = 0
@@ -648,6 +702,8 @@ def report(placements: Mapping[str, Placement], mesh_shape: Mapping[str, int]) -
                 "spec": str(p.spec),
                 "bytes_per_device": d,
                 "fallback": p.fallback,
+                "replicated_because": replicated_because(p),
+                "padded_from": p.padded_from,
             }
         )
     return {
@@ -675,76 +731,3 @@ def format_report(rep: Mapping[str, Any], max_rows: int | None = None) -> str:
         f"{rep['param_bytes_total']:,} total; {rep['replicated_fraction']:.1%} of parameter bytes replicated"
     )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Compiled-program analysis
-# ---------------------------------------------------------------------------------------------------
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
-}  # fmt: skip
-_INSTR = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|\w+\[[^\]]*\](?:\{[^}]*\})?)\s+"
-    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(",
-    re.M,
-)
-_ARRAY = re.compile(r"(\w+)\[([^\]]*)\]")
-
-
-def _shape_bytes(shape_text: str) -> int:
-    total = 0
-    for dtype, dims in _ARRAY.findall(shape_text):
-        n = math.prod(int(d) for d in dims.split(",") if d.strip()) if dims.strip() else 1
-        total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives in an optimized HLO module by kind: ``{kind: {"count": n, "bytes": result bytes}}``.
-
-    Async pairs (``all-reduce-start``/``-done``) count once; bytes are each op's result size per device.
-    """
-    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    for m in _INSTR.finditer(hlo_text):
-        shape = m.group("shape")
-        if m.group("start") and shape.startswith("("):  # start ops return (operands, results, ...)
-            parts = _ARRAY.findall(shape)
-            shape = " ".join(f"{d}[{s}]" for d, s in parts[len(parts) // 2 :])
-        out[m.group("op")]["count"] += 1
-        out[m.group("op")]["bytes"] += _shape_bytes(shape)
-    return out
-
-
-def collective_instructions(hlo_text: str) -> list[tuple[str, str]]:
-    """(kind, result shape) of each collective, in program order."""
-    return [(m.group("op"), m.group("shape")) for m in _INSTR.finditer(hlo_text)]
-
-
-def compiled_stats(compiled) -> dict[str, Any]:
-    """Collectives and per-device memory of a ``jit(...).lower(...).compile()`` result."""
-    mem = compiled.memory_analysis()
-    memory = {}
-    if mem is not None:
-        for field in (
-            "argument_size_in_bytes",
-            "output_size_in_bytes",
-            "temp_size_in_bytes",
-            "alias_size_in_bytes",
-            "generated_code_size_in_bytes",
-        ):
-            memory[field] = int(getattr(mem, field, 0))
-        memory["peak_bytes"] = (
-            memory["argument_size_in_bytes"]
-            + memory["output_size_in_bytes"]
-            + memory["temp_size_in_bytes"]
-            - memory["alias_size_in_bytes"]
-        )
-    return {"collectives": collectives(compiled.as_text()), "memory": memory}
-
-
-def format_collectives(colls: Mapping[str, Mapping[str, int]]) -> str:
-    parts = [f"{k} x{v['count']} ({v['bytes']:,} B)" for k, v in colls.items() if v["count"]]
-    return ", ".join(parts) if parts else "none"
-

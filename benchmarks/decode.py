@@ -59,21 +59,18 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
 
-    import sharding
     from bridge import checkpoints
     from bridge.files import atomic_write
     from bridge.generate import Generator
-    from bridge.lift import lift
+    from bridge.models import open_model
 
-    loaded = checkpoints.load("smollm2", "float32")
-    tok = loaded.tokenizer
+    lifted = open_model("smollm2", devices=1, scheme="replicated", dtype="float32")
+    tok = lifted.tokenizer
     ids = tok.encode(PROMPT)[: args.prompt_tokens]
     assert len(ids) == args.prompt_tokens, "prompt too short for --prompt-tokens"
     n = args.new_tokens
 
-    lifted = lift(loaded.model, sharding.mesh_for("replicated", 1), "replicated")
-    gen = Generator(lifted, tok)
-    gen.eos = gen.eos[:0] - 1  # no early stop: every run decodes exactly n tokens
+    gen = Generator(lifted, stop_at_eos=False)  # every run decodes exactly n tokens
 
     def ours(batch: int) -> dict:
         runs = [gen.generate_ids([ids] * batch, n) for _ in range(args.repeats + 1)]  # first compiles

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import model_torch
+from model_torch.hf_adapter import HFCausalLMAdapter
 from bridge.errors import CheckpointError
 
 log = logging.getLogger("torchax_bridge.checkpoints")
@@ -232,6 +233,11 @@ def resolve(checkpoint: str) -> tuple[str, Optional[Path]]:
     )
 
 
+def has_model_torch(path: Path) -> bool:
+    """Whether a HF directory's ``model_type`` is one of our model_torch families."""
+    return model_torch.config_from_hf(load_config(path)) is not None
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The tensor files of a HF checkpoint directory, checked to exist."""
     index = path / "model.safetensors.index.json"
@@ -384,6 +390,22 @@ def rename_keys(state: dict, rules, verbose: bool = False) -> dict:
     return out
 
 
+def check_keys(expected, found, optional=frozenset()) -> None:
+    """Checkpoint names and shapes against the model's: one error listing every missing and
+    unexpected key, else one naming the first shape mismatch. ``expected``/``found``: name -> shape;
+    ``optional``: model names the checkpoint may leave out (a tied head, exclude rules)."""
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            "checkpoint keys do not match the model: missing in checkpoint: "
+            f"{missing or 'none'}; unexpected in checkpoint: {unexpected or 'none'}"
+        )
+    for name, shape in found.items():
+        if tuple(expected[name]) != tuple(shape):
+            raise CheckpointError(f"shape mismatch for {name}: checkpoint {list(shape)}, model {list(expected[name])}")
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excludes=()) -> nn.Module:
     """``load_state_dict(strict=True)`` with restore rules, as grok-1's checkpoint loader has them.
 
@@ -398,19 +420,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excl
         log.info("restore: keeping the fresh %s (exclude rule)", k)
     state = {k: v for k, v in state.items() if k not in kept}
     tied = {"lm_head.weight"} & expected if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = sorted(expected - set(state) - tied - kept)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            "checkpoint keys do not match the model: missing in checkpoint: "
-            f"{missing or 'none'}; unexpected in checkpoint: {unexpected or 'none'}"
-        )
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"shape mismatch for {name}: checkpoint {list(tensor.shape)}, model {list(own[name].shape)}"
-            )
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}, tied | kept)
     if kept and any(p.is_meta for p in model.parameters()):
         raise CheckpointError("exclude rules need a model with initialised weights, not one on the meta device")
     model.load_state_dict(state, strict=False, assign=True)
@@ -421,52 +431,42 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excl
     return model
 
 
-class HFCausalLM(nn.Module):
-    """Adapter for a transformers model we have no module for: ``forward(ids) -> (logits, None)``.
-
-    Returns plain tensors (ModelOutput is not a JAX pytree). No functional KV cache, so generation
-    recomputes the whole sequence; use a model_torch model for fast decoding.
-    """
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.hf = hf_model
-        self.config = hf_model.config
-
-    def forward(self, input_ids, positions=None, kv_cache=None, cache_position=None, attention_mask=None):
-        if kv_cache is not None:
-            raise NotImplementedError("transformers fallback models run without a KV cache")
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, None
-
-    def head_layout(self):
-        return []
-
-
 QUANTIZE = ("none", "int8")
 
 
+IMPLEMENTATIONS = ("auto", "model_torch", "transformers")
+
+
 def load(
-    checkpoint: str = SMOLLM2, dtype: str = "float32", with_tokenizer: bool = True, quantize: str = "none"
+    checkpoint: str = SMOLLM2,
+    dtype: str = "float32",
+    with_tokenizer: bool = True,
+    quantize: str = "none",
+    implementation: str = "auto",
 ) -> Loaded:
     """Loads ``checkpoint`` (see module doc) as a torch module in ``dtype``; ``quantize="int8"``
-    swaps its linear, embedding and expert weights for int8 + per-channel scales."""
+    swaps its linear, embedding and expert weights for int8 + per-channel scales.
+    ``implementation``: ``model_torch`` (our rewrite of the family), ``transformers`` (the
+    transformers class itself, behind ``HFCausalLMAdapter``), or ``auto`` (ours when we have one)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize not in QUANTIZE:
         raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
-    loaded = _load(checkpoint, dtype, with_tokenizer)
+    if implementation not in IMPLEMENTATIONS:
+        raise CheckpointError(f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    loaded = _load(checkpoint, dtype, with_tokenizer, implementation)
     if quantize == "int8":
-        if isinstance(loaded.model, HFCausalLM):
-            raise CheckpointError(f"--quantize int8 needs a model_torch model; {loaded.model_type} has none")
         from model_torch.common import quantize_int8
 
         quantize_int8(loaded.model)
     return loaded
 
 
-def _load(checkpoint: str, dtype: str, with_tokenizer: bool) -> Loaded:
+def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str = "auto") -> Loaded:
     kind, path = resolve(checkpoint)
     torch_dtype = DTYPES[dtype]
+    if kind == "preset" and implementation == "transformers":
+        raise CheckpointError(f"{checkpoint} is a model_torch preset; --implementation transformers needs a checkpoint")
     if kind == "preset":
         torch.manual_seed(0)
         model = model_torch.from_preset(checkpoint).to(torch_dtype).eval()
@@ -482,24 +482,44 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool) -> Loaded:
         checkpoint_files(path)  # no weights: say so before building anything
         tokenizer = load_tokenizer(path) if with_tokenizer else None
         state = None
-    found = model_torch.config_from_hf(hf_config)
+    found = None if implementation == "transformers" else model_torch.config_from_hf(hf_config)
+    if found is None and implementation == "model_torch":
+        raise CheckpointError(f"{path}: model type {hf_config.model_type!r} has no model_torch family; "
+                              f"drop --implementation model_torch to run transformers' own class")  # fmt: skip
     if found is None:
-        if kind == "dir":
-            from transformers import AutoModelForCausalLM
+        from model_torch.hf_adapter import UnsupportedArchitecture, check_architecture
 
-            try:
-                hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-            except Exception as e:  # transformers' own errors for unreadable or mismatched weights
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {msg})") from None
-        return Loaded(HFCausalLM(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
+        try:
+            check_architecture(hf_config)
+        except UnsupportedArchitecture as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        hf_model = _transformers_model(path, torch_dtype, hf_config) if kind == "dir" else hf_model
+        return Loaded(HFCausalLMAdapter(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
     cls, config = found
     with torch.device("meta"):
         model = cls(config)
     state = read_state_dict(path) if state is None else state
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    load_into(model, state, renames=getattr(cls, "CHECKPOINT_RENAMES", []))
+    load_into(model, state, renames=model.CHECKPOINT_RENAMES)
     return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type, hf_config)
+
+
+def _transformers_model(path: Path, torch_dtype, hf_config):
+    """transformers' own ``*ForCausalLM`` for the adapter: attention through ``sdpa`` (lowered by
+    the bridge) unless the model refuses it, MoE experts through batched matmuls (the default
+    dispatch is data-dependent and fails under jit)."""
+    from transformers import AutoModelForCausalLM
+
+    from model_torch.hf_adapter import attention_implementation
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attention_implementation(hf_config),
+            experts_implementation="batched_mm",
+        )  # fmt: skip
+    except Exception as e:  # transformers' own errors for unreadable or mismatched weights
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {msg})") from None
 
 
 def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
@@ -512,7 +532,7 @@ def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
     if resolve(src)[0] == "preset":
         raise CheckpointError(f"{src} is a preset with random weights; convert a real checkpoint")
     loaded = _load(src, "float32", with_tokenizer=True)
-    model = loaded.model.hf if isinstance(loaded.model, HFCausalLM) else loaded.model
+    model = loaded.model.hf if isinstance(loaded.model, HFCausalLMAdapter) else loaded.model
     return write_checkpoint(
         hf_state_dict(model, loaded.hf_config), loaded.hf_config.to_dict(), loaded.tokenizer, dst, max_shard_bytes
     )

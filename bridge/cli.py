@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
+    p.add_argument("--implementation", choices=["auto", "model_torch", "transformers"], default="auto",
+                   help="the model definition: our model_torch rewrite, transformers' own class (any causal LM), "
+                        "or auto (ours where we have one; default)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,34 +189,18 @@ def _id_rows(value: str) -> list[list[int]]:
 
 
 def _setup(args, with_tokenizer: bool = True):
-    """Devices, checkpoint, mesh, lifted model — in that order (devices before jax starts)."""
-    devs = device_setup.setup(args.devices)
+    """The lifted model the arguments describe (``bridge.models.open_model``), with the fallback
+    summary printed once."""
+    devs = device_setup.setup(args.devices)  # before jax starts: --devices sets the simulated count
     import sharding
-    from bridge import checkpoints
-    from bridge.lift import lift
+    from bridge.models import open_model
 
-    scheme = sharding.get_scheme(args.scheme)  # fail on a bad scheme before loading anything
-    mesh = sharding.mesh_for(scheme, len(devs), sharding.parse_mesh(args.mesh), devs)
-    import warnings
-
-    from bridge import distributed
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback summary is printed below, once
-        kind, path = checkpoints.resolve(args.checkpoint)
-        if distributed.configured() and kind == "dir" and args.quantize == "none":
-            # Several processes: each reads only its own devices' slices from the memory-mapped files.
-            from bridge.lift import lift_checkpoint
-
-            lifted = lift_checkpoint(path, mesh, scheme, dtype=args.dtype, fallback=args.fallback)
-            tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
-            loaded = checkpoints.Loaded(lifted.model, tokenizer, str(path), lifted.model.config.model_type)
-        else:
-            loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=with_tokenizer, quantize=args.quantize)
-            lifted = lift(loaded.model, mesh, scheme, fallback=args.fallback)
+    lifted = open_model(args.checkpoint, devices=devs, scheme=args.scheme, mesh=sharding.parse_mesh(args.mesh),
+                        dtype=args.dtype, quantize=args.quantize, fallback=args.fallback,
+                        with_tokenizer=with_tokenizer, implementation=args.implementation)  # fmt: skip
     for line in sharding.fallback_summary(lifted.placements):
         print(f"note: {line}", file=sys.stderr)
-    return loaded, lifted
+    return lifted
 
 
 def _no_chat_with_ids(args) -> None:
@@ -228,13 +215,13 @@ def cmd_forward(args) -> int:
         from bridge.files import check_output
 
         check_output(args.save_logits, "--save-logits")
-    loaded, lifted = _setup(args, with_tokenizer=ids is None)
+    lifted = _setup(args, with_tokenizer=ids is None)
     import numpy as np
 
     from bridge.generate import Generator, check_token_ids
 
     if ids is None:
-        ids = Generator(lifted, loaded.tokenizer).encode(args.prompt, chat=args.chat)
+        ids = Generator(lifted, lifted.tokenizer).encode(args.prompt, chat=args.chat)
     check_token_ids([ids], lifted.model.config.vocab_size)
     context = lifted.model.config.max_position_embeddings
     if len(ids) > context:
@@ -253,7 +240,7 @@ def cmd_forward(args) -> int:
     print(f"mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: logits shape {list(logits.shape)}")
     print("top-5 next tokens:")
     for t in top:
-        piece = loaded.tokenizer.decode([int(t)]) if loaded.tokenizer is not None else ""
+        piece = lifted.tokenizer.decode([int(t)]) if lifted.tokenizer is not None else ""
         print(f"  {int(t):>7} {piece!r:<16} logit {last[t]:.4f}")
     print(f"first call (compile + run): {first:.3f} s; warm call: {warm * 1000:.2f} ms")
     if args.save_logits:
@@ -283,10 +270,10 @@ def cmd_generate(args) -> int:
     from bridge.generate import Generator, Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    loaded, lifted = _setup(args, with_tokenizer=id_rows is None)
+    lifted = _setup(args, with_tokenizer=id_rows is None)
     from bridge.distributed import is_main
 
-    gen = Generator(lifted, loaded.tokenizer)
+    gen = Generator(lifted, lifted.tokenizer)
     if id_rows is None:
         id_rows = [gen.encode(p, args.chat) for p in prompts]
     run = lambda stream: gen.generate_from_ids(  # noqa: E731
@@ -323,20 +310,21 @@ def cmd_shardings(args) -> int:
         for s in sharding.SCHEMES.values():
             print(f"{s.name:<11} mesh {','.join(n for n, _ in s.mesh):<14} {s.description}")
         return 0
-    loaded, lifted = _setup(args, with_tokenizer=False)
+    lifted = _setup(args, with_tokenizer=False)
     import numpy as np
 
     import sharding
+    from bridge import hlo
 
     rep = lifted.report()
     ids = np.zeros((args.batch, args.seq), dtype=np.int32)
-    stats = sharding.compiled_stats(lifted.compiled_forward(ids))
+    stats = hlo.compiled_stats(lifted.compiled_forward(ids))
     if args.json:
         print(json.dumps({"report": rep, **stats}))
         return 0
     print(sharding.format_report(rep, args.rows))
     print(f"collectives in one forward (batch {args.batch}, seq {args.seq}): "
-          f"{sharding.format_collectives(stats['collectives'])}")  # fmt: skip
+          f"{hlo.format_collectives(stats['collectives'])}")  # fmt: skip
     m = stats["memory"]
     if m:
         print(f"per device: arguments {m['argument_size_in_bytes']:,} B, temporaries {m['temp_size_in_bytes']:,} B, "
@@ -364,7 +352,8 @@ def cmd_compare(args) -> int:
     overrides = sharding.parse_mesh(args.mesh)
     for name in schemes or ():
         sharding.get_scheme(name)  # unknown names fail before any work
-    loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=False, quantize=args.quantize)
+    loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=False, quantize=args.quantize,
+                              implementation=args.implementation)  # fmt: skip
     if schemes is None:
         schemes, left_out = experiments.default_schemes(loaded.model, devs, overrides, args.fallback)
         for name, why in left_out:
@@ -383,7 +372,7 @@ def cmd_profile(args) -> int:
     from bridge.files import check_output
 
     check_output(args.logdir, "--logdir", kind="dir", may_exist=True)
-    loaded, lifted = _setup(args, with_tokenizer=False)
+    lifted = _setup(args, with_tokenizer=False)
     from bridge import profiling
 
     summary = profiling.profile(lifted, args.mode, args.steps, args.logdir, args.batch, args.seq)

@@ -11,27 +11,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import sharding
+from bridge import hlo
+from bridge import programs
 from bridge.files import atomic_write
-from bridge.lift import Lifted, lift
-
-
-def step_function(lifted: Lifted, mode: str, batch: int, seq: int):
-    """(jitted step, its arguments): a full forward over [batch, seq] tokens, or one decode step
-    (one token per row over a KV cache of ``seq`` columns, the cache donated and kv heads sharded)."""
-    ids = lifted.put_input(np.zeros((batch, seq if mode == "forward" else 1), np.int32) + 1)
-    if mode == "forward":
-        return lifted.forward_jit(batch), (lifted.weights, ids)
-    cache = jax.jit(lambda: lifted.empty_kv_cache(batch, seq))()
-
-    def decode(weights, token, cache, column):
-        logits, cache = lifted.fn(weights, (token,), dict(kv_cache=cache, cache_position=column[None]))
-        return logits, cache
-
-    return jax.jit(decode, donate_argnums=(2,)), (lifted.weights, ids, cache, jnp.asarray(seq // 2, jnp.int32))
+from bridge.lift import lift
 
 
 @dataclasses.dataclass
@@ -62,13 +48,13 @@ def fit_problem(model, scheme, devices, mesh=None, fallback="error") -> Optional
     """Why ``scheme`` cannot place ``model`` on these devices (None if it can), checked on names
     and shapes alone: nothing is placed."""
     scheme = sharding.get_scheme(scheme)
-    head_layout = model.head_layout() if hasattr(model, "head_layout") else []
+    head_layout = model.head_layout()
     shapes = {k: (tuple(v.shape), np.float32) for k, v in model.state_dict().items()}
     try:
         sizes = scheme.mesh_shape(len(devices), {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sharding.plan(shapes, scheme, sizes, head_layout=head_layout, fallback=fallback)
+            sharding.resolve_placements(shapes, scheme, sizes, head_layout=head_layout, fallback=fallback)
     except sharding.ShardingError as e:
         return str(e)
     return None
@@ -93,20 +79,20 @@ def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference
             lifted = lift(model, mesh, scheme, fallback=fallback)
     except sharding.ShardingError as e:
         return Row(scheme.name, "-", status=f"does not fit: {e}"), None
-    fn, args = step_function(lifted, mode, batch, seq)
+    fn, args = programs.step_program(lifted, mode, batch, seq)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    stats = sharding.compiled_stats(compiled)
+    stats = hlo.compiled_stats(compiled)
     times, out = [], None
     for i in range(repeats + 1):
-        call_args = args if mode == "forward" else (*args[:2], _fresh_cache(args[2]), args[3])
+        call_args = programs.rerun_args(mode, args)
         t0 = time.perf_counter()
         out = compiled(*call_args)
         jax.block_until_ready(out)
         if i:  # the first run warms caches
             times.append((time.perf_counter() - t0) * 1000)
-    logits = np.asarray(out if mode == "forward" else out[0])
+    logits = sharding.to_host(out if mode == "forward" else out[0])
     c = stats["collectives"]
     row = Row(
         scheme.name,
@@ -127,10 +113,6 @@ def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference
     if reference is not None:
         row.max_rel_diff = float(np.abs(logits - reference).max() / np.abs(reference).max())
     return row, logits
-
-
-def _fresh_cache(cache):
-    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
 
 
 def compare(

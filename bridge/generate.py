@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bridge import programs
 from bridge.errors import GenerationError
 from bridge.lift import Lifted
 
@@ -106,11 +107,22 @@ def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int) -> None:
 
 
 class Generator:
-    def __init__(self, lifted: Lifted, tokenizer=None, *, eos_token_ids: Sequence[int] = (), pad_id: int = 0):
+    def __init__(
+        self,
+        lifted: Lifted,
+        tokenizer=None,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        stop_at_eos: bool = True,
+    ):
+        """``tokenizer`` defaults to the one ``lifted`` was opened with. ``stop_at_eos=False`` decodes
+        exactly ``max_new_tokens`` for every row (benchmarks)."""
         self.lifted = lifted
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else lifted.tokenizer
+        tokenizer = self.tokenizer
         self.model = lifted.model
-        if not hasattr(self.model, "init_kv_cache"):
+        if not self.model.HAS_KV_CACHE:
             raise GenerationError(
                 f"{type(self.model).__name__} has no functional KV cache; generation needs a model_torch "
                 f"model (llama, mistral, qwen2, mixtral, gpt_neox, grok)"
@@ -118,7 +130,7 @@ class Generator:
         config = self.model.config
         self.context = config.max_position_embeddings
         eos = set(eos_token_ids)
-        for e in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for e in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)) if stop_at_eos else ():
             if isinstance(e, int):
                 eos.add(e)
             elif isinstance(e, (list, tuple)):
@@ -133,14 +145,10 @@ class Generator:
         """Runs the prompts, samples the first token, and returns the whole decode state (built
         inside the jitted program, so every piece of it lives on the mesh)."""
         batch, plen = ids.shape
-        cache = self.lifted.empty_kv_cache(batch, cache_len)
-        logits, cache = self.lifted.fn(
-            weights,
-            (ids,),
-            dict(positions=positions, kv_cache=cache, cache_position=jnp.arange(plen), attention_mask=key_mask),
-        )
+        cache = programs.empty_kv_cache(self.lifted, batch, cache_len)
+        logits, cache = programs.prefill(self.lifted, weights, ids, cache, positions, key_mask)
         key = jax.random.key(seed)
-        token = sample_logits(logits[:, -1], key, sampling)
+        token = sample_logits(logits, key, sampling)
         return dict(
             cache=cache,
             token=token,
@@ -157,18 +165,11 @@ class Generator:
     def _decode_step(self, weights, state, *, sampling: Sampling):
         """One token for every row. state: cache, token [B] (last sampled), column (its cache column),
         positions [B] (its RoPE positions), key_mask [B, S], done [B], out [B, N], step, limit, key."""
-        logits, cache = self.lifted.fn(
-            weights,
-            (state["token"][:, None],),
-            dict(
-                positions=state["positions"][:, None],
-                kv_cache=state["cache"],
-                cache_position=state["column"][None],
-                attention_mask=state["key_mask"],
-            ),
+        logits, cache = programs.decode_step(
+            self.lifted, weights, state["token"], state["cache"], state["column"], state["positions"], state["key_mask"]
         )
         step = state["step"]
-        token = sample_logits(logits[:, -1], jax.random.fold_in(state["key"], step), sampling)
+        token = sample_logits(logits, jax.random.fold_in(state["key"], step), sampling)
         token = jnp.where(state["done"], self.pad_id, token)
         done = state["done"] | jnp.isin(token, self.eos)
         return dict(

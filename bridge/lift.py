@@ -65,17 +65,15 @@ def constrain(fn, model: torch.nn.Module, mesh: Mesh, scheme: sharding.Scheme):
     that do not ask for it."""
     if not scheme.constrain_activations:
         return fn
-    import re
-
     from torchax.interop import call_jax
 
-    # Decoder layers and every projection inside them: pinning each matmul's output to the batch
-    # spec leaves XLA one way to compute it (gather the weight), which is what FSDP means.
-    layers = [
-        m
-        for name, m in model.named_modules()
-        if re.search(r"layers\.\d+$", name) or (re.search(r"layers\.\d+\.", name) and not list(m.children()))
-    ]
+    # Decoder layers and every projection inside them (their leaf modules): pinning each matmul's
+    # output to the batch spec leaves XLA one way to compute it (gather the weight), which is what
+    # FSDP means.
+    layers = []
+    for _, layer in model.decoder_layers():
+        layers.append(layer)
+        layers += [m for m in layer.modules() if m is not layer and not list(m.children())]
 
     def pin_one(x):
         spec = sharding.batch_spec(scheme, mesh, x.shape[0], x.ndim)
@@ -97,14 +95,30 @@ def constrain(fn, model: torch.nn.Module, mesh: Mesh, scheme: sharding.Scheme):
     return constrained
 
 
+def cut_padded_vocab(fn, model, placements):
+    """``fn`` returning logits at the model's true vocab size when the embedding/head was padded to
+    divide the mesh axis (the padded rows are zeros; their logits are dropped)."""
+    if not any(p.padded_from is not None for p in placements.values()):
+        return fn
+    vocab = model.config.vocab_size
+
+    def cut(weights, args, kwargs=None):
+        logits, *rest = fn(weights, args, kwargs)
+        return (logits[..., :vocab], *rest)
+
+    return cut
+
+
 @dataclasses.dataclass
 class Lifted:
     model: torch.nn.Module
     fn: Any  # fn(weights, args_tuple, kwargs_dict) -> (logits, kv_cache)
-    weights: dict[str, jax.Array]
+    weights: dict[str, jax.Array]  # or jax.ShapeDtypeStruct for an abstract plan
     mesh: Mesh
     scheme: sharding.Scheme
     placements: dict[str, sharding.Placement]
+    tokenizer: Any = None  # set by bridge.models.open_model when the checkpoint has one
+    source: str = ""  # what it was opened from
 
     def __post_init__(self):
         self._forward = {}
@@ -114,20 +128,11 @@ class Lifted:
         return NamedSharding(self.mesh, sharding.batch_spec(self.scheme, self.mesh, batch, rank))
 
     def kv_sharding(self, batch: int) -> NamedSharding:
-        kv_heads = getattr(self.model.config, "num_kv_heads", 1)
-        return NamedSharding(self.mesh, sharding.kv_cache_spec(self.scheme, self.mesh, batch, kv_heads))
+        spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads)
+        return NamedSharding(self.mesh, spec)
 
     def report(self) -> dict:
         return sharding.report(self.placements, dict(self.mesh.shape))
-
-    def empty_kv_cache(self, batch: int, seq: int):
-        """Zeros shaped by the model's own ``init_kv_cache`` (built on meta: no memory), on the mesh
-        with kv heads split where the scheme splits heads. Usable inside jit too."""
-        shard = self.kv_sharding(batch)
-        return [
-            tuple(jax.lax.with_sharding_constraint(jnp.zeros(t.shape, jax_dtype(t.dtype)), shard) for t in layer)
-            for layer in self.model.init_kv_cache(batch, seq, device="meta")
-        ]
 
     # -- forward --------------------------------------------------------------------------------
     def logits_fn(self, weights, input_ids):
@@ -181,10 +186,10 @@ def lift(
     """
     scheme = sharding.get_scheme(scheme)
     weights, fn = extract(model)
-    head_layout = model.head_layout() if hasattr(model, "head_layout") else []
-    placed, placements = sharding.shard(weights, mesh, scheme, head_layout=head_layout, fallback=fallback)
+    scheme = scheme.with_model_plan(model.parallel_plan())
+    placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
     del weights
-    return Lifted(model, constrain(fn, model, mesh, scheme), placed, mesh, scheme, placements)
+    return Lifted(model, cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements), placed, mesh, scheme, placements)
 
 
 def lift_checkpoint(
@@ -217,22 +222,13 @@ def lift_checkpoint(
         model = cls(config)
     names, fn = extract_fn(model)
     source = checkpoints.TensorSource(checkpoints.checkpoint_files(path))
-    renamed = checkpoints.rename_keys({k: k for k in source.keys()}, getattr(cls, "CHECKPOINT_RENAMES", []))
-    missing = sorted(set(names) - set(renamed))
-    unexpected = sorted(set(renamed) - set(model.state_dict()))
-    if missing or unexpected:
-        raise checkpoints.CheckpointError(
-            f"checkpoint keys do not match the model: missing in checkpoint: {missing or 'none'}; "
-            f"unexpected in checkpoint: {unexpected or 'none'}"
-        )
-    torch_dtype = checkpoints.DTYPES[dtype]
-    np_dtype = jax_dtype(torch_dtype)
-    for name, (shape, _) in names.items():
-        if source.shape(renamed[name]) != shape:
-            raise checkpoints.CheckpointError(
-                f"shape mismatch for {name}: checkpoint {list(source.shape(renamed[name]))}, model {list(shape)}"
-            )
-    placements = sharding.plan(
+    renamed = checkpoints.rename_keys({k: k for k in source.keys()}, model.CHECKPOINT_RENAMES)  # new -> stored
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(expected) - set(names)  # extract_fn keeps a tied weight once
+    checkpoints.check_keys(expected, {k: source.shape(v) for k, v in renamed.items()}, tied)
+    np_dtype = jax_dtype(checkpoints.DTYPES[dtype])
+    scheme = scheme.with_model_plan(model.parallel_plan())
+    placements = sharding.resolve_placements(
         {k: (shape, np_dtype) for k, (shape, _) in names.items()},
         scheme,
         dict(mesh.shape),
@@ -244,6 +240,14 @@ def lift_checkpoint(
         src, p = renamed[name], placements[name]
 
         def callback(index):
+            if p.padded_from is not None:  # vocab rows past the checkpoint's are zeros
+                index = tuple(index) + (slice(None),) * (len(p.shape) - len(index))
+                rows = range(p.shape[0])[index[0]]  # a contiguous block of rows (a shard)
+                out = np.zeros([len(range(d)[i]) for d, i in zip(p.shape, index)], np_dtype)
+                real = range(rows.start, min(rows.stop, p.padded_from))
+                if len(real):
+                    out[: len(real)] = source.read(src, (slice(real.start, real.stop), *index[1:]))
+                return out
             shard = source.read(src, index)
             return shard if shard.dtype == np_dtype else shard.astype(np_dtype)
 
@@ -252,6 +256,7 @@ def lift_checkpoint(
     # Two tensors in flight: reading one overlaps placing the other. Measured on SmolLM2: 1 worker
     # 0.9 s / 1.23x the checkpoint at peak, 2 workers 0.5-0.8 s / 1.26x, 4 workers 0.75 s / 1.37-1.41x.
     weights = checkpoints.map_tensors(place, placements, f"placing {path.name}", workers=2)
-    return Lifted(model, constrain(fn, model, mesh, scheme), weights, mesh, scheme, placements)
+    fn = cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
+    return Lifted(model, fn, weights, mesh, scheme, placements)
 
 

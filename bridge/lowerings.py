@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,37 @@ def linear(x: jnp.ndarray, weight: jnp.ndarray, bias: jnp.ndarray | None = None)
     return y if bias is None else y + bias
 
 
+# Finite, as model_torch uses: a fully masked row (a left-padding query) gets a uniform softmax
+# instead of torchax's -inf -> NaN, which would poison the cache entries written for padding.
+MASKED = -1e30
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` (eval: no dropout) for q ``[B, Hq, T, D]`` over k/v
+    ``[B, Hkv, S, D]``: query heads grouped under their kv head by a reshape (kv heads never
+    repeated), fp32 scores, masked scores set to a finite ``MASKED``. torchax's reference lowering
+    repeats kv heads and fills with -inf."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = jnp.einsum("bhgtd,bhsd->bhgts", q.reshape(b, hkv, g, t, d), k).astype(jnp.float32) * scale
+
+    def grouped(m):  # a mask [B|1, Hq|1, T, S] -> [B|1, Hkv|1, G|1, T, S]
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        return m.reshape(m.shape[0], hkv, g, t, s) if m.shape[1] == hq and hq > 1 else m[:, :, None]
+
+    if is_causal:
+        scores = jnp.where(jnp.tril(jnp.ones((t, s), bool)), scores, MASKED)
+    if attn_mask is not None:
+        if attn_mask.dtype == jnp.bool_:
+            scores = jnp.where(grouped(attn_mask), scores, MASKED)
+        else:  # additive (0 / a large negative)
+            scores = jnp.maximum(scores + grouped(attn_mask).astype(jnp.float32), MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(b, hq, t, v.shape[-1])
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
@@ -48,5 +80,9 @@ def install(env) -> None:
     def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return call_jax(linear, x, weight, bias)
 
+    def torch_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return call_jax(sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
     env.override_op_definition(F.linear, torch_linear)
+    env.override_op_definition(F.scaled_dot_product_attention, torch_sdpa)
     _installed.add(id(env))

@@ -21,11 +21,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 import model_torch
 import sharding
-from bridge.lift import constrain, extract_fn, jax_dtype
+from bridge import hlo
+from bridge import programs
+from bridge.lift import Lifted, constrain, extract_fn, jax_dtype
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
 ACCELERATORS = {
@@ -53,33 +55,24 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
     return model.eval()
 
 
-def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
-    """(placements, compiled program) of the forward / one decode step over abstract sharded inputs."""
+def abstract_lifted(model, mesh, scheme, fallback: str) -> Lifted:
+    """``model`` (on the meta device) lifted with abstract weights: each a ``ShapeDtypeStruct``
+    carrying its placement, validated by the scheme like a real one. Nothing is allocated."""
     names, fn = extract_fn(model)
-    fn = constrain(fn, model, mesh, scheme)
     shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
-    placements = sharding.plan(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
+    placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
     weights = {
         k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
     }
-    in_spec = sharding.batch_spec(scheme, mesh, batch)
-    t = seq if mode == "forward" else 1
-    ids = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(mesh, in_spec))
-    if mode == "forward":
-        program = jax.jit(lambda w, i: fn(w, (i,))[0])
-        args = (weights, ids)
-    else:
-        c = model.config
-        kv_spec = sharding.kv_cache_spec(scheme, mesh, batch, c.num_kv_heads)
-        kv = jax.ShapeDtypeStruct((batch, c.num_kv_heads, seq, c.head_dim), jax_dtype(model.dtype),
-                                  sharding=NamedSharding(mesh, kv_spec))  # fmt: skip
-        cache = [(kv, kv) for _ in range(c.num_layers)]
-        column = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-        program = jax.jit(
-            lambda w, i, cache, col: fn(w, (i,), dict(kv_cache=cache, cache_position=col[None])), donate_argnums=(2,)
-        )
-        args = (weights, ids, cache, column)
-    return placements, program.lower(*args).compile()
+    return Lifted(model, constrain(fn, model, mesh, scheme), weights, mesh, scheme, placements)
+
+
+def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
+    """(placements, compiled program) of the forward / one decode step over abstract sharded inputs:
+    the same program ``compare`` and ``profile`` run (``programs.step_program``)."""
+    lifted = abstract_lifted(model, mesh, scheme, fallback)
+    program, args = programs.step_program(lifted, mode, batch, seq, abstract=True)
+    return lifted.placements, program.lower(*args).compile()
 
 
 def plan(
@@ -99,23 +92,21 @@ def plan(
     full = meta_model(preset_or_config, dtype)
     c = full.config
     mesh_shape = dict(mesh.shape)
-    names, _ = extract_fn(full)
-    shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
-    placements = sharding.plan(shapes, scheme, mesh_shape, head_layout=full.head_layout(), fallback=fallback)
-    rep = sharding.report(placements, mesh_shape)
-
-    kv_spec = sharding.kv_cache_spec(scheme, mesh, batch, c.num_kv_heads)
-    kv_entry = lambda i: kv_spec[i] if i < len(kv_spec) else None  # noqa: E731
-    kv_per_layer = 2 * math.prod(d // sharding._axis_size(mesh_shape, kv_entry(i))
-                                 for i, d in enumerate((batch, c.num_kv_heads, seq, c.head_dim)))  # fmt: skip
-    kv_bytes = kv_per_layer * c.num_layers * jnp.dtype(jax_dtype(full.dtype)).itemsize if mode == "decode" else 0
+    lifted = abstract_lifted(full, mesh, scheme, fallback)
+    placements = lifted.placements
+    rep = lifted.report()
+    # The cache's bytes per device, from the same layout the decode program uses.
+    kv_bytes = 0
+    if mode == "decode":
+        for s in jax.tree.leaves(programs.kv_cache_layout(lifted, batch, seq)):
+            kv_bytes += math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
 
     exact = c.num_layers <= max(probe_layers)
     probes = (c.num_layers,) if exact else probe_layers
     measured = {}
     for n in probes:
         _, compiled = abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq, fallback)
-        stats = sharding.compiled_stats(compiled)
+        stats = hlo.compiled_stats(compiled)
         cost = (compiled.cost_analysis() or {}) if hasattr(compiled, "cost_analysis") else {}
         cost = cost[0] if isinstance(cost, list) else cost
         measured[n] = {
@@ -136,7 +127,7 @@ def plan(
             "count": round(scaled(lambda m: m["collectives"][kind]["count"])),
             "bytes": round(scaled(lambda m: m["collectives"][kind]["bytes"])),
         }
-        for kind in sharding.COLLECTIVES
+        for kind in hlo.COLLECTIVES
     }
     temp = round(scaled(lambda m: m["temp_bytes"]))
     flops = scaled(lambda m: m["flops"])  # per device (SPMD program)
@@ -187,7 +178,7 @@ def format_plan(p: dict) -> str:
         f"mesh {','.join(f'{k}={v}' for k, v in p['mesh'].items())}, {p['mode']} batch {p['batch']} seq {p['seq']}",
         f"per device: parameters {gib(p['param_bytes_per_device'])} | KV cache {gib(p['kv_cache_bytes_per_device'])} | "
         f"temporaries {gib(p['temp_bytes_per_device'])} | total {gib(p['total_bytes_per_device'])}",
-        f"collectives per step: {sharding.format_collectives(p['collectives'])}",
+        f"collectives per step: {hlo.format_collectives(p['collectives'])}",
     ]
     if p["device_memory"]:
         verdict = "fits" if p["fits_device_memory"] else "does NOT fit"

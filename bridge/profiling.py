@@ -22,20 +22,19 @@ from typing import Iterator
 
 import jax
 
-import sharding
+from bridge import hlo
 
+# Reading a trace without its model at hand: scopes named like ``layers.3`` / ``layers.3.mlp``.
+# ``profile`` passes the model's own ``named_blocks()`` names instead.
 LAYER_PATTERN = re.compile(r"((?:model\.|gpt_neox\.)?layers\.\d+)(\.(?:self_attn|attention|mlp))?")
 
 
 @contextlib.contextmanager
-def named_modules_scope(model, pattern=r"layers\.\d+(\.(self_attn|attention|mlp))?$") -> Iterator[None]:
-    """While active, each matching submodule's forward runs inside ``jax.named_scope(its path)``."""
+def named_modules_scope(model) -> Iterator[None]:
+    """While active, each of the model's ``named_blocks()`` (decoder layers and their attention and
+    MLP blocks) runs inside ``jax.named_scope(its name)``."""
     handles, open_scopes = [], {}
-    rx = re.compile(pattern)
-    for name, module in model.named_modules():
-        if not rx.search(name):
-            continue
-        short = name.split(".", 1)[1] if name.startswith(("model.", "gpt_neox.")) else name
+    for short, module in model.named_blocks():
 
         def pre(mod, args, short=short):
             cm = jax.named_scope(short)
@@ -136,8 +135,13 @@ def read_trace(path) -> dict:
     return {"events": events, "op_names": op_names}
 
 
-def innermost_layer(op_name: str):
-    """``jit(f)/layers.3/layers.3.self_attn/dot_general`` -> ``layers.3.self_attn``."""
+def innermost_layer(op_name: str, scopes=None):
+    """``jit(f)/layers.3/layers.3.self_attn/dot_general`` -> ``layers.3.self_attn``: the innermost
+    path component that is one of ``scopes`` (the model's block names), or, without them, that
+    looks like a layer scope."""
+    if scopes is not None:
+        found = [part for part in op_name.split("/") if part in scopes]
+        return found[-1] if found else None
     found = [m.group(0) for m in LAYER_PATTERN.finditer(op_name)]
     return found[-1].removeprefix("model.").removeprefix("gpt_neox.") if found else None
 
@@ -163,7 +167,7 @@ def viewer_hint(logdir) -> str:
             f"then tensorboard --logdir {logdir}")  # fmt: skip
 
 
-def summarize(path, top: int = 10) -> dict:
+def summarize(path, top: int = 10, scopes=None) -> dict:
     """Top ops by self time, time per model layer, collectives vs compute, and the steps seen."""
     trace = read_trace(path)
     by_op, by_layer = Counter(), Counter()
@@ -176,11 +180,11 @@ def summarize(path, top: int = 10) -> dict:
         if not hlo_op:
             continue
         by_op[hlo_op] += dur
-        if any(hlo_op.startswith(c) for c in sharding.COLLECTIVES):
+        if any(hlo_op.startswith(c) for c in hlo.COLLECTIVES):
             collective_ps += dur
         else:
             compute_ps += dur
-        layer = innermost_layer(trace["op_names"].get((stats.get("hlo_module"), hlo_op), ""))
+        layer = innermost_layer(trace["op_names"].get((stats.get("hlo_module"), hlo_op), ""), scopes)
         if layer:
             by_layer[layer] += dur
     return {
@@ -189,20 +193,19 @@ def summarize(path, top: int = 10) -> dict:
         "layers_ms": {k: by_layer[k] / 1e9 for k in sorted(by_layer, key=natural_key)},
         "collective_ms": collective_ps / 1e9,
         "compute_ms": compute_ps / 1e9,
-        "named_layers": sorted({innermost_layer(n) for n in trace["op_names"].values()} - {None}),
+        "named_layers": sorted({innermost_layer(n, scopes) for n in trace["op_names"].values()} - {None}, key=natural_key),
     }
 
 
 def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-bridge-trace", batch=1, seq=32) -> dict:
     """Compiles and warms up outside the trace, then traces ``steps`` steps, each in a
     StepTraceAnnotation. Returns the summary (with ``logdir`` and ``xplane``)."""
-    from bridge.experiments import _fresh_cache, step_function
+    from bridge import programs
 
-    with named_modules_scope(lifted.model):
-        lifted._forward = {}  # re-trace so the scopes land in the program
-        fn, args = step_function(lifted, mode, batch, seq)
+    with named_modules_scope(lifted.model):  # a fresh trace, so the scopes land in the program
+        fn, args = programs.step_program(lifted, mode, batch, seq)
         compiled = fn.lower(*args).compile()
-    run = lambda: compiled(*(args if mode == "forward" else (*args[:2], _fresh_cache(args[2]), args[3])))  # noqa: E731
+    run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
     jax.block_until_ready(run())  # warm-up, outside the trace
     Path(logdir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -212,7 +215,7 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
                 jax.block_until_ready(run())
     traced_s = time.perf_counter() - t0
     path = find_xplane(logdir)
-    summary = summarize(path)
+    summary = summarize(path, scopes={name for name, _ in lifted.model.named_blocks()})
     summary.update(logdir=str(logdir), xplane=str(path), traced_seconds=traced_s)
     return summary
 

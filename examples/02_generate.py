@@ -19,15 +19,11 @@ ap.add_argument("--seed", type=int, default=0)
 args = ap.parse_args()
 devs = devices.setup(args.devices)
 
-import sharding  # noqa: E402
-from bridge import checkpoints  # noqa: E402
 from bridge.generate import Generator, Sampling  # noqa: E402
-from bridge.lift import lift  # noqa: E402
+from bridge.models import open_model  # noqa: E402
 
-loaded = checkpoints.load(args.checkpoint)
-mesh = sharding.mesh_for(args.scheme, len(devs), devices=devs)
-gen = Generator(lift(loaded.model, mesh, args.scheme), loaded.tokenizer)
-chat = loaded.tokenizer is not None and bool(loaded.tokenizer.chat_template)
+gen = Generator(open_model(args.checkpoint, devices=devs, scheme=args.scheme))
+chat = gen.tokenizer is not None and bool(gen.tokenizer.chat_template)
 print(f"> {args.prompt}")
 [result] = gen.generate([args.prompt], args.max_new_tokens, Sampling(args.temperature), args.seed, chat=chat,
                         stream=lambda row, piece: print(piece, end="", flush=True))  # fmt: skip

@@ -19,11 +19,9 @@ ap.add_argument("--logdir", default="/tmp/torchax-bridge-trace")
 args = ap.parse_args()
 devs = devices.setup(args.devices)
 
-import sharding  # noqa: E402
-from bridge import checkpoints, profiling  # noqa: E402
-from bridge.lift import lift  # noqa: E402
+from bridge import profiling  # noqa: E402
+from bridge.models import open_model  # noqa: E402
 
-loaded = checkpoints.load(args.checkpoint, with_tokenizer=False)
-lifted = lift(loaded.model, sharding.mesh_for(args.scheme, len(devs), devices=devs), args.scheme)
+lifted = open_model(args.checkpoint, devices=devs, scheme=args.scheme, with_tokenizer=False)
 summary = profiling.profile(lifted, args.mode, args.steps, args.logdir)
 print(profiling.format_summary(summary))

@@ -21,6 +21,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sharding  # noqa: E402
+from bridge import hlo  # noqa: E402
 from bridge import checkpoints  # noqa: E402
 from bridge.lift import lift  # noqa: E402
 
@@ -43,12 +44,12 @@ for scheme in (MLP_ONLY, sharding.get_scheme("tp")):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lifted = lift(loaded.model, mesh, scheme, fallback="replicate")
-    stats = sharding.compiled_stats(lifted.compiled_forward(ids))
+    stats = hlo.compiled_stats(lifted.compiled_forward(ids))
     rep = lifted.report()
     results[scheme.name] = np.asarray(lifted.forward(ids))
     print(f"== {scheme.name}: {scheme.description}")
     print(f"   parameter bytes per device {rep['param_bytes_per_device']:,} of {rep['param_bytes_total']:,} "
           f"({rep['replicated_fraction']:.0%} replicated)")  # fmt: skip
-    print(f"   collectives per forward: {sharding.format_collectives(stats['collectives'])}")
+    print(f"   collectives per forward: {hlo.format_collectives(stats['collectives'])}")
 a, b = results.values()
 print(f"logits agree: max relative difference {np.abs(a - b).max() / np.abs(b).max():.1e}")

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
-LayerKV = tuple[torch.Tensor, torch.Tensor]
-KVCache = list[LayerKV]
+from .contract import CausalLMContract, KVCache, LayerKV  # noqa: F401  (re-exported)
 
+QUERY_CHUNK = 1024  # queries per attention block in a long prefill (see ``attend``)
 MASKED = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, never NaN
 
 
@@ -31,11 +30,10 @@ def init_kv_cache(
     ]
 
 
-class CausalLM(nn.Module):
+class CausalLM(CausalLMContract):
     """What every model here shares: the activation dtype and a KV cache shaped from its config
-    (``num_layers``, ``num_kv_heads``, ``head_dim``)."""
-
-    config: object
+    (``num_layers``, ``num_kv_heads``, ``head_dim``). Each family adds ``head_layout`` and the
+    contract's class attributes."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,6 +43,10 @@ class CausalLM(nn.Module):
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
         c = self.config
         return init_kv_cache(c.num_layers, batch, c.num_kv_heads, max_seq, c.head_dim, dtype or self.dtype, device)
+
+    @property
+    def kv_cache_heads(self) -> int:
+        return self.config.num_kv_heads
 
     def run_layers(self, layers, x, positions, kv_cache, cache_position, attention_mask):
         """The decoder stack every model shares: RoPE tables (``rotary_dim`` of the config, else
@@ -270,6 +272,17 @@ def attend(
     Scores and softmax are fp32; ``softcap`` applies ``c * tanh(s / c)`` (Grok-1).
     """
     b, hq, t, d = q.shape
+    if t > QUERY_CHUNK:
+        # A long prefill attends one block of queries at a time, so its fp32 scores are [.., 1024, S]
+        # instead of [.., T, S]: an 8192-token SmolLM2 prefill otherwise passed 19 GiB of host memory
+        # and did not finish in 5 minutes. Causal: queries [start, stop) see new keys [0, stop) only.
+        out = []
+        for start in range(0, t, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, t)
+            block = Masks.__new__(Masks)
+            block.old, block.new = masks.old, masks.new[:, :, start:stop, :stop]
+            out.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], block, scale, softcap, layer_kv))
+        return torch.cat(out, dim=1)
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, t, d)
 
@@ -413,7 +426,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def head_layout_for(q_out: Sequence[str], o_in: Sequence[str], head_dim: int) -> list[tuple[str, int, int]]:
-    """Sharding metadata: which tensors carry whole heads on which dim (see sharding.plan)."""
+    """Sharding metadata: which tensors carry whole heads on which dim (see sharding.resolve_placements)."""
     col = "|".join(q_out)
     row = "|".join(o_in)
     return [

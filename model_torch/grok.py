@@ -148,6 +148,8 @@ class GrokModel(nn.Module):
 
 
 class GrokForCausalLM(CausalLM):
+    DECODER_LAYERS = "model.layers"
+    LAYER_BLOCKS = ("self_attn", "mlp")
     def __init__(self, config: GrokConfig):
         super().__init__()
         self.config = config

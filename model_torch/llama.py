@@ -191,6 +191,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    DECODER_LAYERS = "model.layers"
+    LAYER_BLOCKS = ("self_attn", "mlp")
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config

@@ -158,8 +158,10 @@ class GPTNeoXModel(nn.Module):
 
 
 class GPTNeoXForCausalLM(CausalLM):
+    DECODER_LAYERS = "gpt_neox.layers"
+    LAYER_BLOCKS = ("attention", "mlp")
     # (regex, replacement) applied to checkpoint keys before loading: older files name the head embed_out.
-    CHECKPOINT_RENAMES = [(r"^embed_out\.", "lm_head.")]
+    CHECKPOINT_RENAMES = ((r"^embed_out\.", "lm_head."),)
 
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()

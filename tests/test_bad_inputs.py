@@ -198,7 +198,7 @@ ROWS = [
     ("ids-not-integers", ["forward", *TINY, "--input-ids", "a,b"], ["--input-ids", "integers"], None),
     ("ids-empty", ["forward", *TINY, "--input-ids", ","], ["--input-ids", "empty"], None),
     ("ids-outside-vocab", ["forward", *TINY, "--input-ids", f"1,{VOCAB}"], [str(VOCAB), "vocabulary"], None),
-    ("ids-negative", ["forward", *TINY, f"--input-ids=-1,2"], ["-1", "vocabulary"], None),
+    ("ids-negative", ["forward", *TINY, "--input-ids=-1,2"], ["-1", "vocabulary"], None),
     ("generate-ids-outside-vocab", ["generate", *TINY, "--input-ids", f"{VOCAB + 5}"], [str(VOCAB + 5), "vocabulary"], None),
     ("generate-ids-file-missing", ["generate", *TINY, "--input-ids", "{root}/no-ids.txt"], ["no-ids.txt", "does not exist"], None),
     ("prompt-too-long", ["generate", *TINY, "--input-ids", "{long_ids.txt}", "--max-new-tokens", "8"], ["prompt is", "--truncate"], None),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sharding
+from bridge import hlo
 from bridge import checkpoints
 from bridge import plan as planner
 from bridge.lift import lift
@@ -23,7 +24,7 @@ def test_plan_equals_the_real_placement_and_program(preset, scheme, devices):
     placed = sum(a.addressable_shards[0].data.nbytes for a in real.weights.values())
     assert p["param_bytes_per_device"] == placed
     compiled = real.compiled_forward(np.zeros((8, 16), np.int32))
-    assert p["collectives"] == sharding.compiled_stats(compiled)["collectives"]
+    assert p["collectives"] == hlo.compiled_stats(compiled)["collectives"]
 
 
 def test_plan_int8_matches_real_int8_placement(devices):

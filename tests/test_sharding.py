@@ -12,6 +12,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import model_torch
 import sharding
+from bridge import hlo
 from bridge.lift import lift
 from conftest import RTOL, max_rel, random_ids
 
@@ -61,7 +62,7 @@ def test_mesh_axes_are_auto(devices):
 # The compiled program
 # ---------------------------------------------------------------------------------------------------
 def collectives_of(lifted, seq=16):
-    return sharding.compiled_stats(lifted.compiled_forward(np.zeros((1, seq), np.int32)))
+    return hlo.compiled_stats(lifted.compiled_forward(np.zeros((1, seq), np.int32)))
 
 
 def test_tp_llama_has_two_all_reduces_per_layer(devices):
@@ -76,7 +77,7 @@ def test_tp_llama_has_two_all_reduces_per_layer(devices):
     assert 2 * layers <= c["all-reduce"]["count"] <= 2 * layers + 2, c
     # No weight is gathered: every all-gather (if any) is of activations, far smaller than a weight.
     weight_bytes = min(p.bytes_per_device(dict(lifted.mesh.shape)) for p in lifted.placements.values() if not p.replicated)
-    gathered = [shape for kind, shape in sharding.collective_instructions(lifted.compiled_forward(np.zeros((1, 16), np.int32)).as_text()) if kind == "all-gather"]
+    gathered = [shape for kind, shape in hlo.collective_instructions(lifted.compiled_forward(np.zeros((1, 16), np.int32)).as_text()) if kind == "all-gather"]
     assert all(sharding._shape_bytes(s) < 4 * 256 * 16 + 1 for s in gathered), gathered  # at most the [1,16,vocab] logits
     assert c["reduce-scatter"]["count"] == 0 and c["all-to-all"]["count"] == 0
     assert weight_bytes > 0
@@ -91,7 +92,7 @@ def test_fsdp_gathers_weights_and_holds_one_eighth(devices):
     # A weight may be gathered as stored [out, in] or already transposed for its matmul ([in, out]).
     layer_weights = [{f"f32[{','.join(map(str, shape))}]" for shape in (p.shape, p.shape[::-1])}
                      for p in lifted.placements.values() if not p.replicated and ".layers." in p.name]  # fmt: skip
-    gathered = [s.split("{")[0] for kind, s in sharding.collective_instructions(hlo) if kind == "all-gather"]
+    gathered = [s.split("{")[0] for kind, s in hlo.collective_instructions(hlo) if kind == "all-gather"]
     assert sum(any(g in w for w in layer_weights) for g in gathered) >= 7 * model.config.num_layers, gathered
     assert all(w & set(gathered) for w in layer_weights)
     rep = lifted.report()
@@ -144,19 +145,19 @@ def test_smollm2_tp3_splits_heads_cleanly(smollm2, devices):
 def test_indivisible_dim_error_names_everything():
     shapes = {"layer.mlp.up_proj.weight": ((100, 64), np.float32)}
     with pytest.raises(sharding.ShardingError) as e:
-        sharding.plan(shapes, "tp", {"model": 8})
+        sharding.resolve_placements(shapes, "tp", {"model": 8})
     msg = str(e.value)
     for needle in ["layer.mlp.up_proj.weight", "[100, 64]", "up_proj", "size 8", "4"]:
         assert needle in msg, (needle, msg)
     with pytest.warns(UserWarning, match="replicated"):
-        placed = sharding.plan(shapes, "tp", {"model": 8}, fallback="replicate")
+        placed = sharding.resolve_placements(shapes, "tp", {"model": 8}, fallback="replicate")
     assert placed["layer.mlp.up_proj.weight"].spec == P() and placed["layer.mlp.up_proj.weight"].fallback
 
 
 def test_unmatched_parameter_is_an_error_without_catch_all():
     scheme = sharding.scheme_from_rows("partial", [[r"q_proj\.weight$", ["model"]]])
     with pytest.raises(sharding.ShardingError, match="matches no rule"):
-        sharding.plan({"a.norm.weight": ((8,), np.float32)}, scheme, {"model": 2})
+        sharding.resolve_placements({"a.norm.weight": ((8,), np.float32)}, scheme, {"model": 2})
 
 
 def test_unknown_scheme_lists_the_choices():
@@ -193,7 +194,7 @@ def test_collective_parser_counts_kinds_and_bytes():
   %ard = f32[4]{0} all-reduce-done((f32[4]{0}, f32[4]{0}) %ars)
   ROOT %cp = s32[3]{0} collective-permute(s32[3]{0} %w), source_target_pairs={{0,1}}
 """
-    c = sharding.collectives(hlo)
+    c = hlo.collectives(hlo)
     assert c["all-reduce"] == {"count": 2, "bytes": 2 * 8 * 4 + 4 * 4}
     assert c["all-gather"] == {"count": 1, "bytes": 4 * 16 * 2}
     assert c["collective-permute"] == {"count": 1, "bytes": 12}

@@ -1,0 +1,62 @@
+"""One way to open a model: a checkpoint name in, a ``Lifted`` model on a mesh out.
+
+    from bridge.models import open_model
+    lifted = open_model("smollm2", devices=8, scheme="tp", fallback="replicate")
+    Generator(lifted).generate(["What is the capital of France?"], chat=True)
+
+``open_model`` owns the choice between the two ways of getting weights onto the mesh:
+  * direct-to-mesh: each device's slice is read from the safetensors files straight into place
+    (``lift.lift_checkpoint``; no full host copy). Used when several processes share the mesh
+    (each reads only its own slices), for a model_torch family without quantization;
+  * load, then lift: the torch module is built and loaded on the host (``checkpoints.load``: any
+    checkpoint kind, int8 quantization, transformers' own classes), then lifted and placed.
+The CLI, the examples and the benchmarks all open models through it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+from bridge import checkpoints, devices as device_setup, distributed
+from bridge.lift import Lifted, lift, lift_checkpoint
+
+
+def open_model(
+    checkpoint: str = checkpoints.SMOLLM2,
+    *,
+    devices: int | Sequence | None = None,
+    scheme="tp",
+    mesh: Optional[dict] = None,
+    dtype: str = "float32",
+    quantize: str = "none",
+    fallback: str = "error",
+    with_tokenizer: bool = True,
+    implementation: str = "auto",
+) -> Lifted:
+    """Opens ``checkpoint`` (see ``checkpoints``: 'smollm2', a HF directory, a .gguf file, a preset)
+    on a mesh of ``devices`` (a count, a list of jax devices, or None for all) laid out by ``scheme``
+    (a name, a rules file, or a ``sharding.Scheme``) with ``mesh`` axis sizes overriding the
+    scheme's. ``with_tokenizer=False`` never loads a tokenizer (token ids need none).
+    ``implementation``: ``auto`` (our model_torch rewrite when the family has one, else
+    transformers' own class through ``HFCausalLMAdapter``), ``model_torch`` or ``transformers``. Every input is
+    checked before any weight is placed; bad input raises a ``bridge.errors.BridgeError``."""
+    import sharding
+
+    devs = list(devices) if isinstance(devices, (list, tuple)) else device_setup.setup(devices)
+    scheme = sharding.get_scheme(scheme)  # fail on a bad scheme before loading anything
+    jax_mesh = sharding.mesh_for(scheme, len(devs), mesh or {}, devs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback summary is the caller's to print, once
+        kind, path = checkpoints.resolve(checkpoint)
+        direct = implementation != "transformers" and quantize == "none"
+        if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
+            lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback)
+            lifted.tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
+        else:
+            loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
+                                      implementation=implementation)  # fmt: skip
+            lifted = lift(loaded.model, jax_mesh, scheme, fallback=fallback)
+            lifted.tokenizer = loaded.tokenizer
+    lifted.source = str(path) if path is not None else checkpoint
+    return lifted

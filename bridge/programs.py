@@ -1,0 +1,95 @@
+"""The programs every command runs over a lifted causal LM, written once: the KV cache on the mesh,
+the prefill, and the decode step. Generation, ``compare --mode decode``, ``profile --mode decode``
+and ``plan`` all call these, with concrete arrays or with abstract ``jax.ShapeDtypeStruct``s.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bridge.lift import Lifted, jax_dtype
+
+
+def kv_cache_layout(lifted: Lifted, batch: int, seq: int) -> list:
+    """The cache as ``ShapeDtypeStruct``s with their shardings: shapes from the model's own
+    ``init_kv_cache`` (built on the meta device: no memory), kv heads on the scheme's head axis."""
+    shard = lifted.kv_sharding(batch)
+    return [
+        tuple(jax.ShapeDtypeStruct(t.shape, jax_dtype(t.dtype), sharding=shard) for t in layer)
+        for layer in lifted.model.init_kv_cache(batch, seq, device="meta")
+    ]
+
+
+def empty_kv_cache(lifted: Lifted, batch: int, seq: int) -> list:
+    """Zeros of the cache layout, placed on the mesh. Usable inside jit (then no host copy exists)."""
+    return jax.tree.map(
+        lambda s: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), s.sharding),
+        kv_cache_layout(lifted, batch, seq),
+    )
+
+
+def fresh_kv_cache(cache) -> list:
+    """A zeroed copy of ``cache`` with the same shardings (to run a donating step again)."""
+    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
+
+
+def prefill(lifted: Lifted, weights, ids, cache, positions=None, key_mask=None):
+    """The prompts ``ids`` [B, T] written into cache columns 0..T-1 -> (last logits [B, V], cache)."""
+    logits, cache = lifted.fn(
+        weights,
+        (ids,),
+        dict(positions=positions, kv_cache=cache, cache_position=jnp.arange(ids.shape[1]), attention_mask=key_mask),
+    )
+    return logits[:, -1], cache
+
+
+def decode_step(lifted: Lifted, weights, token, cache, column, positions=None, key_mask=None):
+    """One token per row: ``token`` [B] written at cache ``column`` (a scalar), RoPE ``positions``
+    [B] (default: the column), ``key_mask`` [B, S] -> (logits [B, V], new cache)."""
+    logits, cache = lifted.fn(
+        weights,
+        (token[:, None],),
+        dict(
+            positions=None if positions is None else positions[:, None],
+            kv_cache=cache,
+            cache_position=column[None],
+            attention_mask=key_mask,
+        ),
+    )
+    return logits[:, -1], cache
+
+
+def step_program(lifted: Lifted, mode: str, batch: int, seq: int, *, abstract: bool = False):
+    """(a fresh jitted step, its arguments) for measuring one step: a full forward over
+    [batch, seq] tokens, or one decode step over a KV cache of ``seq`` columns (donated, written at
+    column seq // 2). ``abstract``: the arguments are ``ShapeDtypeStruct``s (for ``plan``: nothing
+    is allocated; ``lifted.weights`` may be abstract too). A fresh jit every call, so a caller may
+    trace it again under its own context (profiling's named scopes)."""
+    in_shard = lifted.input_sharding(batch)
+    t = seq if mode == "forward" else 1
+    if abstract:
+        ids = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=in_shard)
+    else:
+        ids = lifted.put_input(np.ones((batch, t), np.int32))
+    if mode == "forward":
+        from sharding import shardings_of
+
+        program = jax.jit(lifted.logits_fn, in_shardings=(shardings_of(lifted.placements, lifted.mesh), in_shard))
+        return program, (lifted.weights, ids)
+    replicated = NamedSharding(lifted.mesh, P())
+    if abstract:
+        cache = kv_cache_layout(lifted, batch, seq)
+        column = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    else:
+        cache = jax.jit(lambda: empty_kv_cache(lifted, batch, seq))()
+        column = jnp.asarray(seq // 2, jnp.int32)
+    program = jax.jit(lambda w, i, c, col: decode_step(lifted, w, i[:, 0], c, col), donate_argnums=(2,))
+    return program, (lifted.weights, ids, cache, column)
+
+
+def rerun_args(mode: str, args):
+    """The arguments to run a ``step_program`` again: a decode step donated its cache."""
+    return args if mode == "forward" else (*args[:2], fresh_kv_cache(args[2]), args[3])

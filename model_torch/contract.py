@@ -1,0 +1,97 @@
+"""The contract between a causal language model and the bridge: everything the bridge asks of a
+model, in one place. Plain torch (no JAX): a model states these facts about itself, and the bridge
+calls them instead of guessing with ``hasattr``/``getattr`` or name patterns.
+
+Our families (``llama.py``, ``neox.py``, ``grok.py``) implement it through ``common.CausalLM``; a
+model from elsewhere (a transformers class through an adapter) implements the same methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+# One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+KVCache = list[LayerKV]
+# (name regex, dim, unit): a tensor whose name matches keeps whole heads of ``unit`` rows on ``dim``.
+HeadLayout = list[tuple[str, int, int]]
+
+
+class CausalLMContract(nn.Module):
+    """What the bridge needs from a causal LM. Subclasses fill in the class attributes and methods.
+
+    ``config`` must carry ``vocab_size`` and ``max_position_embeddings`` (the context the generator
+    enforces).
+    """
+
+    config: Any
+
+    # (regex, replacement) applied to checkpoint keys before loading, first match wins (older files
+    # with other names for a tensor: NeoX's ``embed_out`` head, say).
+    CHECKPOINT_RENAMES: ClassVar[Sequence[tuple[str, str]]] = ()
+    # Dotted path of the ``nn.ModuleList`` of decoder layers, e.g. ``"model.layers"``.
+    DECODER_LAYERS: ClassVar[str] = ""
+    # Attribute names, inside one decoder layer, of the blocks profiling names (attention, MLP).
+    LAYER_BLOCKS: ClassVar[tuple[str, ...]] = ()
+    # False for a model that can only run a full sequence (no functional KV cache: no generation).
+    HAS_KV_CACHE: ClassVar[bool] = True
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        cache_position: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        """``input_ids`` [B, T] -> (logits [B, T, V], the new cache or None).
+
+        ``kv_cache``: the list returned by ``init_kv_cache`` (or by a previous call), passed in and
+        returned, never mutated in place. ``cache_position`` [T]: the cache columns this call writes
+        (the same for every row: prompts are left-padded). ``positions`` [B, T]: RoPE positions per
+        row. ``attention_mask`` [B, S]: 1 for cache columns holding real tokens, 0 for padding.
+        Without a cache, the call is a plain causal forward over ``input_ids``.
+        """
+        raise NotImplementedError
+
+    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
+        """Zeros of the cache layout: one (keys, values) pair per layer, each
+        [batch, ``kv_cache_heads``, max_seq, head_dim]. The bridge builds it on the meta device to
+        read shapes, and allocates it itself on the mesh."""
+        raise NotImplementedError
+
+    @property
+    def kv_cache_heads(self) -> int:
+        """How many kv heads dim 1 of each cache tensor holds (the scheme's head axis splits it)."""
+        raise NotImplementedError
+
+    def head_layout(self) -> HeadLayout:
+        """Which weights hold whole attention heads on which dim, so tensor parallelism never splits
+        a head across devices (see ``sharding.resolve_placements``)."""
+        raise NotImplementedError
+
+    def parallel_plan(self) -> list[tuple[str, Optional[int]]]:
+        """The model's own tensor-parallel plan as (parameter-name regex, dim to split over the
+        tensor-parallel axis, or None to keep it whole) rows, placed ahead of a tp scheme's table.
+        Empty (the default) when the scheme's built-in rows already cover the model's names."""
+        return []
+
+    def decoder_layers(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of each decoder layer, in order: fsdp pins each layer's
+        activations, and profiling names each layer's ops."""
+        stack = self.get_submodule(self.DECODER_LAYERS)
+        return [(f"{self.DECODER_LAYERS}.{i}", layer) for i, layer in enumerate(stack)]
+
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        """(scope name, module) for profiling: each decoder layer (``layers.3``) and its
+        ``LAYER_BLOCKS`` (``layers.3.self_attn``, ``layers.3.mlp``)."""
+        prefix = self.DECODER_LAYERS.rpartition(".")[0]
+        out = []
+        for name, layer in self.decoder_layers():
+            short = name.removeprefix(f"{prefix}.") if prefix else name
+            out.append((short, layer))
+            out += [(f"{short}.{b}", getattr(layer, b)) for b in self.LAYER_BLOCKS]
+        return out

@@ -1,0 +1,204 @@
+"""transformers' own causal LMs behind the model contract: the user's model definition, unchanged,
+with a functional KV cache (plain torch, no JAX).
+
+``HFCausalLMAdapter(hf_model)`` speaks the same protocol as our own families: ``forward(input_ids,
+positions, kv_cache, cache_position, attention_mask) -> (logits, new kv_cache)`` with the cache a
+list of (keys, values) tensors passed in and returned. Inside, each call wraps the tensors passed in
+as transformers' static cache layers, runs the HF module, and reads the layers' tensors back out.
+What transformers 5.23's cache does, and what that means here:
+
+* ``StaticLayer.update`` writes at ``arange(T) + cumulative_length`` and then advances that tensor in
+  place; models take their positions from ``get_seq_length()`` (that tensor) and no longer accept
+  ``cache_position``. So each layer gets its own position tensor set to ``cache_position[0]``.
+* Sliding-window layers (``StaticSlidingWindowLayer``) branch on a Python int of the length, which a
+  trace bakes in; every layer here is a full-length ``StaticLayer`` and the sliding-window *mask*
+  does the windowing (same numbers; costs the memory of a full-length cache for those layers).
+* MoE experts dispatch with ``nonzero()`` by default (data-dependent: fails under jit);
+  ``experts_implementation="batched_mm"`` is used instead. Attention runs ``sdpa`` (the bridge
+  installs a lowering with a finite mask value and grouped kv heads), except where a model refuses
+  it (Gemma2's soft-capping): ``eager``.
+* ``ModelOutput`` is not a pytree: the adapter returns plain tensors.
+
+Architectures whose layers are not attention over a kv cache (linear attention, hybrid, encoder-
+decoder) are refused with one clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .contract import CausalLMContract, HeadLayout, KVCache
+
+# Cache layer types this adapter runs (everything else: refused, with the reason).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's layers cannot run as attention over a functional KV cache."""
+
+
+def check_architecture(config) -> None:
+    """Raises UnsupportedArchitecture naming the model type and why, or returns."""
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitecture(f"model type {model_type!r} is an encoder-decoder; only decoder-only causal LMs run here")
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    other = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if other:
+        raise UnsupportedArchitecture(
+            f"model type {model_type!r} has {', '.join(other)} layers (linear-attention or hybrid state, not a "
+            f"key/value cache); only attention layers run through the functional KV cache"
+        )
+
+
+def attention_implementation(config) -> str:
+    """``sdpa`` unless the model refuses it (soft-capped attention logits need ``eager``)."""
+    text = config.get_text_config(decoder=True)
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+
+
+class HFCausalLMAdapter(CausalLMContract):
+    """A transformers ``*ForCausalLM`` behind the model contract (see the module docstring)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        check_architecture(hf_model.config)
+        # The HF model's children become ours, so parameter names are exactly the checkpoint's
+        # (``model.layers.0.self_attn.q_proj.weight``) and its tp plan applies as written; the HF
+        # module itself is kept outside the module tree and called in forward.
+        object.__setattr__(self, "hf", hf_model)
+        for name, child in hf_model.named_children():
+            self.add_module(name, child)
+        self.config = hf_model.config
+        self.text_config = hf_model.config.get_text_config(decoder=True)
+        # Attribute paths the contract exposes: found from the module tree (the one ModuleList of
+        # decoder layers), not from a table of names.
+        self.DECODER_LAYERS = _decoder_stack_path(hf_model)
+        self.LAYER_BLOCKS = _layer_blocks(self.get_submodule(self.DECODER_LAYERS)[0]) if self.DECODER_LAYERS else ()
+        self._kv_layout = None
+
+    # -- the contract -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        cache_position: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ):
+        if kv_cache is None:
+            out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+            return out.logits, None
+        if cache_position is None:
+            cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cache = self._wrap(kv_cache, cache_position[0])
+        if attention_mask is None:  # every cache column up to the end of this call is a real token
+            cols = torch.arange(kv_cache[0][0].shape[2], device=input_ids.device)
+            attention_mask = (cols <= cache_position[-1]).to(torch.long)[None].expand(input_ids.shape[0], -1)
+        if positions is None:
+            positions = cache_position[None].expand(input_ids.shape[0], -1)
+        out = self.hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
+        heads, k_dim, v_dim = self.kv_layout()
+        dtype = dtype or self.dtype
+        return [
+            (torch.zeros(batch, h, max_seq, kd, dtype=dtype, device=device),
+             torch.zeros(batch, h, max_seq, vd, dtype=dtype, device=device))
+            for h, kd, vd in zip(heads, k_dim, v_dim)
+        ]  # fmt: skip
+
+    @property
+    def kv_cache_heads(self) -> int:
+        return self.kv_layout()[0][0]
+
+    def head_layout(self) -> HeadLayout:
+        from .hf_plans import head_layout_from_plan
+
+        return head_layout_from_plan(self)
+
+    def parallel_plan(self) -> list[tuple[str, Optional[int]]]:
+        from .hf_plans import parallel_plan_rows
+
+        return parallel_plan_rows(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def __setattr__(self, name, value):
+        # A child swapped on us (int8 quantization swaps modules) is swapped in the HF module too,
+        # which is what forward runs.
+        super().__setattr__(name, value)
+        hf = self.__dict__.get("hf")
+        if hf is not None and isinstance(value, nn.Module) and name in hf._modules:
+            setattr(hf, name, value)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
+        """(kv heads, key dim, value dim) per layer, read off one forward on the meta device (no
+        memory): every family names these config fields its own way; its cache update does not."""
+        if self._kv_layout is None:
+            from transformers.cache_utils import DynamicCache
+
+            probe = DynamicCache(config=self.config)
+            with torch.device("meta"), torch.no_grad():
+                ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
+                _meta_call(self.hf, ids, probe)
+            self._kv_layout = (
+                [layer.keys.shape[1] for layer in probe.layers],
+                [layer.keys.shape[-1] for layer in probe.layers],
+                [layer.values.shape[-1] for layer in probe.layers],
+            )
+        return self._kv_layout
+
+    def _wrap(self, kv_cache: KVCache, start: torch.Tensor):
+        from transformers.cache_utils import Cache, StaticLayer
+
+        layers = []
+        for keys, values in kv_cache:
+            layer = StaticLayer.__new__(StaticLayer)
+            layer.max_cache_len = keys.shape[2]
+            layer.dtype, layer.device = keys.dtype, keys.device
+            layer.batch_size, layer.num_heads = keys.shape[:2]
+            layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
+            layer.keys, layer.values = keys, values
+            layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
+            layer.is_initialized = True
+            layers.append(layer)
+        return Cache(layers=layers)
+
+
+def _decoder_stack_path(model: nn.Module) -> str:
+    """The dotted path of the model's decoder-layer ``ModuleList`` (the longest one)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return ""
+    n = getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", None)
+    best = [x for x in lists if len(x[1]) == n] or lists
+    return max(best, key=lambda x: len(x[1]))[0]
+
+
+def _layer_blocks(layer: nn.Module) -> tuple[str, ...]:
+    """A decoder layer's children that hold matrices (attention, MLP, experts), not norms."""
+    return tuple(name for name, child in layer.named_children() if any(p.ndim >= 2 for p in child.parameters()))
+
+
+def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
+    """One token through ``hf_model`` with every parameter and buffer swapped for a meta tensor."""
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta") for k, v in hf_model.state_dict(keep_vars=True).items()}
+    functional_call(hf_model, state, (), dict(input_ids=ids, past_key_values=cache, use_cache=True), tie_weights=False, strict=False)

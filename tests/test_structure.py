@@ -1,0 +1,111 @@
+"""The package's structure: no import cycles, model_torch free of JAX, sharding.py free of torch, one
+error base class, and the decode step written once."""
+
+import ast
+import importlib
+import inspect
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("bridge", "model_torch")
+
+
+def project_modules() -> dict[str, pathlib.Path]:
+    files = [ROOT / "sharding.py"] + [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at top level or inside a function."""
+    mods = project_modules()
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        pkg = m if path.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in mods:
+                    name = name.rpartition(".")[0]
+                if name and name != m:
+                    graph[m].add(name)
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles = []
+
+    def walk(node, path):
+        for nxt in graph[node]:
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif len(path) < 12:
+                walk(nxt, path + [nxt])
+
+    for m in graph:
+        walk(m, [m])
+    assert not cycles, cycles[:3]
+
+
+def test_every_module_imports_alone():
+    for name in project_modules():
+        importlib.import_module(name)
+
+
+def test_model_torch_has_no_jax_and_sharding_no_torch():
+    graph_text = {m: p.read_text() for m, p in project_modules().items()}
+    for m, text in graph_text.items():
+        if m.startswith("model_torch"):
+            assert not re.search(r"^\s*(import|from)\s+(jax|bridge|sharding)\b", text, re.M), m
+    assert not re.search(r"^\s*(import|from)\s+torch\b", graph_text["sharding"], re.M)
+
+
+def test_user_errors_share_one_base_class():
+    from bridge import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == "bridge.errors"]
+    assert all(issubclass(c, errors.BridgeError) for c in classes)
+    for path in project_modules().values():  # no error class defined anywhere else
+        tree = ast.parse(path.read_text())
+        defined = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Error")]
+        assert path.name == "errors.py" or not defined, (path, defined)
+    assert errors.ShardingError is importlib.import_module("sharding").ShardingError
+
+
+def test_decode_step_body_is_written_once():
+    """Generation, compare, profile and plan all run programs.decode_step: the model is called with a
+    one-token input and a cache in exactly one place."""
+    hits = []
+    for m, path in project_modules().items():
+        text = path.read_text()
+        hits += [m for _ in re.finditer(r"\[:, None\],\)", text)]
+    assert hits == ["bridge.programs"], hits
+
+
+def test_families_implement_the_contract():
+    import torch
+
+    import model_torch
+    from model_torch.contract import CausalLMContract
+
+    for name in ("tiny-llama", "tiny-neox", "tiny-mixtral"):
+        with torch.device("meta"):
+            model = model_torch.from_preset(name)
+        assert isinstance(model, CausalLMContract)
+        layers = model.decoder_layers()
+        assert len(layers) == model.config.num_layers
+        blocks = dict(model.named_blocks())
+        assert "layers.0" in blocks and len(blocks) == len(layers) * (1 + len(model.LAYER_BLOCKS))
+        cache = model.init_kv_cache(2, 16, device="meta")
+        assert cache[0][0].shape[1] == model.kv_cache_heads
+        assert model.head_layout()
