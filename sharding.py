@@ -61,6 +61,8 @@ CONV1D_COLUMN_BIAS = r"\.(c_attn|c_fc)\.bias$"
 CONV1D_ROW = r"\.c_proj\.weight$"
 CONV1D_ROW_BIAS = r"\.c_proj\.bias$"
 EMBED = r"(embed_tokens|embed_in|wte|word_embeddings)\.(weight|scale)$"
+# Learned position tables (GPT-2 ``wpe``): every device looks up every position; kept whole.
+POSITIONS = r"(wpe|embed_positions|position_embeddings)\.weight$"
 LM_HEAD = r"lm_head\.(weight|scale)$"
 ROUTER = r"\.mlp\.gate\.weight$"
 EXPERT_IN = r"\.experts\.gate_up_proj(_scale)?$"  # [E, 2F, H]
@@ -90,6 +92,7 @@ def megatron(axis: str) -> list[Rule]:
         (CONV1D_COLUMN_BIAS, (axis,)),
         (CONV1D_ROW, (axis, None)),
         (CONV1D_ROW_BIAS, ()),
+        (POSITIONS, ()),
         (EMBED, (axis, None)),
         (LM_HEAD, (axis,)),
     ]

@@ -528,7 +528,7 @@ def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
 
     if max_shard_bytes < 1:
         raise CheckpointError(f"the shard size must be positive, got {max_shard_bytes} bytes")
-    dst = check_output(dst, "convert destination", kind="dir")
+    dst = check_output(dst, "convert destination", kind="dir", error=CheckpointError)
     if resolve(src)[0] == "preset":
         raise CheckpointError(f"{src} is a preset with random weights; convert a real checkpoint")
     loaded = _load(src, "float32", with_tokenizer=True)

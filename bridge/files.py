@@ -52,7 +52,7 @@ def _writable_dir(d: Path) -> str | None:
     return None
 
 
-def check_output(path, flag: str, *, kind: str = "file", may_exist: bool = False) -> Path:
+def check_output(path, flag: str, *, kind: str = "file", may_exist: bool = False, error=UsageError) -> Path:
     """Checks, before any work, that ``path`` can be created: it does not exist yet (unless
     ``may_exist``; a file where a directory is wanted, or the reverse, never passes) and its
     nearest existing ancestor is a writable directory. Creates nothing."""
@@ -60,19 +60,19 @@ def check_output(path, flag: str, *, kind: str = "file", may_exist: bool = False
     if path.exists():
         is_dir = path.is_dir()
         if kind == "dir" and not is_dir:
-            raise UsageError(f"{flag} {path} is a file, not a directory; pick a directory path")
+            raise error(f"{flag} {path} is a file, not a directory; pick a directory path")
         if kind == "file" and is_dir:
-            raise UsageError(f"{flag} {path} is a directory; give a file path")
+            raise error(f"{flag} {path} is a directory; give a file path")
         if not may_exist:
-            raise UsageError(f"{flag} {path} already exists; remove it or pick another path")
+            raise error(f"{flag} {path} already exists; remove it or pick another path")
         probe_in = path if is_dir else path.parent
     else:
         probe_in = path.parent
         while not probe_in.exists():
             probe_in = probe_in.parent
         if not probe_in.is_dir():
-            raise UsageError(f"{flag} {path}: {probe_in} is a file, so nothing can be created under it; pick another path")
+            raise error(f"{flag} {path}: {probe_in} is a file, so nothing can be created under it; pick another path")
     why = _writable_dir(probe_in)
     if why:
-        raise UsageError(f"{flag} {path} cannot be written ({probe_in}: {why}); pick a writable path")
+        raise error(f"{flag} {path} cannot be written ({probe_in}: {why}); pick a writable path")
     return path

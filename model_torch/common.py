@@ -57,7 +57,8 @@ class CausalLM(CausalLMContract):
         rot_dim = getattr(c, "rotary_dim", c.head_dim)
         inv_freq = rope_inv_freq(rot_dim, c.rope_theta, getattr(c, "rope_scaling", None), x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
-        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[2], attention_mask)
+        window = getattr(c, "sliding_window", None)
+        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[2], attention_mask, window)
         new_cache = None if kv_cache is None else []
         for i, layer in enumerate(layers):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
@@ -241,10 +242,18 @@ class Masks:
     place instead of copying it.
     """
 
-    def __init__(self, cache_position: torch.Tensor, cache_len: Optional[int], key_mask: Optional[torch.Tensor]):
+    def __init__(
+        self,
+        cache_position: torch.Tensor,
+        cache_len: Optional[int],
+        key_mask: Optional[torch.Tensor],
+        window: Optional[int] = None,
+    ):
         t = cache_position.shape[0]
         steps = torch.arange(t, device=cache_position.device)
         new = (steps[None, :] <= steps[:, None])[None, None]  # causal among the new tokens
+        if window is not None:  # sliding window: a query sees the `window` columns ending at its own
+            new = new & (steps[:, None] - steps[None, :] < window)[None, None]
         self.old = None
         if key_mask is not None:
             key_mask = key_mask.bool()
@@ -252,6 +261,8 @@ class Masks:
         if cache_len is not None:
             cols = torch.arange(cache_len, device=cache_position.device)
             old = (cols < cache_position[0])[None, None, None, :]
+            if window is not None:  # per query now: [1, 1, T, S]
+                old = old & (cache_position[:, None] - cols[None, :] < window)[None, None]
             self.old = old & key_mask[:, None, None, :] if key_mask is not None else old
         self.new = new
 
@@ -280,7 +291,10 @@ def attend(
         for start in range(0, t, QUERY_CHUNK):
             stop = min(start + QUERY_CHUNK, t)
             block = Masks.__new__(Masks)
-            block.old, block.new = masks.old, masks.new[:, :, start:stop, :stop]
+            old = masks.old
+            if old is not None and old.shape[2] > 1:  # per-query (sliding window)
+                old = old[:, :, start:stop]
+            block.old, block.new = old, masks.new[:, :, start:stop, :stop]
             out.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], block, scale, softcap, layer_kv))
         return torch.cat(out, dim=1)
     hkv = k.shape[1]

@@ -55,6 +55,8 @@ class LlamaConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 2
     hidden_act: str = "silu"
+    # Mistral: each query sees at most this many keys (itself included); None is full attention.
+    sliding_window: Optional[int] = None
     bos_token_id: Optional[int] = 1
     eos_token_id: Any = 2
     model_type: str = "llama"
@@ -93,6 +95,9 @@ class LlamaConfig:
             num_experts=getattr(hf, "num_local_experts", 0) or 0,
             num_experts_per_tok=getattr(hf, "num_experts_per_tok", 2),
             hidden_act=getattr(hf, "hidden_act", "silu"),
+            # Mistral and Mixtral window every layer; Qwen2 only when use_sliding_window is set
+            # (and then per layer, which is not implemented here: full attention).
+            sliding_window=getattr(hf, "sliding_window", None) if model_type in ("mistral", "mixtral") else None,
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_id=getattr(hf, "eos_token_id", None),
             model_type=model_type,

@@ -288,3 +288,27 @@ def test_long_prefill_in_query_blocks_equals_one_block(preset, monkeypatch):
         blocks = model(ids)[0], model(ids, positions=positions, kv_cache=model.init_kv_cache(2, 32), attention_mask=key_mask)[0]
     assert max_rel(blocks[0], whole[0]) < RTOL
     assert max_rel(blocks[1][1, 5:], whole[1][1, 5:]) < RTOL and max_rel(blocks[1][0], whole[1][0]) < RTOL
+
+
+def test_mistral_sliding_window_matches_transformers():
+    """A prompt longer than the window: model_torch's Mistral (windowed masks) gives transformers'
+    greedy tokens through prefill + decode steps, in eager torch and lifted."""
+    cfg = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                     max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    cls, config = model_torch.config_from_hf(cfg)
+    assert config.sliding_window == 6
+    ours = cls(config).eval()
+    ids = random_ids(256, (1, 14), seed=2)
+    check_parity(hf, ours, ids)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 14:].tolist()
+        cache = ours.init_kv_cache(1, 32)
+        logits, cache = ours(ids, kv_cache=cache)
+        toks = [int(logits[0, -1].argmax())]
+        for t in range(14, 25):
+            logits, cache = ours(torch.tensor([[toks[-1]]]), kv_cache=cache, cache_position=torch.tensor([t]))
+            toks.append(int(logits[0, -1].argmax()))
+    assert toks == ref

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import model_torch
 import sharding
-from bridge import hlo
+from bridge import hlo as hlo_analysis
 from bridge.lift import lift
 from conftest import RTOL, max_rel, random_ids
 
@@ -62,7 +62,7 @@ def test_mesh_axes_are_auto(devices):
 # The compiled program
 # ---------------------------------------------------------------------------------------------------
 def collectives_of(lifted, seq=16):
-    return hlo.compiled_stats(lifted.compiled_forward(np.zeros((1, seq), np.int32)))
+    return hlo_analysis.compiled_stats(lifted.compiled_forward(np.zeros((1, seq), np.int32)))
 
 
 def test_tp_llama_has_two_all_reduces_per_layer(devices):
@@ -77,7 +77,7 @@ def test_tp_llama_has_two_all_reduces_per_layer(devices):
     assert 2 * layers <= c["all-reduce"]["count"] <= 2 * layers + 2, c
     # No weight is gathered: every all-gather (if any) is of activations, far smaller than a weight.
     weight_bytes = min(p.bytes_per_device(dict(lifted.mesh.shape)) for p in lifted.placements.values() if not p.replicated)
-    gathered = [shape for kind, shape in hlo.collective_instructions(lifted.compiled_forward(np.zeros((1, 16), np.int32)).as_text()) if kind == "all-gather"]
+    gathered = [shape for kind, shape in hlo_analysis.collective_instructions(lifted.compiled_forward(np.zeros((1, 16), np.int32)).as_text()) if kind == "all-gather"]
     assert all(sharding._shape_bytes(s) < 4 * 256 * 16 + 1 for s in gathered), gathered  # at most the [1,16,vocab] logits
     assert c["reduce-scatter"]["count"] == 0 and c["all-to-all"]["count"] == 0
     assert weight_bytes > 0
@@ -92,7 +92,7 @@ def test_fsdp_gathers_weights_and_holds_one_eighth(devices):
     # A weight may be gathered as stored [out, in] or already transposed for its matmul ([in, out]).
     layer_weights = [{f"f32[{','.join(map(str, shape))}]" for shape in (p.shape, p.shape[::-1])}
                      for p in lifted.placements.values() if not p.replicated and ".layers." in p.name]  # fmt: skip
-    gathered = [s.split("{")[0] for kind, s in hlo.collective_instructions(hlo) if kind == "all-gather"]
+    gathered = [s.split("{")[0] for kind, s in hlo_analysis.collective_instructions(hlo) if kind == "all-gather"]
     assert sum(any(g in w for w in layer_weights) for g in gathered) >= 7 * model.config.num_layers, gathered
     assert all(w & set(gathered) for w in layer_weights)
     rep = lifted.report()
@@ -194,7 +194,7 @@ def test_collective_parser_counts_kinds_and_bytes():
   %ard = f32[4]{0} all-reduce-done((f32[4]{0}, f32[4]{0}) %ars)
   ROOT %cp = s32[3]{0} collective-permute(s32[3]{0} %w), source_target_pairs={{0,1}}
 """
-    c = hlo.collectives(hlo)
+    c = hlo_analysis.collectives(hlo)
     assert c["all-reduce"] == {"count": 2, "bytes": 2 * 8 * 4 + 4 * 4}
     assert c["all-gather"] == {"count": 1, "bytes": 4 * 16 * 2}
     assert c["collective-permute"] == {"count": 1, "bytes": 12}

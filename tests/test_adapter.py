@@ -1,0 +1,190 @@
+"""transformers' own model definitions through the bridge (``HFCausalLMAdapter``): greedy tokens
+equal to transformers' ``generate`` through the jitted prefill + donated decode loop, on 1 device and
+under tp on 2; logits at 1e-4; left-padded batches; tp from the model's own plan; padded vocabs.
+
+Fixtures are tiny random models written with ``save_pretrained`` (no tokenizer), as users make them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from bridge import hlo
+from bridge.generate import Generator
+from bridge.models import open_model
+from conftest import RTOL, max_rel
+
+HIDDEN = dict(vocab_size=517, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+
+
+def family_configs() -> dict:
+    return {
+        "llama": T.LlamaConfig(**HIDDEN),
+        "gemma": T.GemmaConfig(**HIDDEN, head_dim=32),
+        "gemma2": T.Gemma2Config(**HIDDEN, head_dim=32, sliding_window=8),
+        "gemma3_text": T.Gemma3TextConfig(**HIDDEN, head_dim=32, sliding_window=8),
+        "qwen3": T.Qwen3Config(**HIDDEN, head_dim=32),
+        "phi3": T.Phi3Config(**HIDDEN, pad_token_id=0),
+        "gpt2": T.GPT2Config(vocab_size=517, n_embd=128, n_layer=2, n_head=4, n_positions=256),
+        "falcon": T.FalconConfig(vocab_size=517, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 new_decoder_architecture=True, num_kv_heads=2),  # fmt: skip
+        "phi": T.PhiConfig(**HIDDEN),
+        "qwen2_moe": T.Qwen2MoeConfig(**HIDDEN, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                                      num_experts=4, num_experts_per_tok=2),  # fmt: skip
+    }
+
+
+FAMILIES = list(family_configs())
+
+
+def save(config, path) -> str:
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)  # config + safetensors, no tokenizer
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints_dir(tmp_path_factory, devices):
+    root = tmp_path_factory.mktemp("hf-families")
+    return {name: save(cfg, root / name) for name, cfg in family_configs().items()}
+
+
+def hf_reference(path: str):
+    from model_torch.hf_adapter import attention_implementation
+
+    config = T.AutoConfig.from_pretrained(path)
+    return T.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention_implementation(config),
+                                                  experts_implementation="batched_mm").eval()  # fmt: skip
+
+
+PROMPT = [int(t) for t in np.random.default_rng(1).integers(0, 517, 12)]
+
+
+@pytest.mark.parametrize("devices_n,scheme", [(1, "replicated"), (2, "tp")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_transformers(family, devices_n, scheme, checkpoints_dir):
+    path = checkpoints_dir[family]
+    hf = hf_reference(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
+        ref_logits = hf(torch.tensor([PROMPT])).logits.numpy()
+    lifted = open_model(path, devices=jax.devices()[:devices_n], scheme=scheme, implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    assert type(lifted.model).__name__ == "HFCausalLMAdapter"
+    gen = Generator(lifted, stop_at_eos=False)
+    out = gen.generate_ids([PROMPT], 32)
+    assert out["token_ids"][0] == ref.tolist()
+    assert max_rel(np.asarray(lifted.forward([PROMPT])), ref_logits) < RTOL
+    again = gen.generate_ids([PROMPT], 32)  # same bucket: compiled once
+    assert again["compile_seconds"] == 0.0 and again["token_ids"] == out["token_ids"]
+
+
+def test_llama_runs_through_the_adapter_not_model_torch(checkpoints_dir):
+    auto = open_model(checkpoints_dir["llama"], devices=1, scheme="replicated", with_tokenizer=False)
+    adapter = open_model(checkpoints_dir["llama"], devices=1, scheme="replicated", with_tokenizer=False,
+                         implementation="transformers")  # fmt: skip
+    assert type(auto.model).__module__ == "model_torch.llama"
+    assert type(adapter.model).__name__ == "HFCausalLMAdapter"
+    assert max_rel(np.asarray(adapter.forward([PROMPT])), np.asarray(auto.forward([PROMPT]))) < RTOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "qwen2_moe"])
+def test_left_padded_batch_rows_equal_alone(family, checkpoints_dir):
+    lifted = open_model(checkpoints_dir[family], devices=1, scheme="replicated", implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    gen = Generator(lifted, stop_at_eos=False)
+    rows = [PROMPT, PROMPT[:5], PROMPT[3:10]]
+    batch = gen.generate_ids(rows, 12)["token_ids"]
+    alone = [gen.generate_ids([r], 12)["token_ids"][0] for r in rows]
+    assert batch == alone
+    logits = np.asarray(lifted.fn(lifted.weights, (jax.numpy.asarray([PROMPT]),), {})[0])
+    assert not np.isnan(logits).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp_replicates_nothing_large_without_a_reason(family, checkpoints_dir):
+    lifted = open_model(checkpoints_dir[family], devices=2, scheme="tp", implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    for row in lifted.report()["rows"]:
+        total = int(np.prod(row["shape"])) * np.dtype(row["dtype"]).itemsize
+        if total > 64 << 10 and row["replicated_because"]:
+            assert "catch-all" not in row["replicated_because"], row  # replicated only by a named rule
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
+def test_tp_forward_has_two_all_reduces_per_layer(family, checkpoints_dir):
+    lifted = open_model(checkpoints_dir[family], devices=2, scheme="tp", implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    stats = hlo.compiled_stats(lifted.compiled_forward(np.zeros((1, 16), np.int32)))
+    layers = lifted.model.config.num_hidden_layers
+    assert 2 * layers <= stats["collectives"]["all-reduce"]["count"] <= 2 * layers + 1  # + the embedding
+    assert stats["collectives"]["all-gather"]["count"] <= 1  # at most the head's logits
+
+
+def test_sharding_follows_the_models_own_plan(checkpoints_dir, tmp_path):
+    """Phi's MLP is fc1/fc2: no row of ours names them; its plan splits them. Edit the plan (the
+    fc1 entry renamed to a module that does not exist) and fc1 is no longer split: the plan, not a
+    hand-written row, decides."""
+    lifted = open_model(checkpoints_dir["phi"], devices=2, scheme="tp", implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    spec = {r["name"]: r["spec"] for r in lifted.report()["rows"]}
+    assert spec["model.layers.0.mlp.fc1.weight"] == "P('model',)"
+    assert spec["model.layers.1.mlp.fc2.weight"] == "P(None, 'model')"
+    edited = tmp_path / "phi-edited"
+    import shutil
+
+    shutil.copytree(checkpoints_dir["phi"], edited)
+    config = json.loads((edited / "config.json").read_text())
+    plan = T.PhiConfig().base_model_tp_plan
+    plan["layers.*.mlp.fc1_renamed"] = plan.pop("layers.*.mlp.fc1")
+    config["base_model_tp_plan"] = plan
+    (edited / "config.json").write_text(json.dumps(config))
+    lifted = open_model(str(edited), devices=2, scheme="tp", implementation="transformers", with_tokenizer=False)
+    rows = {r["name"]: r for r in lifted.report()["rows"]}
+    assert rows["model.layers.0.mlp.fc1.weight"]["spec"] == "P()"
+    assert "catch-all" in rows["model.layers.0.mlp.fc1.weight"]["replicated_because"]
+
+
+@pytest.mark.parametrize("vocab", [50257, 517])
+@pytest.mark.parametrize("n", [2, 8])
+def test_vocab_that_does_not_divide_is_padded(vocab, n, tmp_path):
+    config = T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=1, n_head=8, n_positions=64)
+    path = save(config, tmp_path / "gpt2")
+    ids = [[5, 17, 300, 2, 9]]
+    ref = np.asarray(open_model(path, devices=1, scheme="replicated", with_tokenizer=False).forward(ids))
+    lifted = open_model(path, devices=n, scheme="tp", with_tokenizer=False)
+    wte = lifted.placements["transformer.wte.weight"]
+    assert wte.padded_from == vocab and wte.shape[0] % n == 0 and wte.spec[0] == "model"
+    out = np.asarray(lifted.forward(ids))
+    assert out.shape[-1] == vocab
+    assert max_rel(out, ref) < RTOL
+    gen_ref = Generator(open_model(path, devices=1, scheme="replicated", with_tokenizer=False), stop_at_eos=False)
+    assert Generator(lifted, stop_at_eos=False).generate_ids(ids, 8)["token_ids"] == gen_ref.generate_ids(ids, 8)["token_ids"]
+
+
+def test_int8_runs_through_the_adapter(checkpoints_dir):
+    fp = open_model(checkpoints_dir["qwen3"], devices=2, scheme="tp", implementation="transformers", with_tokenizer=False)
+    q = open_model(checkpoints_dir["qwen3"], devices=2, scheme="tp", implementation="transformers", quantize="int8",
+                   with_tokenizer=False)  # fmt: skip
+    assert any(str(w.dtype) == "int8" for w in q.weights.values())
+    a, b = np.asarray(fp.forward([PROMPT])), np.asarray(q.forward([PROMPT]))
+    assert max_rel(b, a) < 0.05  # int8 weights: close, not equal
+
+
+def test_architectures_without_a_kv_cache_are_refused(tmp_path):
+    from bridge import cli
+
+    for name, config in {"mamba": T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1),
+                         "t5": T.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2)}.items():  # fmt: skip
+        d = tmp_path / name
+        d.mkdir()
+        config.save_pretrained(d)
+        (d / "model.safetensors").write_bytes(b"")  # never read: refused from the config
+        assert cli.main(["forward", "--checkpoint", str(d), "--input-ids", "1,2", "--devices", "1"]) == 2
