@@ -119,6 +119,9 @@ class Lifted:
     placements: dict[str, sharding.Placement]
     tokenizer: Any = None  # set by bridge.models.open_model when the checkpoint has one
     source: str = ""  # what it was opened from
+    # Each kv head repeated this many times in the k/v weights and the cache, so a tensor-parallel
+    # axis wider than the kv head count still splits them (see ``replicate_kv_heads``).
+    kv_head_copies: int = 1
 
     def __post_init__(self):
         self._forward = {}
@@ -128,7 +131,7 @@ class Lifted:
         return NamedSharding(self.mesh, sharding.batch_spec(self.scheme, self.mesh, batch, rank))
 
     def kv_sharding(self, batch: int) -> NamedSharding:
-        spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads)
+        spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads * self.kv_head_copies)
         return NamedSharding(self.mesh, spec)
 
     def report(self) -> dict:
@@ -187,9 +190,44 @@ def lift(
     scheme = sharding.get_scheme(scheme)
     weights, fn = extract(model)
     scheme = scheme.with_model_plan(model.parallel_plan())
+    copies = kv_head_copies(model, mesh, scheme)
+    if copies > 1:
+        weights = replicate_kv_heads(weights, model, copies)
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
     del weights
-    return Lifted(model, cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements), placed, mesh, scheme, placements)
+    fn = cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
+    return Lifted(model, fn, placed, mesh, scheme, placements, kv_head_copies=copies)
+
+
+def kv_head_copies(model, mesh: Mesh, scheme: sharding.Scheme) -> int:
+    """How many times to repeat each kv head so the scheme's head axis splits them: 1 unless the
+    axis is wider than the kv heads, divisible by them, the query heads still split, and the model
+    says which weights hold its kv heads (``kv_projections``)."""
+    n = mesh.shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
+    kv = model.kv_cache_heads
+    heads = getattr(model.config, "num_heads", None)
+    if n <= kv or n % kv or not model.kv_projections() or (heads and heads % n):
+        return 1
+    return n // kv
+
+
+def replicate_kv_heads(weights: dict, model, copies: int) -> dict:
+    """Each kv head's rows repeated ``copies`` times in place (head j -> j, j, ..., j), as vLLM does
+    for tp > kv heads: query heads group under their kv head by position, so group i of the wider
+    layout reads a copy of the same head as before, and every device holds only the copy its query
+    heads use instead of the whole projection."""
+    import re
+
+    rules = [(re.compile(rx), d) for rx, d in model.kv_projections()]
+    out = dict(weights)
+    for name, w in weights.items():
+        d = next((d for rx, d in rules if rx.search(name)), None)
+        if d is not None:
+            heads = w.shape[0] // d
+            out[name] = jnp.repeat(jnp.asarray(w).reshape(heads, d, *w.shape[1:]), copies, axis=0).reshape(
+                heads * copies * d, *w.shape[1:]
+            )
+    return out
 
 
 def lift_checkpoint(

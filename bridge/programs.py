@@ -17,8 +17,12 @@ def kv_cache_layout(lifted: Lifted, batch: int, seq: int) -> list:
     """The cache as ``ShapeDtypeStruct``s with their shardings: shapes from the model's own
     ``init_kv_cache`` (built on the meta device: no memory), kv heads on the scheme's head axis."""
     shard = lifted.kv_sharding(batch)
+    copies = lifted.kv_head_copies  # kv heads repeated to fill a wide head axis
     return [
-        tuple(jax.ShapeDtypeStruct(t.shape, jax_dtype(t.dtype), sharding=shard) for t in layer)
+        tuple(
+            jax.ShapeDtypeStruct((t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
+            for t in layer
+        )
         for layer in lifted.model.init_kv_cache(batch, seq, device="meta")
     ]
 

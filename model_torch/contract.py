@@ -79,6 +79,14 @@ class CausalLMContract(nn.Module):
         Empty (the default) when the scheme's built-in rows already cover the model's names."""
         return []
 
+    def kv_projections(self) -> list[tuple[str, int]]:
+        """(name regex, head_dim) of the weights whose dim 0 holds the kv heads one after another
+        (k/v projections, their biases and int8 scales), computed by ``view(.., -1, head_dim)`` so
+        that more heads in the weight mean more kv heads. With fewer kv heads than the tensor-
+        parallel axis, the bridge repeats each head there (as vLLM does) instead of replicating the
+        projection. Empty: not supported by this model."""
+        return []
+
     def decoder_layers(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of each decoder layer, in order: fsdp pins each layer's
         activations, and profiling names each layer's ops."""

@@ -221,3 +221,6 @@ class LlamaForCausalLM(CausalLM):
     # -- what the bridge needs to know about this model ---------------------------------------------
     def head_layout(self):
         return head_layout_for(["q_proj", "k_proj", "v_proj"], ["o_proj"], self.config.head_dim)
+
+    def kv_projections(self):
+        return [(r"\.(k_proj|v_proj)\.(weight|bias|scale)$", self.config.head_dim)]

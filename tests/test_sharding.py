@@ -211,3 +211,27 @@ def test_shardings_cli_prints_report_and_collectives():
                            "--scheme", "tp", "--rows", "5"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "bytes/device" in proc.stdout and "all-reduce x" in proc.stdout and "peak" in proc.stdout
+
+
+def test_fewer_kv_heads_than_the_model_axis_are_repeated_not_replicated(devices):
+    """8 query and 2 kv heads under tp on 8 devices: each kv head repeated 4 times (vLLM's way), so
+    every device holds one kv head of k/v (1/2 of the full projection, not all of it), the KV cache
+    splits the same way, and logits and greedy tokens equal one device."""
+    from bridge.generate import Generator
+
+    torch.manual_seed(0)
+    model = model_torch.from_preset("tiny-llama", num_heads=8, num_kv_heads=2).eval()
+    assert model.config.num_heads == 8
+    ids = random_ids(model.config.vocab_size, (2, 12), seed=4)
+    one = lift(model, sharding.mesh_for("replicated", 1, devices=devices[:1]), "replicated")
+    tp = lift(model, sharding.mesh_for("tp", 8, devices=devices), "tp")
+    assert tp.kv_head_copies == 4
+    k = tp.placements["model.layers.0.self_attn.k_proj.weight"]
+    full = model.model.layers[0].self_attn.k_proj.weight
+    assert k.spec == P("model") and k.bytes_per_device({"model": 8}) * 2 == full.numel() * full.element_size()
+    assert max_rel(np.asarray(tp.forward(ids.numpy())), np.asarray(one.forward(ids.numpy()))) < RTOL
+    rows = ids.tolist()
+    a = Generator(tp, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
+    b = Generator(one, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
+    assert a == b
+    assert tp.kv_sharding(2).spec[1] == "model"
