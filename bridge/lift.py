@@ -188,9 +188,11 @@ def lift(
     Every placement is validated before anything is put on a device.
     """
     scheme = sharding.get_scheme(scheme)
+    if scheme.head_axis and mesh.shape.get(scheme.head_axis, 1) > 1:
+        model.split_fused_projections()
     weights, fn = extract(model)
     scheme = scheme.with_model_plan(model.parallel_plan())
-    copies = kv_head_copies(model, mesh, scheme)
+    copies = kv_head_copies(model, dict(mesh.shape), scheme)
     if copies > 1:
         weights = replicate_kv_heads(weights, model, copies)
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
@@ -199,16 +201,35 @@ def lift(
     return Lifted(model, fn, placed, mesh, scheme, placements, kv_head_copies=copies)
 
 
-def kv_head_copies(model, mesh: Mesh, scheme: sharding.Scheme) -> int:
+def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:
     """How many times to repeat each kv head so the scheme's head axis splits them: 1 unless the
     axis is wider than the kv heads, divisible by them, the query heads still split, and the model
     says which weights hold its kv heads (``kv_projections``)."""
-    n = mesh.shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
+    n = mesh_shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
     kv = model.kv_cache_heads
     heads = getattr(model.config, "num_heads", None)
     if n <= kv or n % kv or not model.kv_projections() or (heads and heads % n):
         return 1
     return n // kv
+
+
+def planned_shapes(model, mesh_shape, scheme: sharding.Scheme):
+    """(the scheme with the model's own plan, name -> (shape, dtype) as ``lift`` will place them):
+    for checking whether a scheme fits before lifting anything."""
+    import re
+
+    import numpy as np
+
+    scheme = sharding.get_scheme(scheme).with_model_plan(model.parallel_plan())
+    copies = kv_head_copies(model, mesh_shape, scheme)
+    rules = [re.compile(rx) for rx, _ in model.kv_projections()] if copies > 1 else []
+    shapes = {}
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        if any(rx.search(name) for rx in rules):
+            shape = (shape[0] * copies, *shape[1:])
+        shapes[name] = (shape, np.float32)
+    return scheme, shapes
 
 
 def replicate_kv_heads(weights: dict, model, copies: int) -> dict:

@@ -87,6 +87,11 @@ class CausalLMContract(nn.Module):
         projection. Empty: not supported by this model."""
         return []
 
+    def split_fused_projections(self) -> None:
+        """Before tensor parallelism: rewrite projections that fuse differently-split outputs
+        ([Q;K;V], [gate;up]) so each part splits over the axis on its own. Numerics unchanged.
+        The default does nothing (our families keep q/k/v and gate/up apart already)."""
+
     def decoder_layers(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of each decoder layer, in order: fsdp pins each layer's
         activations, and profiling names each layer's ops."""

@@ -146,6 +146,36 @@ class HFCausalLMAdapter(CausalLMContract):
         if hf is not None and isinstance(value, nn.Module) and name in hf._modules:
             setattr(hf, name, value)
 
+    def split_fused_projections(self) -> None:
+        """Phi-3's ``qkv_proj`` / ``gate_up_proj`` and GPT-2's Conv1D ``c_attn`` stack [Q;K;V] or
+        [gate;up] on their output dim, so a dim-0 split would hand one device all of Q and another
+        K and V. Each becomes ``FusedAsParts``: separate Linears (``q_proj``, ``k_proj``, ...)
+        whose outputs are concatenated; each part splits by heads, and XLA folds the model's own
+        slicing of the concatenation back onto the parts (no collective). Idempotent."""
+        text = self.text_config
+        heads = text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        for name, module in list(self.hf.named_modules()):
+            parent_name, _, leaf = name.rpartition(".")
+            if leaf not in FUSED or not _is_dense(module):
+                continue
+            weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # [out, in]
+            out = weight.shape[0]
+            sizes = [heads * head_dim, kv * head_dim, kv * head_dim] if len(FUSED[leaf]) == 3 else [out // 2] * 2
+            if sum(sizes) != out:
+                continue  # not the layout we know: leave it fused
+            parts, start = {}, 0
+            for part, size in zip(FUSED[leaf], sizes):
+                lin = nn.Linear(weight.shape[1], size, bias=module.bias is not None, dtype=weight.dtype, device=weight.device)
+                with torch.no_grad():
+                    lin.weight.copy_(weight[start : start + size])
+                    if module.bias is not None:
+                        lin.bias.copy_(module.bias[start : start + size])
+                parts[part] = lin
+                start += size
+            setattr(self.hf.get_submodule(parent_name), leaf, FusedAsParts(parts))
+
     # -- helpers ------------------------------------------------------------------------------------
     def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
         """(kv heads, key dim, value dim) per layer, read off one forward on the meta device (no
@@ -179,6 +209,29 @@ class HFCausalLMAdapter(CausalLMContract):
             layer.is_initialized = True
             layers.append(layer)
         return Cache(layers=layers)
+
+
+# Fused projections and the parts they stack on their output dim, in order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "c_attn": ("q_proj", "k_proj", "v_proj"),
+         "gate_up_proj": ("gate_proj", "up_proj")}  # fmt: skip
+
+
+def _is_dense(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2: weight stored ``[in, out]``)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class FusedAsParts(nn.Module):
+    """A fused projection computed as its parts: ``cat([part(x) for part], -1)`` equals the fused
+    matmul exactly (the same dot products)."""
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.children()], dim=-1)
 
 
 def _decoder_stack_path(model: nn.Module) -> str:

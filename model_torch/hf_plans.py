@@ -79,5 +79,5 @@ def head_layout_from_plan(model) -> list[tuple[str, int, int]]:
     blocks = [b for b in model.LAYER_BLOCKS if "att" in b.lower()]
     if not blocks:
         return []
-    rx = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.[^.]+\.(weight|bias|scale)$"
+    rx = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.([^.]+\.)*[^.]+\.(weight|bias|scale)$"
     return [(rx, 0, head_dim), (rx, 1, head_dim)]

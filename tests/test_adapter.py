@@ -118,14 +118,18 @@ def test_tp_replicates_nothing_large_without_a_reason(family, checkpoints_dir):
             assert "catch-all" not in row["replicated_because"], row  # replicated only by a named rule
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3", "phi3", "gpt2"])
 def test_tp_forward_has_two_all_reduces_per_layer(family, checkpoints_dir):
+    """Phi-3's fused qkv_proj/gate_up_proj and GPT-2's Conv1D c_attn are split into their parts
+    before placement (FusedAsParts), so they compile like Llama: no resharding between devices."""
     lifted = open_model(checkpoints_dir[family], devices=2, scheme="tp", implementation="transformers",
                         with_tokenizer=False)  # fmt: skip
     stats = hlo.compiled_stats(lifted.compiled_forward(np.zeros((1, 16), np.int32)))
     layers = lifted.model.config.num_hidden_layers
     assert 2 * layers <= stats["collectives"]["all-reduce"]["count"] <= 2 * layers + 1  # + the embedding
     assert stats["collectives"]["all-gather"]["count"] <= 1  # at most the head's logits
+    assert stats["collectives"]["collective-permute"]["count"] == 0
+    assert stats["collectives"]["all-to-all"]["count"] == 0
 
 
 def test_sharding_follows_the_models_own_plan(checkpoints_dir, tmp_path):

@@ -322,12 +322,12 @@ def test_checkpoint_with_tokenizer_takes_text(tokenizer_checkpoint, capfd):
 
 
 def test_compare_default_schemes_fit_and_unfit_named_scheme_is_a_row(inputs, tmp_path, capfd):
-    """The tiny model has 2 kv heads: tp on 4 devices cannot split them, so the default list leaves
-    tp (and dp_tp) out with a note, and naming tp keeps it as a 'does not fit' row everywhere."""
+    """The tiny model has 4 query heads: tp on 8 devices cannot split them, so the default list
+    leaves tp out with a note, and naming tp keeps it as a 'does not fit' row everywhere."""
     from bridge import experiments
 
     out = tmp_path / "cmp"
-    argv = ["compare", "--checkpoint", str(inputs["good"]), "--devices", "4", "--batch", "4", "--seq", "8",
+    argv = ["compare", "--checkpoint", str(inputs["good"]), "--devices", "8", "--batch", "8", "--seq", "8",
             "--repeats", "1", "--out", str(out)]  # fmt: skip
     assert cli.main([*argv, "--schemes", "replicated,tp"]) == 0
     _, err = capfd.readouterr()
@@ -341,7 +341,7 @@ def test_compare_default_schemes_fit_and_unfit_named_scheme_is_a_row(inputs, tmp
     import jax
 
     model = checkpoints.load(str(inputs["good"]), with_tokenizer=False).model
-    fit, left_out = experiments.default_schemes(model, jax.devices()[:4])
+    fit, left_out = experiments.default_schemes(model, jax.devices()[:8])
     assert "tp" in dict(left_out) and "replicated" in fit and "fsdp" in fit
 
 
