@@ -419,15 +419,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excl
     for k in sorted(kept):
         log.info("restore: keeping the fresh %s (exclude rule)", k)
     state = {k: v for k, v in state.items() if k not in kept}
-    tied = {"lm_head.weight"} & expected if getattr(model.config, "tie_word_embeddings", False) else set()
-    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}, tied | kept)
+    tied = model.tied_parameters()  # head -> embedding
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}, set(tied) | kept)
     if kept and any(p.is_meta for p in model.parameters()):
         raise CheckpointError("exclude rules need a model with initialised weights, not one on the meta device")
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):  # assign=True unties: tie again
-        for emb in ("model.embed_tokens", "gpt_neox.embed_in"):
-            if hasattr(model, "lm_head") and emb.split(".")[0] in dict(model.named_children()):
-                model.lm_head.weight = model.get_submodule(emb).weight
+    for name, target in tied.items():  # assign=True unties: tie again
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, model.get_parameter(target))
     return model
 
 

@@ -207,8 +207,7 @@ def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:
     says which weights hold its kv heads (``kv_projections``)."""
     n = mesh_shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
     kv = model.kv_cache_heads
-    heads = getattr(model.config, "num_heads", None)
-    if n <= kv or n % kv or not model.kv_projections() or (heads and heads % n):
+    if n <= kv or n % kv or not model.kv_projections() or model.query_heads % n:
         return 1
     return n // kv
 

@@ -48,6 +48,10 @@ class CausalLM(CausalLMContract):
     def kv_cache_heads(self) -> int:
         return self.config.num_kv_heads
 
+    @property
+    def query_heads(self) -> int:
+        return self.config.num_heads
+
     def run_layers(self, layers, x, positions, kv_cache, cache_position, attention_mask):
         """The decoder stack every model shares: RoPE tables (``rotary_dim`` of the config, else
         ``head_dim``; ``rope_scaling`` when set), the masks, and each layer in turn, collecting the

@@ -68,6 +68,11 @@ class CausalLMContract(nn.Module):
         """How many kv heads dim 1 of each cache tensor holds (the scheme's head axis splits it)."""
         raise NotImplementedError
 
+    @property
+    def query_heads(self) -> int:
+        """How many attention (query) heads each layer has."""
+        raise NotImplementedError
+
     def head_layout(self) -> HeadLayout:
         """Which weights hold whole attention heads on which dim, so tensor parallelism never splits
         a head across devices (see ``sharding.resolve_placements``)."""
@@ -91,6 +96,12 @@ class CausalLMContract(nn.Module):
         """Before tensor parallelism: rewrite projections that fuse differently-split outputs
         ([Q;K;V], [gate;up]) so each part splits over the axis on its own. Numerics unchanged.
         The default does nothing (our families keep q/k/v and gate/up apart already)."""
+
+    def tied_parameters(self) -> dict[str, str]:
+        """Parameter name -> the name of the parameter it is tied to (a head sharing the embedding:
+        ``{"lm_head.weight": "model.embed_tokens.weight"}``). Checkpoints may leave the tied name
+        out, and loading ties it again."""
+        return {}
 
     def decoder_layers(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, module) of each decoder layer, in order: fsdp pins each layer's

@@ -124,6 +124,10 @@ class HFCausalLMAdapter(CausalLMContract):
     def kv_cache_heads(self) -> int:
         return self.kv_layout()[0][0]
 
+    @property
+    def query_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
     def head_layout(self) -> HeadLayout:
         from .hf_plans import head_layout_from_plan
 

@@ -222,5 +222,8 @@ class LlamaForCausalLM(CausalLM):
     def head_layout(self):
         return head_layout_for(["q_proj", "k_proj", "v_proj"], ["o_proj"], self.config.head_dim)
 
+    def tied_parameters(self):
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
     def kv_projections(self):
         return [(r"\.(k_proj|v_proj)\.(weight|bias|scale)$", self.config.head_dim)]

@@ -183,6 +183,9 @@ class GPTNeoXForCausalLM(CausalLM):
         x, new_cache = self.run_layers(self.gpt_neox.layers, x, positions, kv_cache, cache_position, attention_mask)
         return self.lm_head(self.gpt_neox.final_layer_norm(x)), new_cache
 
+    def tied_parameters(self):
+        return {"lm_head.weight": "gpt_neox.embed_in.weight"} if self.config.tie_word_embeddings else {}
+
     def head_layout(self):
         # The fused QKV carries 3 * head_dim rows per head.
         d = self.config.head_dim
