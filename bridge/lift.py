@@ -197,8 +197,20 @@ def lift(
         weights = replicate_kv_heads(weights, model, copies)
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
     del weights
+    if copies > 1:
+        fn = _within(fn, lambda: model.repeated_kv_heads(copies))
     fn = cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
     return Lifted(model, fn, placed, mesh, scheme, placements, kv_head_copies=copies)
+
+
+def _within(fn, context):
+    """``fn`` run (traced) inside a fresh ``context()``."""
+
+    def wrapped(weights, args, kwargs=None):
+        with context():
+            return fn(weights, args, kwargs)
+
+    return wrapped
 
 
 def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:

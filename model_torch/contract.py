@@ -92,6 +92,14 @@ class CausalLMContract(nn.Module):
         projection. Empty: not supported by this model."""
         return []
 
+    def repeated_kv_heads(self, copies: int):
+        """A context manager the bridge holds while tracing with each kv head repeated ``copies``
+        times in the ``kv_projections`` weights, for a model whose attention keeps its kv-group
+        count as state (transformers' ``num_key_value_groups``). Ours infer it from the weights."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def split_fused_projections(self) -> None:
         """Before tensor parallelism: rewrite projections that fuse differently-split outputs
         ([Q;K;V], [gate;up]) so each part splits over the axis on its own. Numerics unchanged.

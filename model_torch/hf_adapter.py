@@ -150,6 +150,35 @@ class HFCausalLMAdapter(CausalLMContract):
         if hf is not None and isinstance(value, nn.Module) and name in hf._modules:
             setattr(hf, name, value)
 
+    def _attention_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.named_modules() if hasattr(m, "num_key_value_groups")]
+
+    def kv_projections(self) -> list[tuple[str, int]]:
+        """Separate ``k_proj``/``v_proj`` Linears in every attention module that keeps a
+        ``num_key_value_groups`` (Llama-style attention): their dim 0 holds the kv heads."""
+        attention = self._attention_modules()
+        if not attention or not all(isinstance(getattr(m, p, None), nn.Linear) for _, m in attention for p in ("k_proj", "v_proj")):
+            return []
+        return [(r"\.(k_proj|v_proj)\.(weight|bias|scale)$", self.kv_layout()[1][0])]
+
+    def repeated_kv_heads(self, copies: int):
+        """``num_key_value_groups`` divided by ``copies`` on every attention module while the bridge
+        traces (then restored: the torch module itself is left as it was)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            saved = [(m, m.num_key_value_groups) for _, m in self._attention_modules()]
+            try:
+                for m, groups in saved:
+                    m.num_key_value_groups = groups // copies
+                yield
+            finally:
+                for m, groups in saved:
+                    m.num_key_value_groups = groups
+
+        return scope()
+
     def split_fused_projections(self) -> None:
         """Phi-3's ``qkv_proj`` / ``gate_up_proj`` and GPT-2's Conv1D ``c_attn`` stack [Q;K;V] or
         [gate;up] on their output dim, so a dim-0 split would hand one device all of Q and another

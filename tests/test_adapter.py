@@ -158,7 +158,7 @@ def test_sharding_follows_the_models_own_plan(checkpoints_dir, tmp_path):
 
 @pytest.mark.parametrize("vocab", [50257, 517])
 @pytest.mark.parametrize("n", [2, 8])
-def test_vocab_that_does_not_divide_is_padded(vocab, n, tmp_path):
+def test_vocab_that_does_not_divide_is_padded(vocab, n, tmp_path, devices):
     config = T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=1, n_head=8, n_positions=64)
     path = save(config, tmp_path / "gpt2")
     ids = [[5, 17, 300, 2, 9]]
@@ -182,7 +182,7 @@ def test_int8_runs_through_the_adapter(checkpoints_dir):
     assert max_rel(b, a) < 0.05  # int8 weights: close, not equal
 
 
-def test_architectures_without_a_kv_cache_are_refused(tmp_path):
+def test_architectures_without_a_kv_cache_are_refused(tmp_path, devices):
     from bridge import cli
 
     for name, config in {"mamba": T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1),
@@ -192,3 +192,24 @@ def test_architectures_without_a_kv_cache_are_refused(tmp_path):
         config.save_pretrained(d)
         (d / "model.safetensors").write_bytes(b"")  # never read: refused from the config
         assert cli.main(["forward", "--checkpoint", str(d), "--input-ids", "1,2", "--devices", "1"]) == 2
+
+
+def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
+    """transformers' Llama with 8 query and 2 kv heads under tp on 8 devices: each kv head repeated
+    onto the 4 devices whose query heads use it (k/v per device 1/2 of the full projection), the
+    module's num_key_value_groups adjusted only while tracing; equal to 1 device."""
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    path = save(cfg, tmp_path / "llama-gqa")
+    one = open_model(path, devices=1, scheme="replicated", implementation="transformers", with_tokenizer=False)
+    tp = open_model(path, devices=8, scheme="tp", implementation="transformers", with_tokenizer=False)
+    assert tp.kv_head_copies == 4
+    k = tp.placements["model.layers.0.self_attn.k_proj.weight"]
+    assert k.shape[0] == 4 * 2 * 8 and k.bytes_per_device({"model": 8}) * 2 == 2 * 8 * 64 * 4
+    prompt = [t % 256 for t in PROMPT]
+    ids = [prompt[:9], prompt[2:12]]
+    assert max_rel(np.asarray(tp.forward([prompt])), np.asarray(one.forward([prompt]))) < RTOL
+    a = Generator(tp, stop_at_eos=False).generate_ids(ids, 10)["token_ids"]
+    assert a == Generator(one, stop_at_eos=False).generate_ids(ids, 10)["token_ids"]
+    attn = tp.model.get_submodule("model.layers.0.self_attn")
+    assert attn.num_key_value_groups == 4  # restored after tracing
