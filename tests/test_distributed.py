@@ -51,7 +51,7 @@ def test_two_processes_generate_the_same_text(smollm2):
 def test_a_killed_child_fails_the_launch_and_leaves_nothing_behind():
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bridge", "launch", "--processes", "2", "--devices-per-process", "4", "--",
-         "generate", "--checkpoint", "tiny-llama", "--prompt", "x", "--max-new-tokens", "100"],
+         "generate", "--checkpoint", "tiny-llama", "--input-ids", "1,2,3", "--max-new-tokens", "200"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     me = psutil.Process(launcher.pid)
