@@ -6,7 +6,8 @@
 * ``decode_step``: one token for every row; its state (cache included) is donated, so a step
   allocates nothing new. The non-streaming path runs the whole loop on device in a
   ``jax.lax.while_loop`` (no Python round trip per token); streaming runs the same step from Python.
-* Every jitted function is compiled ahead of time once per (batch, bucket, cache length, sampling)
+* Every jitted function is compiled ahead of time once per (batch, bucket, cache length, sampling
+  mode: greedy / top-k / top-p on or off; temperature, k and p are traced values)
   and kept for the life of the ``Generator``, so later requests of the same shape never re-trace.
 
 Left padding: every row's prompt ends at the same cache column, so one scalar ``cache_position``
@@ -55,23 +56,40 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def mode(self) -> tuple[bool, bool, bool]:
+        """What the compiled program must contain (greedy; a top-k filter; a top-p filter). The
+        values themselves are traced arguments (``knobs``): a new temperature, k or p reuses the
+        program compiled for its mode."""
+        return (self.greedy, not self.greedy and self.top_k > 0, not self.greedy and self.top_p < 1.0)
 
-def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """[B, V] logits -> [B] token ids."""
+    def knobs(self) -> dict:
+        return {"temperature": np.float32(self.temperature or 1.0), "top_k": np.int32(self.top_k),
+                "top_p": np.float32(self.top_p)}  # fmt: skip
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling, knobs: Optional[dict] = None) -> jax.Array:
+    """[B, V] logits -> [B] token ids. ``s.mode`` decides the program; the values come from
+    ``knobs`` (traced) when given, else from ``s``."""
     logits = logits.astype(jnp.float32)
-    if s.greedy:
+    greedy, use_top_k, use_top_p = s.mode
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / s.temperature
-    if s.top_k:
-        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+    k = s.knobs() if knobs is None else knobs
+    logits = logits / k["temperature"]
+    if use_top_k:
+        # The k-th largest logit by a sort (k is a traced value, so lax.top_k's static k won't do).
+        vocab = logits.shape[-1]
+        ranked = -jnp.sort(-logits, axis=-1)
+        kth = jax.lax.dynamic_index_in_dim(ranked, jnp.clip(k["top_k"], 1, vocab) - 1, axis=-1, keepdims=True)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if s.top_p < 1.0:
+    if use_top_p:
         # Keep the smallest set of top tokens whose probability mass reaches top_p (always >= 1 token).
         order = jnp.argsort(-logits, axis=-1)
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        sorted_logits = jnp.where(mass_before < s.top_p, sorted_logits, -jnp.inf)
+        sorted_logits = jnp.where(mass_before < k["top_p"], sorted_logits, -jnp.inf)
         logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -141,15 +159,16 @@ class Generator:
         self.last_compile_seconds = 0.0
 
     # -- building blocks (pure JAX) --------------------------------------------------------------
-    def _prefill(self, weights, ids, positions, key_mask, pads, seed, limit, *, cache_len: int, n_out: int, sampling: Sampling):
+    def _prefill(self, weights, ids, positions, key_mask, pads, seed, limit, knobs, *, cache_len: int, n_out: int, sampling: Sampling):
         """Runs the prompts, samples the first token, and returns the whole decode state (built
         inside the jitted program, so every piece of it lives on the mesh)."""
         batch, plen = ids.shape
         cache = programs.empty_kv_cache(self.lifted, batch, cache_len)
         logits, cache = programs.prefill(self.lifted, weights, ids, cache, positions, key_mask)
         key = jax.random.key(seed)
-        token = sample_logits(logits, key, sampling)
+        token = sample_logits(logits, key, sampling, knobs)
         return dict(
+            knobs=knobs,
             cache=cache,
             token=token,
             column=jnp.asarray(plen, jnp.int32),
@@ -169,7 +188,7 @@ class Generator:
             self.lifted, weights, state["token"], state["cache"], state["column"], state["positions"], state["key_mask"]
         )
         step = state["step"]
-        token = sample_logits(logits, jax.random.fold_in(state["key"], step), sampling)
+        token = sample_logits(logits, jax.random.fold_in(state["key"], step), sampling, state["knobs"])
         token = jnp.where(state["done"], self.pad_id, token)
         done = state["done"] | jnp.isin(token, self.eos)
         return dict(
@@ -283,22 +302,23 @@ class Generator:
         pads_d = put_global(pads.astype(np.int32), replicated)
         seed_d = put_global(np.asarray(seed, np.uint32), replicated)
         limit_d = put_global(np.asarray(max_new_tokens, np.int32), replicated)
+        knobs_d = {k: put_global(np.asarray(v), replicated) for k, v in sampling.knobs().items()}
         w = self.lifted.weights
         n_out = -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
 
         prefill = self._compile(
-            f"prefill/{cache_len}/{n_out}/{sampling}",
+            f"prefill/{cache_len}/{n_out}/{sampling.mode}",
             lambda w, *a: self._prefill(w, *a, cache_len=cache_len, n_out=n_out, sampling=sampling),
-            (w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d),
+            (w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d, knobs_d),
         )
         t0 = time.perf_counter()
-        state = prefill(w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d)
+        state = prefill(w, ids_d, pos_d, mask_d, pads_d, seed_d, limit_d, knobs_d)
         jax.block_until_ready(state["token"])
         prefill_s = time.perf_counter() - t0
 
         if on_token is None:
             loop = self._compile(
-                f"loop/{sampling}", lambda w, s: self._decode_loop(w, s, sampling=sampling), (w, state), donate=(1,)
+                f"loop/{sampling.mode}", lambda w, s: self._decode_loop(w, s, sampling=sampling), (w, state), donate=(1,)
             )
             t0 = time.perf_counter()
             state = loop(w, state)
@@ -306,7 +326,7 @@ class Generator:
             steps = int(to_host(state["step"]))
         else:
             step_fn = self._compile(
-                f"step/{sampling}", lambda w, s: self._decode_step(w, s, sampling=sampling), (w, state), donate=(1,)
+                f"step/{sampling.mode}", lambda w, s: self._decode_step(w, s, sampling=sampling), (w, state), donate=(1,)
             )
             on_token(to_host(state["token"]))
             t0 = time.perf_counter()

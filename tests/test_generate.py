@@ -179,3 +179,16 @@ def test_too_long_prompt_and_cache_overflow_are_clear_errors(devices, capsys):
         gen.generate_ids([[1, 2]], 300)
     with pytest.raises(GenerationError, match="no tokens"):
         gen.generate_ids([[]], 4)
+
+
+def test_new_sampling_values_compile_nothing(devices):
+    """Temperature, top-k and top-p are traced values: a second request of the same shape and
+    sampling mode with other values compiles nothing, and gives what a fresh Generator gives."""
+    gen = tiny_generator(devices)
+    prompt = [[1, 2, 3, 4, 5]]
+    first = gen.generate_ids(prompt, 16, Sampling(temperature=0.7, top_k=40, top_p=0.9), seed=3)
+    assert first["compile_seconds"] > 0
+    again = gen.generate_ids(prompt, 16, Sampling(temperature=1.3, top_k=7, top_p=0.95), seed=3)
+    assert again["compile_seconds"] == 0.0
+    fresh = tiny_generator(devices).generate_ids(prompt, 16, Sampling(temperature=1.3, top_k=7, top_p=0.95), seed=3)
+    assert again["token_ids"] == fresh["token_ids"]
