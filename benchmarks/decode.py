@@ -75,6 +75,9 @@ def main() -> int:
     # architecture we did not rewrite takes).
     adapter = Generator(open_model("smollm2", devices=1, scheme="replicated", implementation="transformers"),
                         stop_at_eos=False)  # fmt: skip
+    # bf16 weights (half the bytes): its own roofline; the matmuls accumulate in fp32.
+    bf16_lifted = open_model("smollm2", devices=1, scheme="replicated", dtype="bfloat16")
+    bf16 = Generator(bf16_lifted, stop_at_eos=False)
 
     def ours(batch: int, gen=gen) -> dict:
         runs = [gen.generate_ids([ids] * batch, n) for _ in range(args.repeats + 1)]  # first compiles
@@ -105,11 +108,16 @@ def main() -> int:
     bandwidth = copies["best"]
     weight_bytes = sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in lifted.weights.values())
     roofline = bandwidth / weight_bytes
+    bf16_bytes = sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in bf16_lifted.weights.values())
     rows = {}
     for batch in (1, 8):
-        o, a, h = ours(batch), ours(batch, adapter), hf_generate(batch)
+        o, a, b, h = ours(batch), ours(batch, adapter), ours(batch, bf16), hf_generate(batch)
         rows[batch] = {
             "ours_tokens_per_second": o["tokens_per_second"],
+            "bf16_tokens_per_second": b["tokens_per_second"],
+            "bf16_vs_fp32": b["tokens_per_second"] / o["tokens_per_second"],
+            "bf16_fraction_of_its_roofline": b["tokens_per_second"] / (bandwidth / bf16_bytes * batch),
+            "bf16_same_greedy_tokens_as_fp32_first_16": b["token_ids"][:16] == o["token_ids"][:16],
             "adapter_tokens_per_second": a["tokens_per_second"],
             "adapter_vs_model_torch": a["tokens_per_second"] / o["tokens_per_second"],
             "adapter_same_greedy_tokens_as_hf": a["token_ids"] == h["token_ids"],
@@ -130,6 +138,7 @@ def main() -> int:
         "memory_bandwidth_bytes_per_second": bandwidth,
         "memory_bandwidth_copies": copies,
         "weight_bytes": weight_bytes,
+        "bf16_weight_bytes": bf16_bytes,
         "decode_roofline_tokens_per_second_batch1": roofline,
         "batches": rows,
     }
@@ -138,12 +147,13 @@ def main() -> int:
 
     print(f"memory bandwidth (1 GiB copy, best of 1 thread and {torch.get_num_threads()}): {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB; "
           f"roofline {roofline:.1f} tokens/s at batch 1")  # fmt: skip
-    print(f"{'batch':>5} {'ours tok/s':>11} {'adapter':>8} {'adapt/ours':>10} {'HF tok/s':>9} {'ours/HF':>8} "
-          f"{'roofline':>9} {'of roofline':>12} {'same tokens':>12}")  # fmt: skip
+    print(f"{'batch':>5} {'ours tok/s':>11} {'adapter':>8} {'adapt/ours':>10} {'bf16':>7} {'bf16/fp32':>9} "
+          f"{'HF tok/s':>9} {'ours/HF':>8} {'roofline':>9} {'of roofline':>12} {'same tokens':>12}")  # fmt: skip
     for batch, r in rows.items():
         same = r["same_greedy_tokens_as_hf"] and r["adapter_same_greedy_tokens_as_hf"]
         print(f"{batch:>5} {r['ours_tokens_per_second']:>11.1f} {r['adapter_tokens_per_second']:>8.1f} "
-              f"{r['adapter_vs_model_torch']:>9.0%} {r['hf_tokens_per_second']:>9.1f} "
+              f"{r['adapter_vs_model_torch']:>9.0%} {r['bf16_tokens_per_second']:>7.1f} {r['bf16_vs_fp32']:>8.0%} "
+              f"{r['hf_tokens_per_second']:>9.1f} "
               f"{r['speedup_vs_hf']:>7.2f}x {r['roofline_tokens_per_second']:>9.1f} "
               f"{r['fraction_of_roofline']:>11.0%} {str(same):>12}")  # fmt: skip
     print(f"written to {args.out}")

@@ -36,7 +36,10 @@ def linear(x: jnp.ndarray, weight: jnp.ndarray, bias: jnp.ndarray | None = None)
     """``F.linear``: ``x @ weight.T + bias`` with weight ``[out, in]``."""
     if math.prod(x.shape[:-1]) == 1:  # one token: a matrix-vector product (decode)
         x = materialized(x)
-    y = x @ weight.T
+    if weight.dtype == jnp.bfloat16:
+        y = jnp.dot(x, weight.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+        y = x @ weight.T
     return y if bias is None else y + bias
 
 
