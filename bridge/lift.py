@@ -197,20 +197,22 @@ def lift(
         weights = replicate_kv_heads(weights, model, copies)
     placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
     del weights
+    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements, copies), placed, mesh, scheme, placements,
+                  kv_head_copies=copies)  # fmt: skip
+
+
+def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies: int = 1):
+    """The extracted ``fn`` as every ``Lifted`` runs it: traced with kv heads repeated (when they
+    are), activations pinned (when the scheme asks), logits cut back to the true vocab (when it
+    was padded)."""
     if copies > 1:
-        fn = _within(fn, lambda: model.repeated_kv_heads(copies))
-    fn = cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
-    return Lifted(model, fn, placed, mesh, scheme, placements, kv_head_copies=copies)
+        inner = fn
 
+        def fn(weights, args, kwargs=None):
+            with model.repeated_kv_heads(copies):
+                return inner(weights, args, kwargs)
 
-def _within(fn, context):
-    """``fn`` run (traced) inside a fresh ``context()``."""
-
-    def wrapped(weights, args, kwargs=None):
-        with context():
-            return fn(weights, args, kwargs)
-
-    return wrapped
+    return cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
 
 
 def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:
@@ -224,20 +226,26 @@ def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:
     return n // kv
 
 
+def kv_head_dim(model):
+    """name -> head_dim for the weights holding kv heads on dim 0 (``kv_projections``), else None."""
+    import re
+
+    rules = [(re.compile(rx), d) for rx, d in model.kv_projections()]
+    return lambda name: next((d for rx, d in rules if rx.search(name)), None)
+
+
 def planned_shapes(model, mesh_shape, scheme: sharding.Scheme):
     """(the scheme with the model's own plan, name -> (shape, dtype) as ``lift`` will place them):
     for checking whether a scheme fits before lifting anything."""
-    import re
-
     import numpy as np
 
     scheme = sharding.get_scheme(scheme).with_model_plan(model.parallel_plan())
     copies = kv_head_copies(model, mesh_shape, scheme)
-    rules = [re.compile(rx) for rx, _ in model.kv_projections()] if copies > 1 else []
+    head_dim = kv_head_dim(model)
     shapes = {}
     for name, t in model.state_dict().items():
         shape = tuple(t.shape)
-        if any(rx.search(name) for rx in rules):
+        if copies > 1 and head_dim(name):
             shape = (shape[0] * copies, *shape[1:])
         shapes[name] = (shape, np.float32)
     return scheme, shapes
@@ -248,12 +256,10 @@ def replicate_kv_heads(weights: dict, model, copies: int) -> dict:
     for tp > kv heads: query heads group under their kv head by position, so group i of the wider
     layout reads a copy of the same head as before, and every device holds only the copy its query
     heads use instead of the whole projection."""
-    import re
-
-    rules = [(re.compile(rx), d) for rx, d in model.kv_projections()]
+    head_dim = kv_head_dim(model)
     out = dict(weights)
     for name, w in weights.items():
-        d = next((d for rx, d in rules if rx.search(name)), None)
+        d = head_dim(name)
         if d is not None:
             heads = w.shape[0] // d
             out[name] = jnp.repeat(jnp.asarray(w).reshape(heads, d, *w.shape[1:]), copies, axis=0).reshape(
@@ -326,7 +332,6 @@ def lift_checkpoint(
     # Two tensors in flight: reading one overlaps placing the other. Measured on SmolLM2: 1 worker
     # 0.9 s / 1.23x the checkpoint at peak, 2 workers 0.5-0.8 s / 1.26x, 4 workers 0.75 s / 1.37-1.41x.
     weights = checkpoints.map_tensors(place, placements, f"placing {path.name}", workers=2)
-    fn = cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
-    return Lifted(model, fn, weights, mesh, scheme, placements)
+    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements)
 
 

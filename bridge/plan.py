@@ -27,7 +27,7 @@ import model_torch
 import sharding
 from bridge import hlo
 from bridge import programs
-from bridge.lift import Lifted, constrain, extract_fn, jax_dtype
+from bridge.lift import Lifted, extract_fn, jax_dtype, lifted_fn
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
 ACCELERATORS = {
@@ -64,7 +64,7 @@ def abstract_lifted(model, mesh, scheme, fallback: str) -> Lifted:
     weights = {
         k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
     }
-    return Lifted(model, constrain(fn, model, mesh, scheme), weights, mesh, scheme, placements)
+    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements)
 
 
 def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
