@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,30 +66,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def atomic_directory(dst: Path):
-    """A temporary sibling directory to fill; ``commit()`` renames it to ``dst``, else it is removed."""
-
-    class _Tmp:
-        def __enter__(self):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-            return self
-
-        def commit(self):
-            from bridge.files import normal_mode
-
-            normal_mode(self.path, directory=True)  # mkdtemp's 0700 would hide it from other users
-            for f in self.path.iterdir():
-                normal_mode(f)
-            os.replace(self.path, dst) if not dst.exists() else shutil.rmtree(self.path)
-
-        def __exit__(self, *exc):
-            if self.path.exists():
-                shutil.rmtree(self.path, ignore_errors=True)
-
-    return _Tmp()
-
-
 def write_checkpoint(state: dict, config: dict, tokenizer, dst: Path, max_shard_bytes: int = 2 << 30) -> Path:
     """A plain HF checkpoint directory (safetensors, sharded with an index past ``max_shard_bytes``,
     config.json, tokenizer), written into a temporary sibling and renamed: never half-written."""
@@ -107,6 +81,8 @@ def write_checkpoint(state: dict, config: dict, tokenizer, dst: Path, max_shard_
         shards[-1][name] = t.detach().contiguous()
         size += nbytes
     config = {k: v for k, v in config.items() if k != "quantization_config"}  # a GGUF origin no longer applies
+    from bridge.files import atomic_directory
+
     with atomic_directory(Path(dst)) as tmp:
         if len(shards) == 1:
             save_file(shards[0], tmp.path / "model.safetensors", metadata={"format": "pt"})

@@ -152,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--timeout", type=POSITIVE_FLOAT, default=60.0, help="seconds for the processes to join (default 60)")
     la.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- forward --checkpoint tiny-llama ...")
 
+    ck = sub.add_parser("check", help="eager torch vs lifted (1 device, and the scheme): per-module error, first "
+                                      "divergence, ops torchax cannot lower; exit 1 on any divergence")  # fmt: skip
+    _common(ck)
+    ck.add_argument("--input-ids", help="comma-separated token ids (default: 16 fixed pseudo-random ids)")
+    ck.add_argument("--tolerance", type=POSITIVE_FLOAT, default=None,
+                    help="max relative error per module (default: 1e-4 for float32, 3e-2 for bfloat16)")
+    ck.add_argument("--rows", type=POSITIVE, default=None, help="show at most this many module rows")
+    ck.add_argument("--json", action="store_true")
+
+    ex = sub.add_parser("export", help="serialize the jitted forward, prefill and decode step (jax.export, "
+                                       "StableHLO) with the weights: runs with JAX alone")  # fmt: skip
+    _common(ex)
+    ex.add_argument("--out", required=True, help="the directory to create (written atomically; must not exist)")
+    ex.add_argument("--batch", type=POSITIVE, default=1)
+    ex.add_argument("--prompt-len", type=POSITIVE, default=64,
+                    help="prompt tokens the exported prefill takes (shorter prompts are left-padded)")  # fmt: skip
+    ex.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="KV-cache room for new tokens")
+
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
     c.add_argument("dst", help="the directory to create (written atomically; must not exist)")
@@ -431,6 +449,35 @@ def cmd_launch(args) -> int:
     return distributed.launch(rest, args.processes, args.devices_per_process, args.timeout)
 
 
+def cmd_check(args) -> int:
+    ids = _parse_ids(args.input_ids) if args.input_ids is not None else None
+    devs = device_setup.setup(args.devices)
+    import sharding
+    from bridge import check
+
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    report = check.check_checkpoint(args.checkpoint, devs, args.scheme, mesh_overrides=sharding.parse_mesh(args.mesh),
+                                    input_ids=ids, dtype=args.dtype, quantize=args.quantize, fallback=args.fallback,
+                                    implementation=args.implementation, tolerance=args.tolerance,
+                                    progress=progress)  # fmt: skip
+    print(json.dumps(report.to_json()) if args.json else check.format_check(report, args.rows))
+    return 0 if report.ok else 1
+
+
+def cmd_export(args) -> int:
+    from bridge import export
+    from bridge.files import check_output
+
+    check_output(args.out, "--out", kind="dir")
+    lifted = _setup(args, with_tokenizer=True)
+    t0 = time.perf_counter()
+    out = export.export_causal_lm(lifted, args.out, batch=args.batch, prompt_len=args.prompt_len,
+                                  max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s; run it with JAX alone: "
+          f"python {out}/run_exported.py --input-ids 1,2,3")  # fmt: skip
+    return 0
+
+
 def cmd_convert(args) -> int:
     from bridge import checkpoints
 
@@ -449,6 +496,8 @@ COMMANDS = {
     "plan": cmd_plan,
     "launch": cmd_launch,
     "convert": cmd_convert,
+    "check": cmd_check,
+    "export": cmd_export,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,29 @@ def atomic_write(path, mode: str = "w"):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_directory(dst: Path):
+    """A temporary sibling directory to fill; ``commit()`` renames it to ``dst``, else it is removed."""
+    dst = Path(dst)
+
+    class _Tmp:
+        def __enter__(self):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+            return self
+
+        def commit(self):
+            normal_mode(self.path, directory=True)  # mkdtemp's 0700 would hide it from other users
+            for f in self.path.iterdir():
+                normal_mode(f)
+            os.replace(self.path, dst) if not dst.exists() else shutil.rmtree(self.path)
+
+        def __exit__(self, *exc):
+            if self.path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+
+    return _Tmp()
 
 
 def _writable_dir(d: Path) -> str | None:

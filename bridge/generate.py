@@ -29,11 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bridge import programs
 from bridge.errors import GenerationError
 from bridge.lift import Lifted
-
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-NEW_TOKEN_BUCKET = 32  # cache lengths are rounded up to this, so nearby max_new_tokens share a compile
-
-
+from bridge.prompts import BUCKETS, NEW_TOKEN_BUCKET, cache_length, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,19 +262,9 @@ class Generator:
             longest = keep
         bucket = next(b for b in BUCKETS if b >= longest)
         # Cache columns may run past the context (padding); RoPE positions never do.
-        cache_len = bucket + -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
-        batch = len(prompt_ids)
-        ids = np.full((batch, bucket), self.pad_id, dtype=np.int32)
-        key_mask = np.ones((batch, cache_len), dtype=np.int32)
-        positions = np.zeros((batch, bucket), dtype=np.int32)
-        pads = []
-        for r, p in enumerate(prompt_ids):
-            pad = bucket - len(p)
-            ids[r, pad:] = p
-            key_mask[r, :pad] = 0
-            positions[r, pad:] = np.arange(len(p))
-            pads.append(pad)
-        return prompt_ids, ids, positions, key_mask, np.asarray(pads), cache_len
+        cache_len = cache_length(bucket, max_new_tokens)
+        ids, positions, key_mask, pads = left_pad(prompt_ids, bucket, cache_len, self.pad_id)
+        return prompt_ids, ids, positions, key_mask, pads, cache_len
 
     def generate_ids(
         self,

@@ -1,10 +1,13 @@
 """The core flow: torch module -> ``torchax.extract_jax`` -> weights on a mesh by rule table -> jit.
 
-    lifted = lift(model, mesh, "tp")           # weights placed by sharding.SCHEMES["tp"]
-    logits = lifted.forward(input_ids)         # jitted, compiled once per input shape
+    lifted = lift(my_module, mesh, [(r"blocks\.\d+\.fc1\.weight$", ("model", None)), (r".*", ())])
+    out = lifted(images, mask=mask)            # jitted, compiled once per input shape
+
+    lm = lift(causal_lm, mesh, "tp")           # a causal LM: weights by sharding.SCHEMES["tp"]
+    logits = lm.forward(input_ids)
 
 ``lifted.fn(weights, args, kwargs)`` is the pure JAX function of the module's ``forward``; everything
-else (generation, profiling, comparisons) is built on it.
+else (generation, profiling, checking, exporting, comparisons) is built on it.
 """
 
 from __future__ import annotations
@@ -109,14 +112,79 @@ def cut_padded_vocab(fn, model, placements):
     return cut
 
 
+def as_scheme(table) -> sharding.Scheme:
+    """A ``Scheme`` from a scheme, a built-in name or rules file, or a list of ``(regex, spec)`` rows
+    (a table written in a script: its mesh axes are taken from the specs, in order)."""
+    if isinstance(table, (list, tuple)):
+        return sharding.scheme_from_rows("custom", table)
+    return sharding.get_scheme(table)
+
+
 @dataclasses.dataclass
-class Lifted:
+class LiftedModule:
+    """Any ``nn.Module`` lifted: its weights on a mesh, its forward a pure JAX function.
+
+    ``lifted(*args, **kwargs)`` runs the jitted forward: tensor inputs (torch, numpy or jax) are put
+    on the mesh with their first dim over the scheme's batch axes (replicated when those do not
+    divide it); anything else (ints, flags, None) is a static argument. Outputs keep the module's
+    structure (a tensor, a tuple, a dict) with jax arrays in place of tensors. One compile per input
+    shape and static value, as ``jax.jit``.
+    """
+
     model: torch.nn.Module
-    fn: Any  # fn(weights, args_tuple, kwargs_dict) -> (logits, kv_cache)
+    fn: Any  # fn(weights, args_tuple, kwargs_dict) -> the forward's outputs as jax arrays
     weights: dict[str, jax.Array]  # or jax.ShapeDtypeStruct for an abstract plan
     mesh: Mesh
     scheme: sharding.Scheme
     placements: dict[str, sharding.Placement]
+
+    def __post_init__(self):
+        self._calls = {}
+
+    def input_sharding(self, batch: int, rank: int = 2) -> NamedSharding:
+        return NamedSharding(self.mesh, sharding.batch_spec(self.scheme, self.mesh, batch, rank))
+
+    def put(self, x) -> jax.Array:
+        """A tensor input on the mesh, dim 0 over the batch axes (a scalar: replicated)."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            return sharding.put_global(x, NamedSharding(self.mesh, sharding.P()))
+        return sharding.put_global(x, self.input_sharding(x.shape[0], x.ndim))
+
+    def report(self) -> dict:
+        return sharding.report(self.placements, dict(self.mesh.shape))
+
+    def jitted(self, args: tuple, kwargs: dict, name: str = "forward"):
+        """(the jitted call for these arguments' structure and static values, its array arguments).
+        ``name`` names the program (profiles and HLO dumps tell programs apart by it)."""
+        leaves, tree = jax.tree.flatten((tuple(args), dict(kwargs)))
+        is_array = tuple(isinstance(x, (torch.Tensor, np.ndarray, jax.Array)) for x in leaves)
+        statics = tuple(x for x, a in zip(leaves, is_array) if not a)
+        arrays = [self.put(x) for x, a in zip(leaves, is_array) if a]
+        key = (tree, is_array, statics, name)
+        if key not in self._calls:
+
+            def call(weights, arrays):
+                it, st = iter(arrays), iter(statics)
+                a, k = jax.tree.unflatten(tree, [next(it) if arr else next(st) for arr in is_array])
+                return self.fn(weights, a, k)
+
+            call.__name__ = call.__qualname__ = name
+            self._calls[key] = jax.jit(call)
+        return self._calls[key], arrays
+
+    def __call__(self, *args, **kwargs):
+        call, arrays = self.jitted(args, kwargs)
+        return call(self.weights, arrays)
+
+
+@dataclasses.dataclass
+class Lifted(LiftedModule):
+    """A causal LM lifted (a ``model_torch.contract.CausalLMContract``): ``fn`` returns
+    ``(logits, kv_cache)``; generation, the KV cache on the mesh and the LM commands build on it."""
+
     tokenizer: Any = None  # set by bridge.models.open_model when the checkpoint has one
     source: str = ""  # what it was opened from
     # Each kv head repeated this many times in the k/v weights and the cache, so a tensor-parallel
@@ -124,18 +192,13 @@ class Lifted:
     kv_head_copies: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         self._forward = {}
 
     # -- specs ----------------------------------------------------------------------------------
-    def input_sharding(self, batch: int, rank: int = 2) -> NamedSharding:
-        return NamedSharding(self.mesh, sharding.batch_spec(self.scheme, self.mesh, batch, rank))
-
     def kv_sharding(self, batch: int) -> NamedSharding:
         spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads * self.kv_head_copies)
         return NamedSharding(self.mesh, spec)
-
-    def report(self) -> dict:
-        return sharding.report(self.placements, dict(self.mesh.shape))
 
     # -- forward --------------------------------------------------------------------------------
     def logits_fn(self, weights, input_ids):
@@ -176,18 +239,34 @@ class Lifted:
         return self.forward_jit(ids.shape[0]).lower(self.weights, ids).compile()
 
 
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` states the causal-LM contract (KV cache, heads, plans) to the bridge."""
+    from model_torch.contract import CausalLMContract
+
+    return isinstance(model, CausalLMContract)
+
+
 def lift(
     model: torch.nn.Module,
     mesh: Mesh,
-    scheme: sharding.Scheme | str = "tp",
+    scheme="tp",
     *,
     fallback: str = "error",
-) -> Lifted:
-    """Lifts ``model`` with torchax and places its weights on ``mesh`` by ``scheme``'s rule table.
+) -> LiftedModule:
+    """Lifts ``model`` with torchax and places its weights on ``mesh`` by a rule table: a
+    ``sharding.Scheme``, a built-in scheme name or rules file, or a list of ``(regex, spec)`` rows.
 
+    Any ``nn.Module`` gives a ``LiftedModule``. A causal LM (``CausalLMContract``: our model_torch
+    families, transformers models through the adapter) gives a ``Lifted``, with what the model
+    states about itself applied on top: its own tensor-parallel plan and head layout, fused
+    projections split, kv heads repeated for a wide head axis, activations pinned for fsdp.
     Every placement is validated before anything is put on a device.
     """
-    scheme = sharding.get_scheme(scheme)
+    scheme = as_scheme(scheme)
+    if not is_causal_lm(model):
+        weights, fn = extract(model)
+        placed, placements = sharding.shard(weights, mesh, scheme, fallback=fallback)
+        return LiftedModule(model, fn, placed, mesh, scheme, placements)
     if scheme.head_axis and mesh.shape.get(scheme.head_axis, 1) > 1:
         model.split_fused_projections()
     weights, fn = extract(model)

@@ -29,12 +29,22 @@ from bridge import hlo
 LAYER_PATTERN = re.compile(r"((?:model\.|gpt_neox\.)?layers\.\d+)(\.(?:self_attn|attention|mlp))?")
 
 
+def named_blocks(model) -> list:
+    """(scope name, module) of the blocks a profile names: a causal LM's own ``named_blocks()``
+    (decoder layers and their attention and MLP blocks); for any other module, every submodule
+    that has submodules (``blocks.3``, ``blocks.3.attn``), leaves being too fine to read."""
+    from bridge.lift import is_causal_lm
+
+    if is_causal_lm(model):
+        return model.named_blocks()
+    return [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.children())]
+
+
 @contextlib.contextmanager
 def named_modules_scope(model) -> Iterator[None]:
-    """While active, each of the model's ``named_blocks()`` (decoder layers and their attention and
-    MLP blocks) runs inside ``jax.named_scope(its name)``."""
+    """While active, each of the model's ``named_blocks`` runs inside ``jax.named_scope(its name)``."""
     handles, open_scopes = [], {}
-    for short, module in model.named_blocks():
+    for short, module in named_blocks(model):
 
         def pre(mod, args, short=short):
             cm = jax.named_scope(short)
@@ -197,15 +207,9 @@ def summarize(path, top: int = 10, scopes=None) -> dict:
     }
 
 
-def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-bridge-trace", batch=1, seq=32) -> dict:
-    """Compiles and warms up outside the trace, then traces ``steps`` steps, each in a
-    StepTraceAnnotation. Returns the summary (with ``logdir`` and ``xplane``)."""
-    from bridge import programs
-
-    with named_modules_scope(lifted.model):  # a fresh trace, so the scopes land in the program
-        fn, args = programs.step_program(lifted, mode, batch, seq)
-        compiled = fn.lower(*args).compile()
-    run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
+def trace_steps(run, steps: int, logdir, scopes) -> dict:
+    """Runs ``run()`` once to warm up, then ``steps`` times inside ``jax.profiler.trace``, each in a
+    StepTraceAnnotation; returns the trace's summary (with ``logdir`` and ``xplane``)."""
     jax.block_until_ready(run())  # warm-up, outside the trace
     Path(logdir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -215,9 +219,35 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
                 jax.block_until_ready(run())
     traced_s = time.perf_counter() - t0
     path = find_xplane(logdir)
-    summary = summarize(path, scopes={name for name, _ in lifted.model.named_blocks()})
+    summary = summarize(path, scopes=scopes)
     summary.update(logdir=str(logdir), xplane=str(path), traced_seconds=traced_s)
     return summary
+
+
+def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-bridge-trace", batch=1, seq=32) -> dict:
+    """A causal LM's forward or decode step: compiled and warmed up outside the trace, then
+    ``steps`` steps traced. Returns the summary."""
+    from bridge import programs
+
+    with named_modules_scope(lifted.model):  # a fresh trace, so the scopes land in the program
+        fn, args = programs.step_program(lifted, mode, batch, seq)
+        compiled = fn.lower(*args).compile()
+    run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
+    return trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
+
+
+def profile_call(lifted, args=(), kwargs=None, steps: int = 3, logdir="/tmp/torchax-bridge-trace") -> dict:
+    """Any lifted module's jitted forward on ``args``/``kwargs``, traced like ``profile``, with time
+    per named block (``named_blocks``)."""
+    import dataclasses
+
+    fresh = dataclasses.replace(lifted)  # its own jit cache: traced again under the scopes
+    with named_modules_scope(lifted.model):
+        # A program name of its own: the trace keys op names by program name.
+        call, arrays = fresh.jitted(tuple(args), dict(kwargs or {}), name=f"profiled_{type(lifted.model).__name__}")
+        compiled = call.lower(lifted.weights, arrays).compile()
+    run = lambda: compiled(lifted.weights, arrays)  # noqa: E731
+    return trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
 
 
 def format_summary(s: dict) -> str:
