@@ -1,4 +1,4 @@
-"""The core flow: torch module -> ``torchax.extract_jax`` -> weights on a mesh by rule table -> jit.
+r"""The core flow: torch module -> ``torchax.extract_jax`` -> weights on a mesh by rule table -> jit.
 
     lifted = lift(my_module, mesh, [(r"blocks\.\d+\.fc1\.weight$", ("model", None)), (r".*", ())])
     out = lifted(images, mask=mask)            # jitted, compiled once per input shape

@@ -222,6 +222,15 @@ ROWS = [
     ("convert-dst-exists", ["convert", "{good}", "{root}/lone"], ["lone", "already exists"], None),
     ("convert-dst-under-file", ["convert", "{good}", "{a_file}/out"], ["convert destination", "file"], "{a_file}/out"),
     ("convert-preset", ["convert", "tiny-llama", "{root}/conv-d"], ["preset", "real checkpoint"], "{root}/conv-d"),
+    # check and export
+    ("check-ckpt-missing", ["check", "--checkpoint", "{root}/nope", *IDS], ["not found"], None),
+    ("check-ids-outside-vocab", ["check", *TINY, "--input-ids", f"1,{VOCAB}"], [str(VOCAB), "vocabulary"], None),
+    ("check-tolerance-0", ["check", *TINY, "--tolerance", "0"], ["--tolerance", "positive"], None),
+    ("check-unknown-scheme", ["check", *TINY, "--scheme", "nope"], ["nope"], None),
+    ("export-out-exists", ["export", *TINY, "--out", "{prior_compare}"], ["prior_compare", "already exists"], None),
+    ("export-out-under-file", ["export", *TINY, "--out", "{a_file}/exp"], ["--out", "file"], "{a_file}/exp"),
+    ("export-past-context", ["export", *TINY, "--out", "{root}/exp-a", "--prompt-len", str(CONTEXT)], ["context", "--prompt-len"], "{root}/exp-a"),
+    ("export-broken-config", ["export", "--checkpoint", "{broken_config}", "--out", "{root}/exp-b"], ["config.json"], "{root}/exp-b"),
     # launch
     ("launch-unknown-command", ["launch", "--", "nosuchcommand"], ["nosuchcommand"], None),
     ("launch-nothing", ["launch"], ["nothing to launch"], None),
@@ -240,7 +249,8 @@ def test_table_is_large_and_covers_every_command():
     assert len(ROWS) >= 40
     assert len({r[0] for r in ROWS}) == len(ROWS)
     commands = {r[1][0] for r in ROWS}
-    assert {"forward", "generate", "shardings", "compare", "profile", "plan", "launch", "convert"} <= commands
+    assert {"forward", "generate", "shardings", "compare", "profile", "plan", "launch", "convert", "check",
+            "export"} <= commands  # fmt: skip
 
 
 @pytest.mark.parametrize("row_id,argv,needles,out_path", ROWS, ids=[r[0] for r in ROWS])

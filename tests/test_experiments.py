@@ -45,6 +45,16 @@ def test_example_05_moe_expert_parallel():
     assert "all-reduce" in out
 
 
+def test_example_06_your_own_module(tmp_path):
+    out = run(["examples/06_your_own_module.py", "--logdir", str(tmp_path)])
+    assert "trunk.0.mixer.qkv.weight" in out and "P('model',)" in out  # the script's own table
+    for key in ("logits", "tokens"):
+        err = float(out.split(f"{key}: shape")[1].split("max rel. error vs eager ")[1].split()[0])
+        assert err < 1e-5
+    assert "OK: every module within" in out
+    assert "time per named layer" in out and "trunk.3.mixer" in out
+
+
 def test_compare_writes_csv_md_png_with_a_row_per_scheme(tmp_path):
     schemes = ["replicated", "tp", "fsdp", "dp", "dp_tp", "ep_tp"]
     run(["-m", "bridge", "compare", "--checkpoint", "tiny-llama", "--devices", "8", "--schemes", ",".join(schemes),
