@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
+    p.add_argument("--no-cache", action="store_true",
+                   help="trace and compile from scratch: skip the caches of traced programs and XLA executables "
+                        "under $TORCHAX_BRIDGE_CACHE (same as TORCHAX_BRIDGE_NO_CACHE=1)")  # fmt: skip
     p.add_argument("--implementation", choices=["auto", "model_torch", "transformers"], default="auto",
                    help="the model definition: our model_torch rewrite, transformers' own class (any causal LM), "
                         "or auto (ours where we have one; default)")  # fmt: skip
@@ -314,7 +317,8 @@ def cmd_generate(args) -> int:
     if not args.json:
         r = results[0]
         print(
-            f"[mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: compile {r.compile_seconds:.2f} s, "
+            f"[mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: compile {r.compile_seconds:.2f} s "
+            f"({r.compile_detail}), "
             f"prefill {r.prefill_seconds * 1000:.1f} ms, decode {r.decode_tokens_per_second:.1f} tokens/s]",
             file=sys.stderr,
         )
@@ -506,6 +510,10 @@ def main(argv=None) -> int:
     line on stderr naming the problem and the fix), 130 interrupted (Ctrl-C; nothing half-written)."""
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "no_cache", False):  # read by bridge.compile_cache (which imports jax: not yet)
+            import os
+
+            os.environ["TORCHAX_BRIDGE_NO_CACHE"] = "1"
         return COMMANDS[args.command](args)
     except BridgeError as e:
         print(f"torchax-bridge: error: {e}".replace("\n", " "), file=sys.stderr)

@@ -102,13 +102,11 @@ def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 6
     knobs = greedy.knobs()
 
     def prefill(w, ids, positions, key_mask, pads, limit):
-        state = gen._prefill(w, ids, positions, key_mask, pads, 0, limit, knobs, cache_len=cache_len, n_out=n_out,
-                             sampling=greedy)  # fmt: skip
-        return dict(state, key=jax.random.key_data(state["key"]))  # a plain uint32 array crosses the boundary
+        return gen._prefill(w, ids, positions, key_mask, pads, 0, limit, knobs, cache_len=cache_len, n_out=n_out,
+                            sampling=greedy)  # fmt: skip
 
     def decode_step(w, state):
-        state = gen._decode_step(w, dict(state, key=jax.random.wrap_key_data(state["key"])), sampling=greedy)
-        return dict(state, key=jax.random.key_data(state["key"]))
+        return gen._decode_step(w, state, sampling=greedy)
 
     prefill_args = (w, rows((batch, prompt_len)), rows((batch, prompt_len)), rows((batch, cache_len)),
                     scalar((batch,)), scalar())  # fmt: skip

@@ -100,6 +100,7 @@ class Result:
     compile_seconds: float
     decode_seconds: float
     decode_tokens_per_second: float
+    compile_detail: str = ""  # trace / lower / compile seconds and what came from a cache
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,6 +154,7 @@ class Generator:
         self.pad_id = pad_id if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self._compiled: dict = {}
         self.last_compile_seconds = 0.0
+        self.last_compile = None  # compile_cache.CompileStats of the last request
 
     # -- building blocks (pure JAX) --------------------------------------------------------------
     def _prefill(self, weights, ids, positions, key_mask, pads, seed, limit, knobs, *, cache_len: int, n_out: int, sampling: Sampling):
@@ -174,7 +176,7 @@ class Generator:
             out=jnp.full((batch, n_out), self.pad_id, jnp.int32).at[:, 0].set(token),
             step=jnp.asarray(1, jnp.int32),
             limit=limit,
-            key=jax.random.fold_in(key, 1),
+            key=jax.random.key_data(jax.random.fold_in(key, 1)),  # raw uint32: the state crosses jax.export
         )
 
     def _decode_step(self, weights, state, *, sampling: Sampling):
@@ -184,7 +186,8 @@ class Generator:
             self.lifted, weights, state["token"], state["cache"], state["column"], state["positions"], state["key_mask"]
         )
         step = state["step"]
-        token = sample_logits(logits, jax.random.fold_in(state["key"], step), sampling, state["knobs"])
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
+        token = sample_logits(logits, key, sampling, state["knobs"])
         token = jnp.where(state["done"], self.pad_id, token)
         done = state["done"] | jnp.isin(token, self.eos)
         return dict(
@@ -206,12 +209,19 @@ class Generator:
 
     # -- compiling ------------------------------------------------------------------------------
     def _compile(self, name: str, fn, args, donate=()):
+        """Compiled once per program name and argument shapes for the life of the Generator, and
+        through ``compile_cache`` across processes (a second run traces and compiles nothing)."""
+        from bridge import compile_cache
+
         key = (name, str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), args[1:])))
         if key not in self._compiled:
-            t0 = time.perf_counter()
-            compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+            lifted = self.lifted
+            context = (repr(lifted.model), repr(lifted.model.config), repr(lifted.scheme), lifted.kv_head_copies,
+                       np.asarray(self.eos).tolist(), self.pad_id)  # fmt: skip
+            compiled, stats = compile_cache.compile_program(name, fn, args, donate=donate, context=context)
             self._compiled[key] = compiled
-            self.last_compile_seconds += time.perf_counter() - t0
+            self.last_compile.add(stats)
+            self.last_compile_seconds += stats.total_s
         return self._compiled[key]
 
     # -- public API -----------------------------------------------------------------------------
@@ -277,7 +287,10 @@ class Generator:
     ) -> dict:
         """Generates for a batch of token-id prompts. ``on_token(tokens[B])`` streams each step
         (then the loop runs from Python); otherwise the decode loop runs on device."""
+        from bridge.compile_cache import CompileStats
+
         self.last_compile_seconds = 0.0
+        self.last_compile = CompileStats()
         prompt_ids, ids, positions, key_mask, pads, cache_len = self._prepare(prompt_ids, max_new_tokens, truncate)
         batch, plen = ids.shape
         in_shard = self.lifted.input_sharding(batch)
@@ -338,6 +351,7 @@ class Generator:
             token_ids=results,
             prefill_seconds=prefill_s,
             compile_seconds=self.last_compile_seconds,
+            compile_detail=self.last_compile.describe(),
             decode_seconds=decode_s,
             decode_tokens_per_second=decoded / decode_s if decode_s > 0 and decoded else 0.0,
             steps=steps,
@@ -401,6 +415,7 @@ class Generator:
                 compile_seconds=out["compile_seconds"],
                 decode_seconds=out["decode_seconds"],
                 decode_tokens_per_second=out["decode_tokens_per_second"],
+                compile_detail=out["compile_detail"],
             )
             for p, pi, t in zip(prompts, out["prompt_ids"], out["token_ids"])
         ]

@@ -8,6 +8,10 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+# Compile caches off for the suite (CI starts empty, so they would only cost the writing);
+# tests/test_compile_cache.py switches them on in a directory of its own.
+os.environ["TORCHAX_BRIDGE_NO_CACHE"] = "1"
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
