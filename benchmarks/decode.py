@@ -1,12 +1,15 @@
 """Decode speed on this machine, measured side by side in one run.
 
-Same weights (SmolLM2-135M-Instruct, fp32), a 32-token prompt, 128 new tokens, greedy:
-  * ours: jitted prefill + on-device decode loop (donated KV cache), 1 device;
+Same weights (SmolLM2-135M-Instruct), a 32-token prompt, 128 new tokens, greedy, one row per engine
+and batch:
+  * ours: jitted prefill + on-device decode loop (donated KV cache), 1 device: fp32, int8
+    weight-only (per-channel scales), bf16 weights, and transformers' own class behind the adapter;
   * HF transformers ``generate`` in torch eager with its default cache;
+  * llama.cpp (``llama_cpp_peer``) on the same weights as F32 and Q8_0 GGUFs, when importable;
   * the machine's memory bandwidth (a large array copy: bytes read + written per second, the best of
     one thread and all cores) and the decode roofline ``bandwidth / weight bytes`` (each token reads
     every weight once).
-Then batch 8. Writes JSON to benchmarks/results/decode.json and prints a table.
+Each row's roofline uses its own weight bytes. Writes JSON to benchmarks/results/decode.json and prints a table.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3]
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama_cpp_peer
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -56,106 +60,113 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
+    os.environ.setdefault("TORCHAX_BRIDGE_NO_CACHE", "1")  # compile seconds measured cold, every run
 
     from bridge import checkpoints
     from bridge.files import atomic_write
     from bridge.generate import Generator
     from bridge.models import open_model
 
-    lifted = open_model("smollm2", devices=1, scheme="replicated", dtype="float32")
-    tok = lifted.tokenizer
-    ids = tok.encode(PROMPT)[: args.prompt_tokens]
-    assert len(ids) == args.prompt_tokens, "prompt too short for --prompt-tokens"
+    batches = [int(b) for b in args.batches.split(",")]
     n = args.new_tokens
+    copies = memory_bandwidth()
+    bandwidth = copies["best"]
 
-    gen = Generator(lifted, stop_at_eos=False)  # every run decodes exactly n tokens
-    # The same weights through transformers' own LlamaForCausalLM behind the adapter (the path any
-    # architecture we did not rewrite takes).
-    adapter = Generator(open_model("smollm2", devices=1, scheme="replicated", implementation="transformers"),
-                        stop_at_eos=False)  # fmt: skip
-    # bf16 weights (half the bytes): its own roofline; the matmuls accumulate in fp32.
-    bf16_lifted = open_model("smollm2", devices=1, scheme="replicated", dtype="bfloat16")
-    bf16 = Generator(bf16_lifted, stop_at_eos=False)
+    def weight_bytes(lifted) -> int:
+        return sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in lifted.weights.values())
 
-    def ours(batch: int, gen=gen) -> dict:
-        runs = [gen.generate_ids([ids] * batch, n) for _ in range(args.repeats + 1)]  # first compiles
-        best = max(runs[1:], key=lambda r: r["decode_tokens_per_second"])
-        return {
-            "tokens_per_second": best["decode_tokens_per_second"],
-            "per_sequence_tokens_per_second": best["decode_tokens_per_second"] / batch,
-            "prefill_seconds": best["prefill_seconds"],
-            "compile_seconds": runs[0]["compile_seconds"],
-            "token_ids": best["token_ids"][0],
-        }
+    rows: list[dict] = []
+    ids = None
+
+    def add(engine: str, batch: int, rate: float, nbytes: int, tokens: list[int], **extra) -> None:
+        rows.append({"engine": engine, "batch": batch, "tokens_per_second": rate, "weight_bytes": nbytes,
+                     # each step reads every weight once for `batch` tokens
+                     "roofline_tokens_per_second": bandwidth / nbytes * batch,
+                     "fraction_of_roofline": rate / (bandwidth / nbytes * batch), "token_ids": tokens, **extra})  # fmt: skip
+        print(f"  {engine:<28} batch {batch}: {rate:7.1f} tokens/s", file=sys.stderr, flush=True)
+
+    # Ours: fp32 (model_torch), int8 weight-only, bf16, and transformers' own class behind the adapter.
+    engines = [
+        ("ours fp32", dict()),
+        ("ours int8 (weight-only)", dict(quantize="int8")),
+        ("ours bf16", dict(dtype="bfloat16")),
+        ("ours fp32, transformers class", dict(implementation="transformers")),
+    ]
+    for engine, kw in engines:
+        lifted = open_model("smollm2", devices=1, scheme="replicated", **kw)
+        if ids is None:
+            ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
+            assert len(ids) == args.prompt_tokens, "prompt too short for --prompt-tokens"
+        gen = Generator(lifted, stop_at_eos=False)  # every run decodes exactly n tokens
+        for batch in batches:
+            runs = [gen.generate_ids([ids] * batch, n) for _ in range(args.repeats + 1)]  # the first compiles
+            best = max(runs[1:], key=lambda r: r["decode_tokens_per_second"])
+            add(engine, batch, best["decode_tokens_per_second"], weight_bytes(lifted), best["token_ids"][0],
+                prefill_seconds=best["prefill_seconds"], compile_seconds=runs[0]["compile_seconds"])  # fmt: skip
+        del gen, lifted
 
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(checkpoints.smollm2_dir(), dtype=torch.float32).eval()
-
-    def hf_generate(batch: int) -> dict:
+    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    for batch in batches:
         x = torch.tensor([ids] * batch)
         rates, out = [], None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            rates.append(batch * n / (time.perf_counter() - t0))
-        return {"tokens_per_second": max(rates), "token_ids": out[0, len(ids) :].tolist()}
+            rates.append(batch * n / (time.perf_counter() - t0))  # prefill included: HF's own generate
+        add("HF transformers eager", batch, max(rates), hf_bytes, out[0, len(ids):].tolist())
+    del hf
 
-    copies = memory_bandwidth()
-    bandwidth = copies["best"]
-    weight_bytes = sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in lifted.weights.values())
-    roofline = bandwidth / weight_bytes
-    bf16_bytes = sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in bf16_lifted.weights.values())
-    rows = {}
-    for batch in (1, 8):
-        o, a, b, h = ours(batch), ours(batch, adapter), ours(batch, bf16), hf_generate(batch)
-        rows[batch] = {
-            "ours_tokens_per_second": o["tokens_per_second"],
-            "bf16_tokens_per_second": b["tokens_per_second"],
-            "bf16_vs_fp32": b["tokens_per_second"] / o["tokens_per_second"],
-            "bf16_fraction_of_its_roofline": b["tokens_per_second"] / (bandwidth / bf16_bytes * batch),
-            "bf16_same_greedy_tokens_as_fp32_first_16": b["token_ids"][:16] == o["token_ids"][:16],
-            "adapter_tokens_per_second": a["tokens_per_second"],
-            "adapter_vs_model_torch": a["tokens_per_second"] / o["tokens_per_second"],
-            "adapter_same_greedy_tokens_as_hf": a["token_ids"] == h["token_ids"],
-            "hf_tokens_per_second": h["tokens_per_second"],
-            "speedup_vs_hf": o["tokens_per_second"] / h["tokens_per_second"],
-            # batch B reads the weights once per step for B tokens
-            "roofline_tokens_per_second": roofline * batch,
-            "fraction_of_roofline": o["tokens_per_second"] / (roofline * batch),
-            "prefill_seconds": o["prefill_seconds"],
-            "compile_seconds": o["compile_seconds"],
-            "same_greedy_tokens_as_hf": o["token_ids"] == h["token_ids"],
-        }
+    import llama_cpp_peer
+
+    if llama_cpp_peer.available():
+        src = checkpoints.smollm2_gguf()
+        for qtype in ("F32", "Q8_0"):
+            path = llama_cpp_peer.write_gguf(src, checkpoints.cache_dir() / f"smollm2-135m-instruct.{qtype}.gguf", qtype)
+            r = llama_cpp_peer.decode(path, ids, n, args.repeats, os.cpu_count())
+            add(f"llama.cpp {qtype}", 1, r["tokens_per_second"], r["weight_bytes"], r["token_ids"])
+    else:
+        print("  llama.cpp: llama_cpp not importable (pip install llama-cpp-python==0.3.36), rows left out",
+              file=sys.stderr)  # fmt: skip
+
+    # Comparisons within this run.
+    by = {(r["engine"], r["batch"]): r for r in rows}
+    hf_tokens = by[("HF transformers eager", 1)]["token_ids"]
+    for r in rows:
+        base = by.get(("ours fp32", r["batch"]))
+        r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
+        r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
+    peer = by.get(("llama.cpp F32", 1))
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "model": "SmolLM2-135M-Instruct fp32",
+        "model": "SmolLM2-135M-Instruct",
         "prompt_tokens": len(ids),
         "new_tokens": n,
         "memory_bandwidth_bytes_per_second": bandwidth,
         "memory_bandwidth_copies": copies,
-        "weight_bytes": weight_bytes,
-        "bf16_weight_bytes": bf16_bytes,
-        "decode_roofline_tokens_per_second_batch1": roofline,
-        "batches": rows,
+        "ours_fp32_vs_llama_cpp_f32": by[("ours fp32", 1)]["tokens_per_second"] / peer["tokens_per_second"] if peer else None,
+        "rows": rows,
     }
     with atomic_write(args.out) as fh:
         json.dump(result, fh, indent=2)
 
-    print(f"memory bandwidth (1 GiB copy, best of 1 thread and {torch.get_num_threads()}): {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB; "
-          f"roofline {roofline:.1f} tokens/s at batch 1")  # fmt: skip
-    print(f"{'batch':>5} {'ours tok/s':>11} {'adapter':>8} {'adapt/ours':>10} {'bf16':>7} {'bf16/fp32':>9} "
-          f"{'HF tok/s':>9} {'ours/HF':>8} {'roofline':>9} {'of roofline':>12} {'same tokens':>12}")  # fmt: skip
-    for batch, r in rows.items():
-        same = r["same_greedy_tokens_as_hf"] and r["adapter_same_greedy_tokens_as_hf"]
-        print(f"{batch:>5} {r['ours_tokens_per_second']:>11.1f} {r['adapter_tokens_per_second']:>8.1f} "
-              f"{r['adapter_vs_model_torch']:>9.0%} {r['bf16_tokens_per_second']:>7.1f} {r['bf16_vs_fp32']:>8.0%} "
-              f"{r['hf_tokens_per_second']:>9.1f} "
-              f"{r['speedup_vs_hf']:>7.2f}x {r['roofline_tokens_per_second']:>9.1f} "
-              f"{r['fraction_of_roofline']:>11.0%} {str(same):>12}")  # fmt: skip
+    print(f"memory bandwidth (1 GiB copy, best of 1 thread and {torch.get_num_threads()}): {bandwidth / 1e9:.1f} GB/s; "
+          f"roofline = bandwidth / weight bytes x batch")  # fmt: skip
+    print(f"{'engine':<30} {'batch':>5} {'tok/s':>7} {'weights MB':>10} {'roofline':>9} {'of roofline':>11} "
+          f"{'vs ours fp32':>12} {'same as HF':>10}")  # fmt: skip
+    for r in rows:
+        vs = f"{r['vs_ours_fp32']:.2f}x" if r["vs_ours_fp32"] else "-"
+        print(f"{r['engine']:<30} {r['batch']:>5} {r['tokens_per_second']:>7.1f} {r['weight_bytes'] / 1e6:>10.0f} "
+              f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} {vs:>12} "
+              f"{str(r['same_greedy_tokens_as_hf']):>10}")  # fmt: skip
+    if peer:
+        print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%}")
     print(f"written to {args.out}")
     return 0
 
