@@ -373,9 +373,12 @@ def check_keys(expected, found, optional=frozenset()) -> None:
     missing = sorted(set(expected) - set(found) - set(optional))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
+        def some(keys):  # one line stays readable: the first few keys and how many in all
+            return "none" if not keys else f"{keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+
         raise CheckpointError(
-            "checkpoint keys do not match the model: missing in checkpoint: "
-            f"{missing or 'none'}; unexpected in checkpoint: {unexpected or 'none'}"
+            f"checkpoint keys do not match the model: missing in checkpoint: {some(missing)}; "
+            f"unexpected in checkpoint: {some(unexpected)}"
         )
     for name, shape in found.items():
         if tuple(expected[name]) != tuple(shape):

@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the model on this mesh; a scheme named here that does not fit is a row saying why)")  # fmt: skip
     cmp.add_argument("--batch", type=POSITIVE, default=8)
     cmp.add_argument("--seq", type=POSITIVE, default=64, help="tokens per row (forward) or KV cache length (decode)")
-    cmp.add_argument("--mode", choices=["forward", "decode"], default="forward")
+    cmp.add_argument("--mode", choices=["forward", "decode", "train"], default="forward",
+                     help="what one step is: a forward, a decode step, or an AdamW training step (then the rows "
+                          "show gradient and optimizer bytes per device too)")  # fmt: skip
     cmp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per scheme (median, min, max)")
     cmp.add_argument("--out", default="compare-out", help="directory for compare.csv, compare.md, compare.png")
 
@@ -172,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--prompt-len", type=POSITIVE, default=64,
                     help="prompt tokens the exported prefill takes (shorter prompts are left-padded)")  # fmt: skip
     ex.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="KV-cache room for new tokens")
+
+    tr = sub.add_parser("train", help="fine-tune on a text file: AdamW steps under a sharding scheme, loss curve, "
+                                      "a checkpoint generate loads; resumes from --out")  # fmt: skip
+    _common(tr, scheme_default="fsdp")
+    tr.add_argument("--data", required=True, help="a UTF-8 text file, tokenized and packed into --seq windows")
+    tr.add_argument("--steps", type=POSITIVE, default=20, help="optimizer steps to run now (a resumed run continues "
+                                                                "its step count)")  # fmt: skip
+    tr.add_argument("--batch", type=POSITIVE, default=4)
+    tr.add_argument("--seq", type=POSITIVE, default=128)
+    tr.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-4)
+    tr.add_argument("--weight-decay", type=_number(float, 0.0, what="a number >= 0"), default=0.0)
+    tr.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
+    tr.add_argument("--out", default=None, help="checkpoint directory to write (and to resume from when it holds "
+                                                "a training run)")  # fmt: skip
 
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
@@ -482,6 +498,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    if args.quantize != "none":
+        raise UsageError("an int8-quantized model cannot be trained; drop --quantize")
+    devs = device_setup.setup(args.devices)
+    import sharding
+    from bridge import train
+
+    result = train.run(args.checkpoint, args.data, devices=devs, scheme=args.scheme,
+                       mesh_overrides=sharding.parse_mesh(args.mesh), steps=args.steps, batch=args.batch,
+                       seq=args.seq, lr=args.lr, weight_decay=args.weight_decay, remat=args.remat, out=args.out,
+                       dtype=args.dtype, fallback=args.fallback, implementation=args.implementation,
+                       log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    losses = result["losses"]
+    run = losses[len(losses) - args.steps:]
+    print(f"steps {run[0]['step']}..{run[-1]['step']}: loss {run[0]['loss']:.4f} -> {run[-1]['loss']:.4f}")
+    b = result["bytes_per_device"]
+    print(f"per device: parameters {b['params']:,} B, gradients {b['grads']:,} B, optimizer {b['optimizer']:,} B")
+    if result["out"] is not None:
+        print(f"written to {result['out']} (loss.csv, loss.png; generate --checkpoint {result['out']})")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from bridge import checkpoints
 
@@ -502,6 +540,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "check": cmd_check,
     "export": cmd_export,
+    "train": cmd_train,
 }
 
 

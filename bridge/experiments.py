@@ -16,6 +16,7 @@ import numpy as np
 import sharding
 from bridge import hlo
 from bridge import programs
+from bridge.errors import UsageError
 from bridge.files import atomic_write
 from bridge.lift import lift
 
@@ -30,6 +31,8 @@ class Row:
     step_ms_min: float = float("nan")
     step_ms_max: float = float("nan")
     param_bytes_per_device: int = 0
+    grad_bytes_per_device: int = 0  # train mode: gradients, placed like the parameters
+    optimizer_bytes_per_device: int = 0  # train mode: AdamW's two moments
     peak_bytes_per_device: int = 0
     all_reduce: int = 0
     all_gather: int = 0
@@ -81,20 +84,35 @@ def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference
             lifted = lift(model, mesh, scheme, fallback=fallback)
     except sharding.ShardingError as e:
         return Row(scheme.name, "-", status=f"does not fit: {e}"), None
-    fn, args = programs.step_program(lifted, mode, batch, seq)
+    state_bytes = {}
+    if mode == "train":
+        from bridge import train
+
+        try:
+            train.check_trainable(lifted)
+        except UsageError as e:
+            return Row(scheme.name, "-", status=f"cannot train: {e}"), None
+        fn, args, state_bytes = train.step_program(lifted, batch, seq)
+    else:
+        fn, args = programs.step_program(lifted, mode, batch, seq)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     stats = hlo.compiled_stats(compiled)
     times, out = [], None
     for i in range(repeats + 1):
-        call_args = programs.rerun_args(mode, args)
+        call_args = args if mode == "train" else programs.rerun_args(mode, args)
         t0 = time.perf_counter()
         out = compiled(*call_args)
         jax.block_until_ready(out)
+        if mode == "train":  # the step donated its state: the next step takes the one it returned
+            first_loss = out[1] if i == 0 else first_loss
+            args = (out[0], args[1])
         if i:  # the first run warms caches
             times.append((time.perf_counter() - t0) * 1000)
-    logits = sharding.to_host(out if mode == "forward" else out[0])
+    if mode == "train":
+        out = first_loss  # compared across schemes: the first step's loss
+    logits = sharding.to_host(out if mode in ("forward", "train") else out[0])
     c = stats["collectives"]
     row = Row(
         scheme.name,
@@ -104,6 +122,8 @@ def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference
         step_ms_min=min(times),
         step_ms_max=max(times),
         param_bytes_per_device=lifted.report()["param_bytes_per_device"],
+        grad_bytes_per_device=state_bytes.get("grads", 0),
+        optimizer_bytes_per_device=state_bytes.get("optimizer", 0),
         peak_bytes_per_device=stats["memory"].get("peak_bytes", 0),
         all_reduce=c["all-reduce"]["count"],
         all_gather=c["all-gather"]["count"],
@@ -164,17 +184,18 @@ def write_outputs(rows: list[Row], out: Path, title: str) -> dict[str, Path]:
 
 
 def format_markdown(rows: list[Row], title: str) -> str:
-    head = ("| scheme | mesh | compile s | step ms (median [min, max]) | params/device | peak/device | "
-            "all-reduce | all-gather | reduce-scatter | all-to-all | coll. bytes | max rel diff |")  # fmt: skip
-    lines = [f"# {title}", "", head, "|" + " --- |" * 12]
+    head = ("| scheme | mesh | compile s | step ms (median [min, max]) | params/device | grads + optimizer/device | "
+            "peak/device | all-reduce | all-gather | reduce-scatter | all-to-all | coll. bytes | max rel diff |")  # fmt: skip
+    lines = [f"# {title}", "", head, "|" + " --- |" * 13]
     for r in rows:
         if r.status != "ok":
             status = r.status.replace("|", "\\|")  # rule regexes hold pipes
-            lines.append(f"| {r.scheme} | {r.mesh} | {status} |" + " |" * 9)
+            lines.append(f"| {r.scheme} | {r.mesh} | {status} |" + " |" * 10)
             continue
         lines.append(
             f"| {r.scheme} | {r.mesh} | {r.compile_s:.2f} | {r.step_ms_median:.2f} [{r.step_ms_min:.2f}, "
-            f"{r.step_ms_max:.2f}] | {r.param_bytes_per_device / 1e6:.2f} MB | {r.peak_bytes_per_device / 1e6:.2f} MB | "
+            f"{r.step_ms_max:.2f}] | {r.param_bytes_per_device / 1e6:.2f} MB | "
+            f"{(r.grad_bytes_per_device + r.optimizer_bytes_per_device) / 1e6:.2f} MB | {r.peak_bytes_per_device / 1e6:.2f} MB | "
             f"{r.all_reduce} | {r.all_gather} | {r.reduce_scatter} | {r.all_to_all} | {r.collective_bytes:,} | "
             f"{r.max_rel_diff:.1e} |"
         )
@@ -200,7 +221,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     a.set_xlabel("sharding scheme")
     a.set_title("step time")
     width = 0.38
-    b.bar(x - width / 2, [val(r, r.param_bytes_per_device / 2**20) for r in rows], width, label="parameters")
+    state = [val(r, (r.param_bytes_per_device + r.grad_bytes_per_device + r.optimizer_bytes_per_device) / 2**20) for r in rows]
+    label = "parameters + gradients + optimizer" if any(r.optimizer_bytes_per_device for r in rows) else "parameters"
+    b.bar(x - width / 2, state, width, label=label)
     b.bar(x + width / 2, [val(r, r.peak_bytes_per_device / 2**20) for r in rows], width, label="peak (compiled program)")
     for ax in (a, b):
         for i, r in enumerate(rows):

@@ -130,8 +130,14 @@ class Trainer:
         self.remat = remat
         self.loss_chunk = loss_chunk
         mesh = lifted.mesh
-        self.param_shardings = sharding.shardings_of(lifted.placements, mesh)
-        abstract = jax.eval_shape(optimizer.init, {k: jax.ShapeDtypeStruct(w.shape, w.dtype) for k, w in lifted.weights.items()})
+        # Parameters train; buffers (RoPE frequencies, masks) stay as they are.
+        names = {n for n, _ in lifted.model.named_parameters()}
+        self.trainable = [k for k in lifted.weights if k in names]
+        self.frozen = {k: w for k, w in lifted.weights.items() if k not in names}
+        placements = {k: lifted.placements[k] for k in self.trainable}
+        self.param_shardings = sharding.shardings_of(placements, mesh)
+        abstract = jax.eval_shape(optimizer.init, {k: jax.ShapeDtypeStruct(lifted.weights[k].shape, lifted.weights[k].dtype)
+                                                   for k in self.trainable})  # fmt: skip
         self.opt_shardings = self._like_params(abstract)
         replicated = NamedSharding(mesh, P())
         self.state_shardings = TrainState(replicated, self.param_shardings, self.opt_shardings)
@@ -151,18 +157,24 @@ class Trainer:
 
         return jax.tree_util.tree_map_with_path(pick, tree)
 
+    def params(self) -> dict:
+        """The lifted model's trainable weights (its parameters, not its buffers)."""
+        return {k: self.lifted.weights[k] for k in self.trainable}
+
     def init(self) -> TrainState:
         """Fresh optimizer state for the lifted weights (placed on the mesh, nothing on the host)."""
         init = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
-        params = dict(self.lifted.weights)
+        params = self.params()
         return TrainState(jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.lifted.mesh, P())), params,
                           init(params))  # fmt: skip
 
     # -- pure functions -----------------------------------------------------------------------------
     def loss(self, params: dict, ids: jax.Array) -> jax.Array:
+        """Mean next-token loss of ``ids`` [B, T] with the trainable ``params`` (the buffers are the
+        lifted model's own)."""
         ctx = remat_layers(self.lifted.model) if self.remat else contextlib.nullcontext()
         with ctx:
-            logits, _ = self.lifted.fn(params, (ids,), {})
+            logits, _ = self.lifted.fn({**self.frozen, **params}, (ids,), {})
         return next_token_nll(logits, ids, self.loss_chunk)
 
     def grads(self, params: dict, ids: jax.Array):
@@ -213,6 +225,18 @@ class Trainer:
         return {"params": params, "grads": params, "optimizer": per_device(state.opt_state)}
 
 
+def step_program(lifted: Lifted, batch: int, seq: int, lr: float = 1e-4):
+    """(the jitted AdamW step, its arguments (a fresh state, a batch of token ids), bytes per device
+    of parameters, gradients and optimizer state): one training step to measure (``compare --mode
+    train``). The step donates its state: run it again on the state it returns."""
+    import optax
+
+    trainer = Trainer(lifted, optax.adamw(lr))
+    state = trainer.init()
+    ids = trainer.put_batch(np.random.default_rng(0).integers(0, lifted.model.config.vocab_size, (batch, seq)))
+    return trainer.step_fn(batch), (state, ids), trainer.state_bytes_per_device(state)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data: a text file as packed sequences
 # ---------------------------------------------------------------------------------------------------
@@ -233,3 +257,186 @@ def batch_at(windows: np.ndarray, step: int, batch: int) -> np.ndarray:
     the step alone, so a resumed run sees the same batches as an uninterrupted one."""
     idx = (np.arange(batch) + step * batch) % len(windows)
     return windows[idx]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The `train` command: text in, a trained checkpoint out, resumable
+# ---------------------------------------------------------------------------------------------------
+STATE_FILE = "train_state.json"
+# safetensors content, named so that checkpoint loading (every *.safetensors file) skips it
+OPTIMIZER_FILE = "optimizer_state.st"
+
+
+def _opt_leaves(opt_state) -> dict[str, Any]:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+
+
+def save(out, trainer: Trainer, state: TrainState, hf_config: dict, tokenizer, losses: list[dict], title: str):
+    """``out`` as a HF checkpoint that ``generate --checkpoint out`` loads (config.json,
+    model.safetensors, the tokenizer), plus what resuming needs (optimizer_state.st,
+    train_state.json) and the curve (loss.csv, loss.png). Written to a temporary sibling and
+    swapped in: an interrupted save leaves the previous one whole."""
+    import csv
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.flax import save_file
+
+    from bridge.files import atomic_directory
+
+    out = Path(out)
+    stored = set(trainer.lifted.model.state_dict())  # persistent tensors only (no RoPE tables)
+    tensors = {**trainer.frozen, **state.params}
+    params = {k: torch.from_numpy(np.array(sharding.to_host(v))) for k, v in tensors.items() if k in stored}
+    with atomic_directory(out.with_name(f"{out.name}.new")) as tmp:
+        d = tmp.path
+        from bridge.checkpoints import write_checkpoint
+
+        write_checkpoint(params, hf_config, tokenizer, d / "model")
+        for f in (d / "model").iterdir():
+            f.rename(d / f.name)
+        (d / "model").rmdir()
+        save_file({k: jnp.asarray(sharding.to_host(v)) for k, v in _opt_leaves(state.opt_state).items()}, str(d / OPTIMIZER_FILE))
+        (d / STATE_FILE).write_text(json.dumps({"step": int(sharding.to_host(state.step))}))
+        with open(d / "loss.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["step", "loss", "tokens_per_second"])
+            w.writeheader()
+            w.writerows(losses)
+        plot_loss(losses, d / "loss.png", title)
+        tmp.commit()
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(out.with_name(f"{out.name}.new"), out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def plot_loss(losses: list[dict], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], marker="." if len(losses) < 60 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_resume(out, trainer: Trainer) -> tuple[TrainState, list[dict]]:
+    """The optimizer state, step and loss history saved in ``out``, placed like a fresh state."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = Path(out)
+    fresh = trainer.init()
+    shardings = _opt_leaves(trainer.opt_shardings)
+    leaves = {}
+    with safe_open(str(out / OPTIMIZER_FILE), framework="flax") as f:
+        for key in _opt_leaves(fresh.opt_state):
+            leaves[key] = jax.device_put(f.get_tensor(key), shardings[key])
+    treedef = jax.tree.structure(fresh.opt_state)
+    opt_state = jax.tree.unflatten(treedef, [leaves[k] for k in _opt_leaves(fresh.opt_state)])
+    step = json.loads((out / STATE_FILE).read_text())["step"]
+    with open(out / "loss.csv") as fh:
+        losses = [{"step": int(r["step"]), "loss": float(r["loss"]), "tokens_per_second": float(r["tokens_per_second"])}
+                  for r in csv.DictReader(fh)]  # fmt: skip
+    placed_step = jax.device_put(jnp.asarray(step, jnp.int32), NamedSharding(trainer.lifted.mesh, P()))
+    return TrainState(placed_step, fresh.params, opt_state), losses
+
+
+def run(
+    checkpoint: str,
+    data: str,
+    *,
+    devices,
+    scheme="fsdp",
+    mesh_overrides: Optional[dict] = None,
+    steps: int = 10,
+    batch: int = 4,
+    seq: int = 128,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    remat: bool = False,
+    out=None,
+    dtype: str = "float32",
+    fallback: str = "error",
+    implementation: str = "auto",
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """``torchax-bridge train``: packs ``data`` (a text file) into windows of ``seq`` tokens, runs
+    ``steps`` AdamW steps of ``batch`` windows, and (with ``out``) saves a checkpoint. When ``out``
+    already holds a training run, it resumes from it: its weights, optimizer state and step count."""
+    import time
+    from pathlib import Path
+
+    import optax
+
+    from bridge import checkpoints
+    from bridge.lift import lift
+
+    out = Path(out) if out else None
+    resume = out is not None and (out / STATE_FILE).is_file()
+    if out is not None and out.exists() and not resume:
+        raise UsageError(f"--out {out} exists and holds no training run to resume; pick a new path")
+    if out is not None and not resume:
+        from bridge.files import check_output
+
+        check_output(out, "--out", kind="dir")
+    try:
+        text = Path(data).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --data {data}: {e}") from None
+    scheme = sharding.get_scheme(scheme)
+    mesh = sharding.mesh_for(scheme, len(devices), mesh_overrides or {}, list(devices))
+    source = str(out) if resume else checkpoint
+    if out is not None and checkpoints.resolve(source)[0] == "preset":
+        raise UsageError(f"{source} is a preset with no transformers config to save with the weights; drop --out "
+                         f"or train a checkpoint directory")  # fmt: skip
+    loaded = checkpoints.load(source, dtype, with_tokenizer=True, implementation=implementation)
+    if loaded.tokenizer is None:
+        raise UsageError(f"{source} has no tokenizer, so the text of --data cannot be tokenized; use a checkpoint "
+                         f"saved with its tokenizer")  # fmt: skip
+    names_before = set(loaded.model.state_dict())
+    lifted = lift(loaded.model, mesh, scheme, fallback=fallback)
+    if out is not None and not set(lifted.weights) <= names_before:
+        raise UsageError(f"under {scheme.name} this model's fused projections are split, so the trained weights "
+                         f"would not load as the original architecture; train with fsdp or dp")  # fmt: skip
+    windows = pack(loaded.tokenizer.encode(text), seq)
+    trainer = Trainer(lifted, optax.adamw(lr, weight_decay=weight_decay), remat=remat)
+    state, losses = load_resume(out, trainer) if resume else (trainer.init(), [])
+    first = int(sharding.to_host(state.step))
+    log(f"{len(windows)} windows of {seq} tokens from {data}; {scheme.name} on {dict(mesh.shape)}; "
+        f"{'resuming at step ' + str(first) if resume else 'fresh'}")  # fmt: skip
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    step_fn = trainer.step_fn(batch).lower(state, trainer.put_batch(batch_at(windows, first, batch))).compile()
+    log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
+    bar = tqdm(range(first, first + steps), desc="train", unit="step", disable=not progress)
+    for i in bar:
+        ids = trainer.put_batch(batch_at(windows, i, batch))
+        t0 = time.perf_counter()
+        state, loss = step_fn(state, ids)
+        loss = float(sharding.to_host(loss))
+        rate = batch * seq / (time.perf_counter() - t0)
+        losses.append({"step": i + 1, "loss": loss, "tokens_per_second": rate})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+    bytes_per_device = trainer.state_bytes_per_device(state)
+    if out is not None:
+        config = loaded.hf_config.to_dict() if hasattr(loaded.hf_config, "to_dict") else dict(loaded.hf_config)
+        save(out, trainer, state, config, loaded.tokenizer, losses, f"{Path(checkpoint).name}: {scheme.name}")
+    return {"losses": losses, "first_step": first, "bytes_per_device": bytes_per_device, "out": out}

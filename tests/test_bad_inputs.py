@@ -231,6 +231,14 @@ ROWS = [
     ("export-out-under-file", ["export", *TINY, "--out", "{a_file}/exp"], ["--out", "file"], "{a_file}/exp"),
     ("export-past-context", ["export", *TINY, "--out", "{root}/exp-a", "--prompt-len", str(CONTEXT)], ["context", "--prompt-len"], "{root}/exp-a"),
     ("export-broken-config", ["export", "--checkpoint", "{broken_config}", "--out", "{root}/exp-b"], ["config.json"], "{root}/exp-b"),
+    # train
+    ("train-data-missing", ["train", *TINY, "--data", "{root}/no-text.txt"], ["--data", "no-text.txt"], None),
+    ("train-no-tokenizer", ["train", *TINY, "--data", "{notes.txt}"], ["no tokenizer", "--data"], None),
+    ("train-int8", ["train", *TINY, "--data", "{notes.txt}", "--quantize", "int8"], ["int8", "--quantize"], None),
+    ("train-lr-0", ["train", *TINY, "--data", "{notes.txt}", "--lr", "0"], ["--lr", "positive"], None),
+    ("train-steps-0", ["train", *TINY, "--data", "{notes.txt}", "--steps", "0"], ["--steps", "positive"], None),
+    ("train-out-not-a-run", ["train", *TINY, "--data", "{notes.txt}", "--out", "{prior_compare}"], ["prior_compare", "no training run"], None),
+    ("train-preset-out", ["train", "--checkpoint", "tiny-llama", "--devices", "1", "--data", "{notes.txt}", "--out", "{root}/tr-a"], ["preset", "--out"], "{root}/tr-a"),
     # launch
     ("launch-unknown-command", ["launch", "--", "nosuchcommand"], ["nosuchcommand"], None),
     ("launch-nothing", ["launch"], ["nothing to launch"], None),
@@ -250,7 +258,7 @@ def test_table_is_large_and_covers_every_command():
     assert len({r[0] for r in ROWS}) == len(ROWS)
     commands = {r[1][0] for r in ROWS}
     assert {"forward", "generate", "shardings", "compare", "profile", "plan", "launch", "convert", "check",
-            "export"} <= commands  # fmt: skip
+            "export", "train"} <= commands  # fmt: skip
 
 
 @pytest.mark.parametrize("row_id,argv,needles,out_path", ROWS, ids=[r[0] for r in ROWS])
