@@ -47,7 +47,7 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
         data = data.reshape([int(d) for d in reversed(t.shape.tolist())])
         if qtype == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
             packed = quants.quantize(data, Q.Q8_0)
-            writer.add_tensor(t.name, packed, raw_shape=data.shape, raw_dtype=Q.Q8_0)
+            writer.add_tensor(t.name, packed, raw_dtype=Q.Q8_0)  # shape from the packed bytes
         else:
             writer.add_tensor(t.name, data)
     writer.write_header_to_file()
