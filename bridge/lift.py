@@ -190,6 +190,7 @@ class Lifted(LiftedModule):
     # Each kv head repeated this many times in the k/v weights and the cache, so a tensor-parallel
     # axis wider than the kv head count still splits them (see ``replicate_kv_heads``).
     kv_head_copies: int = 1
+    scan_layers: bool = False  # the decoder stack is one scan over stacked weights (bridge.scan)
 
     def __post_init__(self):
         super().__post_init__()
@@ -252,6 +253,7 @@ def lift(
     scheme="tp",
     *,
     fallback: str = "error",
+    scan_layers: bool = False,
 ) -> LiftedModule:
     """Lifts ``model`` with torchax and places its weights on ``mesh`` by a rule table: a
     ``sharding.Scheme``, a built-in scheme name or rules file, or a list of ``(regex, spec)`` rows.
@@ -261,8 +263,16 @@ def lift(
     states about itself applied on top: its own tensor-parallel plan and head layout, fused
     projections split, kv heads repeated for a wide head axis, activations pinned for fsdp.
     Every placement is validated before anything is put on a device.
+
+    ``scan_layers``: the decoder stack runs as one ``jax.lax.scan`` over weights stacked on a
+    leading layer dim (``bridge.scan``; model_torch families), so it compiles one layer, not all.
     """
     scheme = as_scheme(scheme)
+    if scan_layers and not hasattr(type(model), "run_layers"):
+        from bridge.errors import UsageError
+
+        raise UsageError(f"{type(model).__name__} has no run_layers loop to scan; --scan-layers needs a model_torch "
+                         f"family (llama, mistral, qwen2, mixtral, gpt_neox, grok)")  # fmt: skip
     if not is_causal_lm(model):
         weights, fn = extract(model)
         placed, placements = sharding.shard(weights, mesh, scheme, fallback=fallback)
@@ -274,10 +284,21 @@ def lift(
     copies = kv_head_copies(model, dict(mesh.shape), scheme)
     if copies > 1:
         weights = replicate_kv_heads(weights, model, copies)
-    placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
+    if scan_layers:
+        from bridge import scan
+
+        weights = scan.stack_weights(model, weights)
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
+                                             fallback=fallback)  # fmt: skip
+        placed = {k: sharding.put_global(sharding.pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec))
+                  for k, v in weights.items()}  # fmt: skip
+        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
+    else:
+        placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
     del weights
     return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements, copies), placed, mesh, scheme, placements,
-                  kv_head_copies=copies)  # fmt: skip
+                  kv_head_copies=copies, scan_layers=scan_layers)  # fmt: skip
 
 
 def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies: int = 1):

@@ -35,6 +35,10 @@ class CausalLM(CausalLMContract):
     (``num_layers``, ``num_kv_heads``, ``head_dim``). Each family adds ``head_layout`` and the
     contract's class attributes."""
 
+    # Set by the bridge while it traces a scanned decoder stack (``bridge.scan.StackRunner``): a
+    # callable that runs ``run_layers``' loop as one scan. None: the layers run one after another.
+    stack_runner = None
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype activations run in: that of the first floating-point parameter (not int8)."""
@@ -63,6 +67,8 @@ class CausalLM(CausalLMContract):
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
         window = getattr(c, "sliding_window", None)
         mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[2], attention_mask, window)
+        if self.stack_runner is not None:
+            return self.stack_runner(layers, x, cos, sin, mask, kv_cache, cache_position)
         new_cache = None if kv_cache is None else []
         for i, layer in enumerate(layers):
             x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)

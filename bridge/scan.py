@@ -1,0 +1,163 @@
+"""The decoder stack as one ``jax.lax.scan`` over weights stacked on a leading layer dimension, so a
+model compiles one layer instead of every layer (MaxText's ``scan_layers``).
+
+The model keeps its one ``run_layers`` entry point and stays free of JAX: the bridge hands it a
+stack runner (``CausalLM.stack_runner``), as it hands torchax its lowerings. While the lifted
+function is traced, the runner takes the hidden state, the stacked weights and the stacked KV cache
+into JAX, and scans the first decoder layer's own torch forward over them (through torchax, with that
+layer's parameters swapped for the current slice).
+
+Names: every per-layer tensor ``model.layers.<i>.<rest>`` becomes one tensor ``model.layers.*.<rest>``
+of shape ``[num_layers, ...]``. Sharding rules are resolved on layer 0's name and shape, and the
+layer dim is never sharded, so one table serves both layouts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sharding
+
+
+def layer_prefix(model) -> str:
+    return model.DECODER_LAYERS + "."
+
+
+def stacked_name(model, name: str) -> str | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight`` (None for a
+    tensor outside the decoder stack)."""
+    m = re.match(re.escape(layer_prefix(model)) + r"(\d+)\.(.+)$", name)
+    return f"{layer_prefix(model)}*.{m.group(2)}" if m else None
+
+
+def stack_weights(model, weights: dict) -> dict:
+    """Per-layer tensors stacked under their ``*`` names; the rest as they are. Every layer must hold
+    the same tensors with the same shapes (a scan runs one body)."""
+    from bridge.errors import UsageError
+
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for name, w in weights.items():
+        s = stacked_name(model, name)
+        if s is None:
+            out[name] = w
+            continue
+        i = int(name[len(layer_prefix(model)) :].split(".", 1)[0])
+        groups.setdefault(s, {})[i] = w
+    n = len(model.decoder_layers())
+    for s, per_layer in groups.items():
+        shapes = {tuple(w.shape) for w in per_layer.values()}
+        if len(per_layer) != n or len(shapes) != 1:
+            raise UsageError(f"{s}: the decoder layers differ ({len(per_layer)} of {n} layers hold it, shapes "
+                             f"{sorted(shapes)}); this model cannot run as a scanned stack")  # fmt: skip
+        out[s] = jnp.stack([jnp.asarray(per_layer[i]) for i in range(n)])
+    return out
+
+
+def stacked_placements(model, shapes: dict, scheme, mesh_shape, *, head_layout=(), fallback="error") -> dict:
+    """Placements of the stacked layout: each stacked tensor placed as its layer-0 slice would be,
+    with an unsharded layer dim in front."""
+    import dataclasses
+
+    from jax.sharding import PartitionSpec as P
+
+    n = len(model.decoder_layers())
+    per_layer = {}
+    for name, (shape, dtype) in shapes.items():
+        if "*." in name:
+            per_layer[name.replace("*.", "0.", 1)] = (tuple(shape[1:]), dtype)
+        else:
+            per_layer[name] = (tuple(shape), dtype)
+    resolved = sharding.resolve_placements(per_layer, scheme, mesh_shape, head_layout=head_layout, fallback=fallback)
+    out = {}
+    for name in shapes:
+        if "*." in name:
+            p = resolved[name.replace("*.", "0.", 1)]
+            out[name] = dataclasses.replace(p, name=name, shape=(n, *p.shape), spec=P(None, *p.spec))
+        else:
+            out[name] = resolved[name]
+    return out
+
+
+def per_layer_views(model, weights: dict) -> dict:
+    """The full per-layer dict the extracted torch function expects, each layer's tensor a slice of
+    its stacked tensor (the runner reads the stacked tensors themselves; the slices go unused and
+    XLA drops them)."""
+    out = {}
+    for name, w in weights.items():
+        if "*." in name:
+            for i in range(w.shape[0]):
+                out[name.replace("*.", f"{i}.", 1)] = w[i]
+        else:
+            out[name] = w
+    return out
+
+
+class StackRunner:
+    """Runs ``model.run_layers``' loop as a scan; holds the stacked weights of the trace in flight."""
+
+    def __init__(self, model):
+        self.model = model
+        self.stacked: dict[str, jax.Array] = {}
+
+    def __call__(self, layers, x, cos, sin, mask, kv_cache, cache_position):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        from bridge.torchax_compat import import_torchax
+
+        env = import_torchax().default_env()
+        first = layers[0]
+        prefix = f"{layer_prefix(self.model)}*."
+        params = {name[len(prefix) :]: w for name, w in self.stacked.items() if name.startswith(prefix)}
+        cache = None
+        if kv_cache is not None:
+            keys = jnp.stack([env.t2j_iso(k) for k, _ in kv_cache])
+            values = jnp.stack([env.t2j_iso(v) for _, v in kv_cache])
+            cache = (keys, values)
+
+        def body(h, xs):
+            p, kv = xs
+            p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
+            with _reparametrize_module(first, p_t):
+                out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
+            return env.t2j_iso(out), (None if kv is None else env.t2j_iso(tuple(new_kv)))
+
+        h, new_cache = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
+        if new_cache is None:
+            return env.j2t_iso(h), None
+        k, v = new_cache
+        return env.j2t_iso(h), [env.j2t_iso((k[i], v[i])) for i in range(k.shape[0])]
+
+
+def scanned_fn(fn, model, runner: StackRunner):
+    """``fn`` (the extracted per-layer function) taking the stacked weights: while it is traced the
+    model's ``run_layers`` hands its loop to ``runner``."""
+
+    def call(weights, args, kwargs=None):
+        runner.stacked = {k: v for k, v in weights.items() if "*." in k}
+        model.stack_runner = runner
+        try:
+            return fn(per_layer_views(model, weights), args, kwargs)
+        finally:
+            model.stack_runner = None
+            runner.stacked = {}
+
+    return call
+
+
+def unstack_weights(weights: dict) -> dict:
+    """The per-layer layout of stacked weights (host arrays), e.g. to save a checkpoint."""
+    out = {}
+    for name, w in weights.items():
+        if "*." in name:
+            w = np.asarray(sharding.to_host(w))
+            for i in range(w.shape[0]):
+                out[name.replace("*.", f"{i}.", 1)] = w[i]
+        else:
+            out[name] = w
+    return out
