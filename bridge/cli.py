@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
+    p.add_argument("--scan-layers", action="store_true",
+                   help="run the decoder stack as one jax.lax.scan over weights stacked per layer: compiles one "
+                        "layer instead of all (model_torch families)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true",
                    help="trace and compile from scratch: skip the caches of traced programs and XLA executables "
                         "under $TORCHAX_BRIDGE_CACHE (same as TORCHAX_BRIDGE_NO_CACHE=1)")  # fmt: skip
@@ -234,7 +237,8 @@ def _setup(args, with_tokenizer: bool = True):
 
     lifted = open_model(args.checkpoint, devices=devs, scheme=args.scheme, mesh=sharding.parse_mesh(args.mesh),
                         dtype=args.dtype, quantize=args.quantize, fallback=args.fallback,
-                        with_tokenizer=with_tokenizer, implementation=args.implementation)  # fmt: skip
+                        with_tokenizer=with_tokenizer, implementation=args.implementation,
+                        scan_layers=args.scan_layers)  # fmt: skip
     for line in sharding.fallback_summary(lifted.placements):
         print(f"note: {line}", file=sys.stderr)
     return lifted
@@ -371,6 +375,8 @@ def cmd_shardings(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    if args.scan_layers:
+        raise UsageError("--scan-layers is not supported by compare yet; drop it")
     from bridge import experiments
     from bridge.files import check_output
 
@@ -470,6 +476,8 @@ def cmd_launch(args) -> int:
 
 
 def cmd_check(args) -> int:
+    if args.scan_layers:
+        raise UsageError("--scan-layers is not supported by check yet; drop it")
     ids = _parse_ids(args.input_ids) if args.input_ids is not None else None
     devs = device_setup.setup(args.devices)
     import sharding
@@ -499,6 +507,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.scan_layers:
+        raise UsageError("--scan-layers is not supported by train yet; drop it")
     if args.quantize != "none":
         raise UsageError("an int8-quantized model cannot be trained; drop --quantize")
     devs = device_setup.setup(args.devices)

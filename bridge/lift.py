@@ -199,6 +199,8 @@ class Lifted(LiftedModule):
     # -- specs ----------------------------------------------------------------------------------
     def kv_sharding(self, batch: int) -> NamedSharding:
         spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads * self.kv_head_copies)
+        if self.scan_layers:  # one stacked cache: a leading (unsharded) layer dim
+            spec = sharding.P(None, *spec)
         return NamedSharding(self.mesh, spec)
 
     # -- forward --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def open_model(
     fallback: str = "error",
     with_tokenizer: bool = True,
     implementation: str = "auto",
+    scan_layers: bool = False,
 ) -> Lifted:
     """Opens ``checkpoint`` (see ``checkpoints``: 'smollm2', a HF directory, a .gguf file, a preset)
     on a mesh of ``devices`` (a count, a list of jax devices, or None for all) laid out by ``scheme``
@@ -40,7 +41,8 @@ def open_model(
     scheme's. ``with_tokenizer=False`` never loads a tokenizer (token ids need none).
     ``implementation``: ``auto`` (our model_torch rewrite when the family has one, else
     transformers' own class through ``HFCausalLMAdapter``), ``model_torch`` or ``transformers``. Every input is
-    checked before any weight is placed; bad input raises a ``bridge.errors.BridgeError``."""
+    checked before any weight is placed; bad input raises a ``bridge.errors.BridgeError``.
+    ``scan_layers``: the decoder stack as one scan over stacked weights (``bridge.scan``)."""
     import sharding
 
     devs = list(devices) if isinstance(devices, (list, tuple)) else device_setup.setup(devices)
@@ -49,14 +51,15 @@ def open_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback summary is the caller's to print, once
         kind, path = checkpoints.resolve(checkpoint)
-        direct = implementation != "transformers" and quantize == "none"
+        # Direct-to-mesh loading reads the per-layer layout; a scanned stack loads, then stacks.
+        direct = implementation != "transformers" and quantize == "none" and not scan_layers
         if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
             lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback)
             lifted.tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
                                       implementation=implementation)  # fmt: skip
-            lifted = lift(loaded.model, jax_mesh, scheme, fallback=fallback)
+            lifted = lift(loaded.model, jax_mesh, scheme, fallback=fallback, scan_layers=scan_layers)
             lifted.tokenizer = loaded.tokenizer
     lifted.source = str(path) if path is not None else checkpoint
     return lifted

@@ -18,13 +18,17 @@ def kv_cache_layout(lifted: Lifted, batch: int, seq: int) -> list:
     ``init_kv_cache`` (built on the meta device: no memory), kv heads on the scheme's head axis."""
     shard = lifted.kv_sharding(batch)
     copies = lifted.kv_head_copies  # kv heads repeated to fill a wide head axis
-    return [
+    layers = lifted.model.init_kv_cache(batch, seq, device="meta")
+    # A scanned stack keeps one (keys, values) pair with a leading layer dim.
+    lead = (len(layers),) if lifted.scan_layers else ()
+    out = [
         tuple(
-            jax.ShapeDtypeStruct((t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
+            jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
             for t in layer
         )
-        for layer in lifted.model.init_kv_cache(batch, seq, device="meta")
+        for layer in layers
     ]
+    return out[:1] if lifted.scan_layers else out
 
 
 def empty_kv_cache(lifted: Lifted, batch: int, seq: int) -> list:

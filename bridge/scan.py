@@ -114,11 +114,15 @@ class StackRunner:
         first = layers[0]
         prefix = f"{layer_prefix(self.model)}*."
         params = {name[len(prefix) :]: w for name, w in self.stacked.items() if name.startswith(prefix)}
-        cache = None
+        cache, stacked_cache = None, False
         if kv_cache is not None:
-            keys = jnp.stack([env.t2j_iso(k) for k, _ in kv_cache])
-            values = jnp.stack([env.t2j_iso(v) for _, v in kv_cache])
-            cache = (keys, values)
+            # The bridge's own cache for a scanned model is stacked already (one [L, B, H, S, D]
+            # pair: ``programs.kv_cache_layout``); a per-layer list is stacked here.
+            stacked_cache = len(kv_cache) == 1 and kv_cache[0][0].ndim == 5
+            if stacked_cache:
+                cache = env.t2j_iso(tuple(kv_cache[0]))
+            else:
+                cache = (jnp.stack([env.t2j_iso(k) for k, _ in kv_cache]), jnp.stack([env.t2j_iso(v) for _, v in kv_cache]))
 
         def body(h, xs):
             p, kv = xs
@@ -131,6 +135,8 @@ class StackRunner:
         if new_cache is None:
             return env.j2t_iso(h), None
         k, v = new_cache
+        if stacked_cache:
+            return env.j2t_iso(h), [env.j2t_iso((k, v))]
         return env.j2t_iso(h), [env.j2t_iso((k[i], v[i])) for i in range(k.shape[0])]
 
 

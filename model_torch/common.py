@@ -66,7 +66,9 @@ class CausalLM(CausalLMContract):
         inv_freq = rope_inv_freq(rot_dim, c.rope_theta, getattr(c, "rope_scaling", None), x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
         window = getattr(c, "sliding_window", None)
-        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[2], attention_mask, window)
+        # The cache length is the keys' second-to-last dim, whatever the layout (a stacked cache has
+        # a leading layer dim).
+        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[-2], attention_mask, window)
         if self.stack_runner is not None:
             return self.stack_runner(layers, x, cos, sin, mask, kv_cache, cache_position)
         new_cache = None if kv_cache is None else []

@@ -44,3 +44,18 @@ def test_stacked_placements_follow_the_per_layer_table(devices):
         elif "model.layers." not in name:
             assert scanned.placements[name].spec == p.spec
     assert scanned.report()["param_bytes_per_device"] == unrolled.report()["param_bytes_per_device"]
+
+
+def test_generate_command_with_scan_layers(devices, capfd):
+    import json
+
+    from bridge import cli
+
+    argv = ["generate", "--checkpoint", "tiny-llama", "--input-ids", "5,6,7,8", "--max-new-tokens", "6", "--json",
+            "--devices", "2", "--scheme", "tp"]  # fmt: skip
+    assert cli.main(argv) == 0
+    want = json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    assert cli.main([*argv, "--scan-layers"]) == 0
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == want
+    assert cli.main(["train", "--checkpoint", "tiny-llama", "--data", __file__, "--scan-layers"]) == 2
+    assert "--scan-layers is not supported by train" in capfd.readouterr().err
