@@ -244,6 +244,11 @@ def _setup(args, with_tokenizer: bool = True):
     return lifted
 
 
+def _no_scan_layers(args) -> None:
+    if args.scan_layers:
+        raise UsageError(f"--scan-layers is not supported by {args.command} yet; drop it")
+
+
 def _no_chat_with_ids(args) -> None:
     if args.chat and args.input_ids is not None:
         raise UsageError("--chat applies the tokenizer's chat template to text; drop it with --input-ids")
@@ -375,8 +380,7 @@ def cmd_shardings(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    if args.scan_layers:
-        raise UsageError("--scan-layers is not supported by compare yet; drop it")
+    _no_scan_layers(args)
     from bridge import experiments
     from bridge.files import check_output
 
@@ -476,8 +480,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_check(args) -> int:
-    if args.scan_layers:
-        raise UsageError("--scan-layers is not supported by check yet; drop it")
+    _no_scan_layers(args)
     ids = _parse_ids(args.input_ids) if args.input_ids is not None else None
     devs = device_setup.setup(args.devices)
     import sharding
@@ -502,13 +505,12 @@ def cmd_export(args) -> int:
     out = export.export_causal_lm(lifted, args.out, batch=args.batch, prompt_len=args.prompt_len,
                                   max_new_tokens=args.max_new_tokens)  # fmt: skip
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s; run it with JAX alone: "
-          f"python {out}/run_exported.py --input-ids 1,2,3")  # fmt: skip
+          f"python -m bridge.exported {out} --input-ids 1,2,3")  # fmt: skip
     return 0
 
 
 def cmd_train(args) -> int:
-    if args.scan_layers:
-        raise UsageError("--scan-layers is not supported by train yet; drop it")
+    _no_scan_layers(args)
     if args.quantize != "none":
         raise UsageError("an int8-quantized model cannot be trained; drop --quantize")
     devs = device_setup.setup(args.devices)

@@ -110,3 +110,19 @@ def test_families_implement_the_contract():
         cache = model.init_kv_cache(2, 16, device="meta")
         assert cache[0][0].shape[1] == model.kv_cache_heads
         assert model.head_layout()
+
+
+def test_exported_loader_imports_no_torch():
+    """``bridge.exported`` runs exported programs with JAX alone: nothing it imports (transitively,
+    within the project) imports torch, torchax or transformers."""
+    graph, mods = import_graph(), project_modules()
+    seen, todo = set(), ["bridge.exported"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m] | ({"bridge"} if m.startswith("bridge.") else set())
+    for m in seen:
+        text = mods[m].read_text()
+        assert not re.search(r"^\s*(import|from)\s+(torch|torchax|transformers)\b", text, re.M), m
+    assert seen >= {"bridge.exported", "bridge.prompts"}
