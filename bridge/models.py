@@ -51,10 +51,9 @@ def open_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback summary is the caller's to print, once
         kind, path = checkpoints.resolve(checkpoint)
-        # Direct-to-mesh loading reads the per-layer layout; a scanned stack loads, then stacks.
-        direct = implementation != "transformers" and quantize == "none" and not scan_layers
+        direct = implementation != "transformers" and quantize == "none"
         if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
-            lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback)
+            lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback, scan_layers=scan_layers)
             lifted.tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
