@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=POSITIVE, default=1)
     pl.add_argument("--seq", type=POSITIVE, default=2048, help="tokens (forward) or KV-cache length (decode)")
     pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
+    pl.add_argument("--scan-layers", action="store_true",
+                    help="plan the scanned decoder stack: one full compile, exact temporaries and collectives")  # fmt: skip
     pl.add_argument("--json", action="store_true")
 
     la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")
@@ -459,7 +461,7 @@ def cmd_plan(args) -> int:
         if what is None:
             raise UsageError(f"{path}: no model_torch model for this model_type")
     result = planner.plan(what, mesh, scheme, dtype=args.dtype, mode=args.mode, batch=args.batch, seq=args.seq,
-                          fallback=args.fallback, device_memory=memory)  # fmt: skip
+                          fallback=args.fallback, device_memory=memory, scan_layers=args.scan_layers)  # fmt: skip
     print(json.dumps(result, indent=2, default=str) if args.json else planner.format_plan(result))
     return 0
 

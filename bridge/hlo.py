@@ -28,19 +28,50 @@ def _shape_bytes(shape_text: str) -> int:
     return total
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives in an optimized HLO module by kind: ``{kind: {"count": n, "bytes": result bytes}}``.
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?body=%?([\w.\-]+).*?known_trip_count\W+n\W+(\d+)")
 
-    Async pairs (``all-reduce-start``/``-done``) count once; bytes are each op's result size per device.
-    """
+
+def _trip_multipliers(hlo_text: str) -> list[tuple[str, int]]:
+    """(computation text, how many times it runs per call of the module): a ``while`` body with a
+    known trip count (a scanned layer stack) runs that many times its caller's count; every other
+    computation once."""
+    blocks, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if name is None and m:
+            name, lines = m.group(1), []
+        elif name is not None and line.startswith("}"):
+            blocks[name], name = "\n".join(lines), None
+        elif name is not None:
+            lines.append(line)
+    mult = {n: 1 for n in blocks}
+    for _ in range(8):  # nested loops: a few passes settle it
+        changed = False
+        for n, text in blocks.items():
+            for body, trips in _WHILE.findall(text):
+                want = mult[n] * int(trips)
+                if body in mult and mult[body] != want:
+                    mult[body], changed = want, True
+        if not changed:
+            break
+    return [(text, mult[n]) for n, text in blocks.items()] or [(hlo_text, 1)]
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collectives per run of an optimized HLO module by kind: ``{kind: {"count": n, "bytes":
+    result bytes}}``. Async pairs (``all-reduce-start``/``-done``) count once; bytes are each op's
+    result size per device; ops in a loop body with a known trip count (a scanned layer stack)
+    count once per iteration."""
     out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    for m in _INSTR.finditer(hlo_text):
-        shape = m.group("shape")
-        if m.group("start") and shape.startswith("("):  # start ops return (operands, results, ...)
-            parts = _ARRAY.findall(shape)
-            shape = " ".join(f"{d}[{s}]" for d, s in parts[len(parts) // 2 :])
-        out[m.group("op")]["count"] += 1
-        out[m.group("op")]["bytes"] += _shape_bytes(shape)
+    for text, times in _trip_multipliers(hlo_text):
+        for m in _INSTR.finditer(text):
+            shape = m.group("shape")
+            if m.group("start") and shape.startswith("("):  # start ops return (operands, results, ...)
+                parts = _ARRAY.findall(shape)
+                shape = " ".join(f"{d}[{s}]" for d, s in parts[len(parts) // 2 :])
+            out[m.group("op")]["count"] += times
+            out[m.group("op")]["bytes"] += times * _shape_bytes(shape)
     return out
 
 

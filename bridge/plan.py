@@ -6,10 +6,11 @@ placements resolved and validated by the scheme's rule table, and its forward (o
 with its KV cache) lowered and compiled for the mesh with abstract inputs
 (``jax.ShapeDtypeStruct`` carrying shardings).
 
-Layers are unrolled in the traced program, so compile time grows with depth. The plan therefore
-compiles the model with 1 and 2 layers and extrapolates linearly to the full depth (every decoder
-layer is identical); parameter and KV-cache bytes are exact, computed from the full model's
-placements. The output says which figures are extrapolated.
+Unrolled, compile time grows with depth, so the plan compiles the model with 1 and 2 layers and
+extrapolates linearly to the full depth (every decoder layer is identical). Scanned
+(``--scan-layers``), the whole model compiles once, so temporaries and collectives are exact.
+Parameter and KV-cache bytes are always exact, computed from the full model's placements. The
+output says which figures are extrapolated.
 """
 
 from __future__ import annotations
@@ -55,24 +56,46 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
     return model.eval()
 
 
-def abstract_lifted(model, mesh, scheme, fallback: str) -> Lifted:
+def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool = False) -> Lifted:
     """``model`` (on the meta device) lifted with abstract weights: each a ``ShapeDtypeStruct``
-    carrying its placement, validated by the scheme like a real one. Nothing is allocated."""
+    carrying its placement, validated by the scheme like a real one. Nothing is allocated.
+    ``scan_layers``: the stacked layout of ``bridge.scan`` (one scan over the layers)."""
     names, fn = extract_fn(model)
     shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
-    placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(), fallback=fallback)
+    if scan_layers:
+        from bridge import scan
+
+        groups: dict = {}
+        for k in list(shapes):
+            s_name = scan.stacked_name(model, k)
+            if s_name is not None:
+                groups.setdefault(s_name, []).append(shapes.pop(k))
+        shapes.update({k: ((len(v), *v[0][0]), v[0][1]) for k, v in groups.items()})
+        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
+                                             fallback=fallback)  # fmt: skip
+        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
+    else:
+        placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
+                                                 fallback=fallback)  # fmt: skip
     weights = {
         k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
     }
-    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements)
+    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements,
+                  scan_layers=scan_layers)  # fmt: skip
 
 
-def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str):
+def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str, scan_layers: bool = False):
     """(placements, compiled program) of the forward / one decode step over abstract sharded inputs:
     the same program ``compare`` and ``profile`` run (``programs.step_program``)."""
-    lifted = abstract_lifted(model, mesh, scheme, fallback)
+    lifted = abstract_lifted(model, mesh, scheme, fallback, scan_layers)
     program, args = programs.step_program(lifted, mode, batch, seq, abstract=True)
     return lifted.placements, program.lower(*args).compile()
+
+
+def _flops(stage) -> float:
+    cost = (stage.cost_analysis() or {}) if hasattr(stage, "cost_analysis") else {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0))
 
 
 def plan(
@@ -87,12 +110,18 @@ def plan(
     fallback: str = "error",
     probe_layers: tuple[int, int] = (1, 2),
     device_memory: Optional[int] = None,
+    scan_layers: bool = False,
 ) -> dict:
+    """Per-device memory, collectives and a roofline step estimate. Unrolled, the model is compiled
+    at ``probe_layers`` depths and extrapolated; scanned (``scan_layers``), it is compiled once at
+    full depth: temporaries and collectives exact (a loop body's collectives count once per layer),
+    and only the FLOPs extrapolated from 1- and 2-layer compiles (XLA's cost analysis counts a loop
+    body once)."""
     scheme = sharding.get_scheme(scheme)
     full = meta_model(preset_or_config, dtype)
     c = full.config
     mesh_shape = dict(mesh.shape)
-    lifted = abstract_lifted(full, mesh, scheme, fallback)
+    lifted = abstract_lifted(full, mesh, scheme, fallback, scan_layers)
     placements = lifted.placements
     rep = lifted.report()
     # The cache's bytes per device, from the same layout the decode program uses.
@@ -101,19 +130,27 @@ def plan(
         for s in jax.tree.leaves(programs.kv_cache_layout(lifted, batch, seq)):
             kv_bytes += math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
 
-    exact = c.num_layers <= max(probe_layers)
+    exact = scan_layers or c.num_layers <= max(probe_layers)
     probes = (c.num_layers,) if exact else probe_layers
     measured = {}
     for n in probes:
-        _, compiled = abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq, fallback)
+        model = full if scan_layers else meta_model(preset_or_config, dtype, n)
+        _, compiled = abstract_program(model, mesh, scheme, mode, batch, seq, fallback, scan_layers)
         stats = hlo.compiled_stats(compiled)
-        cost = (compiled.cost_analysis() or {}) if hasattr(compiled, "cost_analysis") else {}
-        cost = cost[0] if isinstance(cost, list) else cost
         measured[n] = {
             "collectives": stats["collectives"],
             "temp_bytes": stats["memory"].get("temp_size_in_bytes", 0),
-            "flops": float(cost.get("flops", 0.0)),
+            "flops": _flops(compiled),
         }
+    flops_note = None
+    if scan_layers and c.num_layers > 1:
+        # XLA's cost analysis counts a loop body once: FLOPs come from 1- and 2-layer unrolled
+        # compiles, scaled (the lowered, unoptimized programs count converts and layout ops as well,
+        # 6x more for grok-1).
+        f1, f2 = (_flops(abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq,
+                                          fallback)[1]) for n in (1, 2))  # fmt: skip
+        measured[c.num_layers]["flops"] = f1 + (f2 - f1) * (c.num_layers - 1)
+        flops_note = "FLOPs extrapolated from 1- and 2-layer compiles"
 
     def scaled(get):
         if exact:
@@ -167,6 +204,10 @@ def plan(
         "fits_without_temporaries": None if device_memory is None else param + kv_bytes <= device_memory,
         "estimates": estimates,
         "extrapolated": None if exact else f"compiled {probes[0]} and {probes[1]} layers, scaled to {c.num_layers}",
+        "scan_layers": scan_layers,
+        "compiled": f"the whole model once ({c.num_layers} layers, scanned)" if scan_layers else (
+            f"the whole model ({c.num_layers} layers)" if exact else f"{probes[0]} and {probes[1]} layers"),
+        "flops_note": flops_note,
         "fallbacks": sharding.fallback_summary(placements),
     }
 
@@ -193,6 +234,8 @@ def format_plan(p: dict) -> str:
                      f"{e['compute_seconds'] * 1e3:>11.2f} {e['collective_seconds'] * 1e3:>12.2f} {str(e['fits']):>5}")  # fmt: skip
     if p["extrapolated"]:
         lines.append(f"note: temporaries, collectives and FLOPs extrapolated ({p['extrapolated']}); parameter and KV bytes exact")
+    elif p.get("scan_layers"):
+        lines.append(f"note: compiled {p['compiled']}: temporaries and collectives exact; {p['flops_note'] or 'FLOPs exact'}")
     lines += [f"note: {f}" for f in p["fallbacks"]]
     return "\n".join(lines)
 

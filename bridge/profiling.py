@@ -233,7 +233,26 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
         fn, args = programs.step_program(lifted, mode, batch, seq)
         compiled = fn.lower(*args).compile()
     run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
-    return trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
+    summary = trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
+    if getattr(lifted, "scan_layers", False):
+        summary["layers_ms"] = per_layer_of_scan(summary["layers_ms"], lifted.model)
+    return summary
+
+
+def per_layer_of_scan(layers_ms: dict, model) -> dict:
+    """A scanned stack runs its first layer's modules as the loop body, so the trace files every
+    layer's time under ``layers.0``: shown as ``layers.*``, the step's time per layer (the body's
+    total over the layer count)."""
+    first = named_blocks(model)[0][0]  # e.g. "layers.0"
+    n = len(model.decoder_layers())
+    stem = first.rpartition(".")[0]
+    out = {}
+    for name, ms in layers_ms.items():
+        if name == first or name.startswith(first + "."):
+            out[f"{stem}.*{name[len(first):]} (per layer, {n} scanned)"] = ms / n
+        else:
+            out[name] = ms
+    return out
 
 
 def profile_call(lifted, args=(), kwargs=None, steps: int = 3, logdir="/tmp/torchax-bridge-trace") -> dict:

@@ -27,6 +27,19 @@ def test_plan_equals_the_real_placement_and_program(preset, scheme, devices):
     assert p["collectives"] == hlo.compiled_stats(compiled)["collectives"]
 
 
+@pytest.mark.parametrize("preset,scheme", [("tiny-llama", "tp"), ("tiny-mixtral", "fsdp")])
+def test_scanned_plan_equals_the_real_scanned_program(preset, scheme, devices):
+    """Scanned, the plan compiles the whole model once; its collectives (a loop body's counted once
+    per layer) equal the unrolled program's, and its bytes the real scanned placement's."""
+    mesh = sharding.mesh_for(scheme, 8, devices=devices)
+    p = planner.plan(preset, mesh, scheme, dtype="float32", mode="forward", batch=8, seq=16, scan_layers=True)
+    assert p["extrapolated"] is None and p["scan_layers"] and "once" in p["compiled"]
+    real = lift(checkpoints.load(preset).model, mesh, scheme, scan_layers=True)
+    assert p["param_bytes_per_device"] == sum(a.addressable_shards[0].data.nbytes for a in real.weights.values())
+    unrolled = lift(checkpoints.load(preset).model, mesh, scheme).compiled_forward(np.zeros((8, 16), np.int32))
+    assert p["collectives"] == hlo.compiled_stats(unrolled)["collectives"]
+
+
 def test_plan_int8_matches_real_int8_placement(devices):
     mesh = sharding.mesh_for("tp", 8, devices=devices)
     p = planner.plan("tiny-llama", mesh, "tp", dtype="int8", mode="forward", batch=1, seq=16)
@@ -62,6 +75,15 @@ def test_grok1_int8_tp8_plan_fits_and_is_cheap_to_compute():
     assert p["collectives"]["all-reduce"]["count"] >= 2 * 64
     assert p["extrapolated"] and "64" in p["extrapolated"]
     assert set(p["estimates"]) == {"H100", "H200", "TPU v5e", "TPU v5p"}
+    # Scanned: one full compile, the same parameter bytes and collectives, exact temporaries.
+    proc = subprocess.run([sys.executable, "-c", MEASURED, json.dumps([*args, "--scan-layers"])], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stderr.rsplit("PEAK_RSS_KIB", 1)[1].split()[0]) < 2 * 2**20
+    s = json.loads(proc.stdout)
+    assert s["extrapolated"] is None and "64 layers, scanned" in s["compiled"]
+    assert s["param_bytes_per_device"] == p["param_bytes_per_device"]
+    assert s["collectives"] == p["collectives"]
 
 
 @pytest.mark.parametrize("preset,scheme,n,dtype", [("llama-3-8b", "tp", 8, "bfloat16"), ("neox-20b", "tp", 8, "bfloat16"),

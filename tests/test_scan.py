@@ -82,3 +82,15 @@ def test_direct_to_mesh_loading_into_the_stacked_layout(tmp_path, devices):
         np.testing.assert_array_equal(np.asarray(direct.weights[k]), np.asarray(w))
     ids = np.random.default_rng(0).integers(0, 256, (1, 10)).astype(np.int32)
     assert max_rel(direct.forward(ids), loaded.forward(ids)) < RTOL
+
+
+def test_profile_of_a_scanned_stack_reports_time_per_layer(tmp_path, devices):
+    from bridge import profiling
+
+    model = model_torch.from_preset("tiny-llama")
+    lifted = lift(model, sharding.mesh_for("tp", 2, devices=devices[:2]), "tp", scan_layers=True)
+    summary = profiling.profile(lifted, "decode", steps=2, logdir=tmp_path, batch=1, seq=32)
+    n = model.config.num_layers
+    assert f"layers.*.self_attn (per layer, {n} scanned)" in summary["layers_ms"]
+    assert f"layers.*.mlp (per layer, {n} scanned)" in summary["layers_ms"]
+    assert not any(k.startswith("layers.1") for k in summary["layers_ms"])
