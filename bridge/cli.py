@@ -382,7 +382,8 @@ def cmd_shardings(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    _no_scan_layers(args)
+    if args.scan_layers and args.mode == "train":
+        _no_scan_layers(args)
     from bridge import experiments
     from bridge.files import check_output
 
@@ -410,7 +411,8 @@ def cmd_compare(args) -> int:
             print(f"note: default scheme {name} left out: {why}", file=sys.stderr)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     rows = experiments.compare(loaded.model, schemes, devs, args.mode, args.batch, args.seq, args.repeats,
-                               args.fallback, mesh=overrides, progress=progress)  # fmt: skip
+                               args.fallback, mesh=overrides, progress=progress,
+                               scan_layers=args.scan_layers)  # fmt: skip
     title = f"{args.checkpoint}: {args.mode}, batch {args.batch}, seq {args.seq}, {len(devs)} devices"
     paths = experiments.write_outputs(rows, out, title)
     print(experiments.format_markdown(rows, title))

@@ -74,14 +74,15 @@ def default_schemes(model, devices, mesh=None, fallback="error") -> tuple[list[s
     return fit, left_out
 
 
-def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None) -> tuple[Row, Optional[np.ndarray]]:
+def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None,
+               scan_layers: bool = False) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
     scheme = sharding.get_scheme(scheme_name)
     try:
         overrides = {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names}
         mesh = sharding.mesh_for(scheme, len(devices), overrides, devices=devices)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lifted = lift(model, mesh, scheme, fallback=fallback)
+            lifted = lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
     except sharding.ShardingError as e:
         return Row(scheme.name, "-", status=f"does not fit: {e}"), None
     state_bytes = {}
@@ -148,10 +149,12 @@ def compare(
     fallback: str = "error",
     mesh=None,
     progress=None,
+    scan_layers: bool = False,
 ) -> list[Row]:
     """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
-    against the unsharded run on one device. ``progress(line)`` hears of each scheme as it goes:
-    a scheme can take minutes to compile on a real model."""
+    against the unsharded, unrolled run on one device. ``progress(line)`` hears of each scheme as it
+    goes: a scheme can take minutes to compile on a real model. ``scan_layers``: each scheme runs the
+    scanned decoder stack (the reference stays unrolled)."""
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     say(f"[reference] replicated on 1 device: compiling and running {mode} ...")
@@ -161,7 +164,7 @@ def compare(
     for i, name in enumerate(schemes, 1):
         t0 = time.perf_counter()
         say(f"[{i}/{len(schemes)}] {name}: placing, compiling, {repeats} timed runs ...")
-        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback, mesh)
+        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback, mesh, scan_layers)
         rows.append(row)
         verdict = "done" if row.status == "ok" else "does not fit"
         say(f"[{i}/{len(schemes)}] {name}: {verdict} in {time.perf_counter() - t0:.1f} s")
@@ -183,6 +186,10 @@ def write_outputs(rows: list[Row], out: Path, title: str) -> dict[str, Path]:
     return {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
 
 
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes else "-"  # "-": not a training step
+
+
 def format_markdown(rows: list[Row], title: str) -> str:
     head = ("| scheme | mesh | compile s | step ms (median [min, max]) | params/device | grads + optimizer/device | "
             "peak/device | all-reduce | all-gather | reduce-scatter | all-to-all | coll. bytes | max rel diff |")  # fmt: skip
@@ -195,7 +202,7 @@ def format_markdown(rows: list[Row], title: str) -> str:
         lines.append(
             f"| {r.scheme} | {r.mesh} | {r.compile_s:.2f} | {r.step_ms_median:.2f} [{r.step_ms_min:.2f}, "
             f"{r.step_ms_max:.2f}] | {r.param_bytes_per_device / 1e6:.2f} MB | "
-            f"{(r.grad_bytes_per_device + r.optimizer_bytes_per_device) / 1e6:.2f} MB | {r.peak_bytes_per_device / 1e6:.2f} MB | "
+            f"{_mb(r.grad_bytes_per_device + r.optimizer_bytes_per_device)} | {r.peak_bytes_per_device / 1e6:.2f} MB | "
             f"{r.all_reduce} | {r.all_gather} | {r.reduce_scatter} | {r.all_to_all} | {r.collective_bytes:,} | "
             f"{r.max_rel_diff:.1e} |"
         )

@@ -94,3 +94,12 @@ def test_profile_of_a_scanned_stack_reports_time_per_layer(tmp_path, devices):
     assert f"layers.*.self_attn (per layer, {n} scanned)" in summary["layers_ms"]
     assert f"layers.*.mlp (per layer, {n} scanned)" in summary["layers_ms"]
     assert not any(k.startswith("layers.1") for k in summary["layers_ms"])
+
+
+def test_compare_runs_schemes_scanned_against_the_unrolled_reference(devices):
+    from bridge import experiments
+
+    model = model_torch.from_preset("tiny-llama")
+    rows = experiments.compare(model, ["tp", "fsdp"], devices, "decode", batch=8, seq=32, repeats=1, scan_layers=True)
+    assert [r.status for r in rows] == ["ok", "ok"]
+    assert all(r.max_rel_diff < RTOL for r in rows)
