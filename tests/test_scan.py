@@ -103,3 +103,18 @@ def test_compare_runs_schemes_scanned_against_the_unrolled_reference(devices):
     rows = experiments.compare(model, ["tp", "fsdp"], devices, "decode", batch=8, seq=32, repeats=1, scan_layers=True)
     assert [r.status for r in rows] == ["ok", "ok"]
     assert all(r.max_rel_diff < RTOL for r in rows)
+
+
+def test_scanned_int8_and_export_give_the_unrolled_tokens(tmp_path, devices):
+    from bridge import exported
+    from bridge.export import export_causal_lm
+    from bridge.models import open_model
+
+    prompt = [5, 6, 7, 8]
+    want = Generator(open_model("tiny-llama", devices=2, scheme="tp"), stop_at_eos=False).generate_ids([prompt], 6)
+    scanned = open_model("tiny-llama", devices=2, scheme="tp", scan_layers=True)
+    export_causal_lm(scanned, tmp_path / "exp", prompt_len=16, max_new_tokens=8)
+    assert exported.load(tmp_path / "exp", devices[:2]).generate([prompt], 6) == want["token_ids"]
+    q = [Generator(open_model("tiny-llama", devices=2, scheme="tp", quantize="int8", scan_layers=s),
+                   stop_at_eos=False).generate_ids([prompt], 6)["token_ids"] for s in (False, True)]  # fmt: skip
+    assert q[0] == q[1]
