@@ -514,7 +514,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    _no_scan_layers(args)
     if args.quantize != "none":
         raise UsageError("an int8-quantized model cannot be trained; drop --quantize")
     devs = device_setup.setup(args.devices)
@@ -525,7 +524,7 @@ def cmd_train(args) -> int:
                        mesh_overrides=sharding.parse_mesh(args.mesh), steps=args.steps, batch=args.batch,
                        seq=args.seq, lr=args.lr, weight_decay=args.weight_decay, remat=args.remat, out=args.out,
                        dtype=args.dtype, fallback=args.fallback, implementation=args.implementation,
-                       log=lambda line: print(line, file=sys.stderr))  # fmt: skip
+                       log=lambda line: print(line, file=sys.stderr), scan_layers=args.scan_layers)  # fmt: skip
     losses = result["losses"]
     run = losses[len(losses) - args.steps:]
     print(f"steps {run[0]['step']}..{run[-1]['step']}: loss {run[0]['loss']:.4f} -> {run[-1]['loss']:.4f}")

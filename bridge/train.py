@@ -130,10 +130,12 @@ class Trainer:
         self.remat = remat
         self.loss_chunk = loss_chunk
         mesh = lifted.mesh
-        # Parameters train; buffers (RoPE frequencies, masks) stay as they are.
+        # Parameters train; buffers (RoPE frequencies, masks) stay as they are. A scanned stack's
+        # ``model.layers.*.x`` trains when ``model.layers.0.x`` is a parameter.
         names = {n for n, _ in lifted.model.named_parameters()}
-        self.trainable = [k for k in lifted.weights if k in names]
-        self.frozen = {k: w for k, w in lifted.weights.items() if k not in names}
+        per_layer = lambda k: k.replace("*.", "0.", 1) if getattr(lifted, "scan_layers", False) else k  # noqa: E731
+        self.trainable = [k for k in lifted.weights if per_layer(k) in names]
+        self.frozen = {k: w for k, w in lifted.weights.items() if per_layer(k) not in names}
         placements = {k: lifted.placements[k] for k in self.trainable}
         self.param_shardings = sharding.shardings_of(placements, mesh)
         abstract = jax.eval_shape(optimizer.init, {k: jax.ShapeDtypeStruct(lifted.weights[k].shape, lifted.weights[k].dtype)
@@ -290,6 +292,10 @@ def save(out, trainer: Trainer, state: TrainState, hf_config: dict, tokenizer, l
     out = Path(out)
     stored = set(trainer.lifted.model.state_dict())  # persistent tensors only (no RoPE tables)
     tensors = {**trainer.frozen, **state.params}
+    if getattr(trainer.lifted, "scan_layers", False):  # checkpoints hold the per-layer layout
+        from bridge.scan import unstack_weights
+
+        tensors = unstack_weights(tensors)
     params = {k: torch.from_numpy(np.array(sharding.to_host(v))) for k, v in tensors.items() if k in stored}
     with atomic_directory(out.with_name(f"{out.name}.new")) as tmp:
         d = tmp.path
@@ -376,6 +382,7 @@ def run(
     implementation: str = "auto",
     progress: bool = True,
     log=print,
+    scan_layers: bool = False,
 ) -> dict:
     """``torchax-bridge train``: packs ``data`` (a text file) into windows of ``seq`` tokens, runs
     ``steps`` AdamW steps of ``batch`` windows, and (with ``out``) saves a checkpoint. When ``out``
@@ -411,8 +418,9 @@ def run(
         raise UsageError(f"{source} has no tokenizer, so the text of --data cannot be tokenized; use a checkpoint "
                          f"saved with its tokenizer")  # fmt: skip
     names_before = set(loaded.model.state_dict())
-    lifted = lift(loaded.model, mesh, scheme, fallback=fallback)
-    if out is not None and not set(lifted.weights) <= names_before:
+    lifted = lift(loaded.model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
+    stacked = {k.replace("*.", "0.", 1) for k in lifted.weights}  # a scanned stack's names, per layer
+    if out is not None and not stacked <= names_before:
         raise UsageError(f"under {scheme.name} this model's fused projections are split, so the trained weights "
                          f"would not load as the original architecture; train with fsdp or dp")  # fmt: skip
     windows = pack(loaded.tokenizer.encode(text), seq)

@@ -57,8 +57,8 @@ def test_generate_command_with_scan_layers(devices, capfd):
     want = json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"]
     assert cli.main([*argv, "--scan-layers"]) == 0
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == want
-    assert cli.main(["train", "--checkpoint", "tiny-llama", "--data", __file__, "--scan-layers"]) == 2
-    assert "--scan-layers is not supported by train" in capfd.readouterr().err
+    assert cli.main(["check", "--checkpoint", "tiny-llama", "--scan-layers"]) == 2
+    assert "--scan-layers is not supported by check" in capfd.readouterr().err
 
 
 def test_direct_to_mesh_loading_into_the_stacked_layout(tmp_path, devices):
@@ -118,3 +118,30 @@ def test_scanned_int8_and_export_give_the_unrolled_tokens(tmp_path, devices):
     q = [Generator(open_model("tiny-llama", devices=2, scheme="tp", quantize="int8", scan_layers=s),
                    stop_at_eos=False).generate_ids([prompt], 6)["token_ids"] for s in (False, True)]  # fmt: skip
     assert q[0] == q[1]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
+    import jax
+    import optax
+
+    from bridge.train import Trainer
+
+    torch.manual_seed(0)
+    model = model_torch.from_preset("tiny-mixtral")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 16)).astype(np.int32)
+    mesh = sharding.mesh_for("fsdp", 8, devices=devices)
+    flat = Trainer(lift(model, mesh, "fsdp"), optax.adamw(1e-3), remat=remat)
+    scanned = Trainer(lift(model, mesh, "fsdp", scan_layers=True), optax.adamw(1e-3), remat=remat)
+    _, g_flat = jax.jit(flat.grads)(flat.params(), flat.put_batch(ids))
+    _, g_scan = jax.jit(scanned.grads)(scanned.params(), scanned.put_batch(ids))
+    n = model.config.num_layers
+    for name, g in g_scan.items():
+        parts = [g_flat[name.replace("*.", f"{i}.", 1)] for i in range(n)] if "*." in name else [g_flat[name]]
+        want = np.stack([np.asarray(p) for p in parts]) if "*." in name else np.asarray(parts[0])
+        assert np.abs(np.asarray(g) - want).max() <= 1e-4 * (np.abs(want).max() or 1.0), name
+    a, b = flat.init(), scanned.init()
+    for _ in range(3):
+        a, la = flat.step(a, ids)
+        b, lb = scanned.step(b, ids)
+        assert abs(float(la) - float(lb)) < 1e-5 * float(la)

@@ -222,3 +222,20 @@ def test_smollm2_finetune_lowers_the_paragraphs_loss(devices):
         state, _ = trainer.step(state, batch_at(windows, step, 2))
     after = float(loss_of(state.params, trainer.put_batch(windows)))
     assert after < 0.5 * before, (before, after)
+
+
+def test_train_with_scan_layers_saves_the_per_layer_checkpoint(llama_with_tokenizer, tmp_path, capfd):
+    data = str(llama_with_tokenizer.parent / "text.txt")
+    base = ["train", "--checkpoint", str(llama_with_tokenizer), "--data", data, "--batch", "2", "--seq", "16",
+            "--lr", "1e-2", "--devices", "2", "--scheme", "fsdp", "--steps", "3"]  # fmt: skip
+    assert cli.main([*base, "--out", str(tmp_path / "flat")]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "scanned"), "--scan-layers"]) == 0
+    np.testing.assert_allclose(losses_of(tmp_path / "scanned"), losses_of(tmp_path / "flat"), rtol=1e-5)
+    from safetensors.numpy import load_file
+
+    flat, scanned = load_file(tmp_path / "flat" / "model.safetensors"), load_file(tmp_path / "scanned" / "model.safetensors")
+    assert set(scanned) == set(flat) == set(load_file(llama_with_tokenizer / "model.safetensors"))
+    for k in flat:
+        np.testing.assert_allclose(scanned[k], flat[k], rtol=1e-4, atol=1e-6)
+    assert cli.main([*base, "--out", str(tmp_path / "scanned"), "--scan-layers"]) == 0  # resumes: steps 4-6
+    assert len(losses_of(tmp_path / "scanned")) == 6
