@@ -615,8 +615,12 @@ def shard(
         head_layout=head_layout,
         fallback=fallback,
     )
-    placed = {k: put_global(pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
-    return placed, placements
+    return place(weights, mesh, placements), placements
+
+
+def place(weights: Mapping[str, Any], mesh: Mesh, placements: Mapping[str, Placement]) -> dict[str, jax.Array]:
+    """Each weight put on the mesh by its (resolved) placement, padded rows included."""
+    return {k: put_global(pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
 
 
 def pad_rows(value, p: Placement):

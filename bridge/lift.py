@@ -293,8 +293,7 @@ def lift(
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
         placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
                                              fallback=fallback)  # fmt: skip
-        placed = {k: sharding.put_global(sharding.pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec))
-                  for k, v in weights.items()}  # fmt: skip
+        placed = sharding.place(weights, mesh, placements)
         fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
     else:
         placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
@@ -412,18 +411,9 @@ def lift_checkpoint(
     if scan_layers:
         from bridge import scan
 
-        stacked_shapes = {}
-        for k, (shape, dt) in shapes.items():
-            s_name = scan.stacked_name(model, k)
-            if s_name is None:
-                stacked_shapes[k] = (shape, dt)
-            else:
-                layer_names.setdefault(s_name, []).append(k)
-        for s_name, per_layer in layer_names.items():
-            per_layer.sort(key=lambda k: int(k[len(scan.layer_prefix(model)):].split(".", 1)[0]))
-            stacked_shapes[s_name] = ((len(per_layer), *shapes[per_layer[0]][0]), np_dtype)
-        placements = scan.stacked_placements(model, stacked_shapes, scheme, dict(mesh.shape),
-                                             head_layout=model.head_layout(), fallback=fallback)  # fmt: skip
+        shapes, layer_names = scan.stack_layout(model, shapes)
+        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
+                                             fallback=fallback)  # fmt: skip
     else:
         placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
                                                  fallback=fallback)  # fmt: skip

@@ -65,12 +65,7 @@ def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool = Fals
     if scan_layers:
         from bridge import scan
 
-        groups: dict = {}
-        for k in list(shapes):
-            s_name = scan.stacked_name(model, k)
-            if s_name is not None:
-                groups.setdefault(s_name, []).append(shapes.pop(k))
-        shapes.update({k: ((len(v), *v[0][0]), v[0][1]) for k, v in groups.items()})
+        shapes, _ = scan.stack_layout(model, shapes)
         placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
                                              fallback=fallback)  # fmt: skip
         fn = scan.scanned_fn(fn, model, scan.StackRunner(model))

@@ -234,7 +234,7 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
         compiled = fn.lower(*args).compile()
     run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
     summary = trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
-    if getattr(lifted, "scan_layers", False):
+    if lifted.scan_layers:
         summary["layers_ms"] = per_layer_of_scan(summary["layers_ms"], lifted.model)
     return summary
 

@@ -15,7 +15,6 @@ layer dim is never sharded, so one table serves both layouts.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,27 +34,42 @@ def stacked_name(model, name: str) -> str | None:
     return f"{layer_prefix(model)}*.{m.group(2)}" if m else None
 
 
-def stack_weights(model, weights: dict) -> dict:
-    """Per-layer tensors stacked under their ``*`` names; the rest as they are. Every layer must hold
-    the same tensors with the same shapes (a scan runs one body)."""
+def layer0_name(name: str) -> str:
+    """``model.layers.*.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj.weight`` (any other name
+    as it is): the per-layer name rules, parameters and checkpoints know a stacked tensor by."""
+    return name.replace("*.", "0.", 1)
+
+
+def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
+    """(name -> (shape, dtype) of the stacked layout, stacked name -> its per-layer names in layer
+    order) for per-layer ``shapes``. Every layer must hold the same tensors with the same shapes (a
+    scan runs one body)."""
     from bridge.errors import UsageError
 
-    groups: dict[str, dict[int, Any]] = {}
-    out = {}
-    for name, w in weights.items():
+    prefix, n = layer_prefix(model), len(model.decoder_layers())
+    layout, layers = {}, {}
+    for name, (shape, dtype) in shapes.items():
         s = stacked_name(model, name)
         if s is None:
-            out[name] = w
-            continue
-        i = int(name[len(layer_prefix(model)) :].split(".", 1)[0])
-        groups.setdefault(s, {})[i] = w
-    n = len(model.decoder_layers())
-    for s, per_layer in groups.items():
-        shapes = {tuple(w.shape) for w in per_layer.values()}
-        if len(per_layer) != n or len(shapes) != 1:
-            raise UsageError(f"{s}: the decoder layers differ ({len(per_layer)} of {n} layers hold it, shapes "
-                             f"{sorted(shapes)}); this model cannot run as a scanned stack")  # fmt: skip
-        out[s] = jnp.stack([jnp.asarray(per_layer[i]) for i in range(n)])
+            layout[name] = (tuple(shape), dtype)
+        else:
+            layers.setdefault(s, []).append(name)
+    for s, names in layers.items():
+        names.sort(key=lambda k: int(k[len(prefix) :].split(".", 1)[0]))
+        found = {tuple(shapes[k][0]) for k in names}
+        if len(names) != n or len(found) != 1:
+            raise UsageError(f"{s}: the decoder layers differ ({len(names)} of {n} layers hold it, shapes "
+                             f"{sorted(found)}); this model cannot run as a scanned stack")  # fmt: skip
+        layout[s] = ((n, *found.pop()), shapes[names[0]][1])
+    return layout, layers
+
+
+def stack_weights(model, weights: dict) -> dict:
+    """Per-layer tensors stacked under their ``*`` names; the rest as they are."""
+    _, layers = stack_layout(model, {k: (tuple(w.shape), w.dtype) for k, w in weights.items()})
+    stacked = {k for names in layers.values() for k in names}
+    out = {k: w for k, w in weights.items() if k not in stacked}
+    out.update({s: jnp.stack([jnp.asarray(weights[k]) for k in names]) for s, names in layers.items()})
     return out
 
 
@@ -70,14 +84,14 @@ def stacked_placements(model, shapes: dict, scheme, mesh_shape, *, head_layout=(
     per_layer = {}
     for name, (shape, dtype) in shapes.items():
         if "*." in name:
-            per_layer[name.replace("*.", "0.", 1)] = (tuple(shape[1:]), dtype)
+            per_layer[layer0_name(name)] = (tuple(shape[1:]), dtype)
         else:
             per_layer[name] = (tuple(shape), dtype)
     resolved = sharding.resolve_placements(per_layer, scheme, mesh_shape, head_layout=head_layout, fallback=fallback)
     out = {}
     for name in shapes:
         if "*." in name:
-            p = resolved[name.replace("*.", "0.", 1)]
+            p = resolved[layer0_name(name)]
             out[name] = dataclasses.replace(p, name=name, shape=(n, *p.shape), spec=P(None, *p.spec))
         else:
             out[name] = resolved[name]

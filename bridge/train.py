@@ -132,10 +132,11 @@ class Trainer:
         mesh = lifted.mesh
         # Parameters train; buffers (RoPE frequencies, masks) stay as they are. A scanned stack's
         # ``model.layers.*.x`` trains when ``model.layers.0.x`` is a parameter.
+        from bridge.scan import layer0_name
+
         names = {n for n, _ in lifted.model.named_parameters()}
-        per_layer = lambda k: k.replace("*.", "0.", 1) if getattr(lifted, "scan_layers", False) else k  # noqa: E731
-        self.trainable = [k for k in lifted.weights if per_layer(k) in names]
-        self.frozen = {k: w for k, w in lifted.weights.items() if per_layer(k) not in names}
+        self.trainable = [k for k in lifted.weights if layer0_name(k) in names]
+        self.frozen = {k: w for k, w in lifted.weights.items() if layer0_name(k) not in names}
         placements = {k: lifted.placements[k] for k in self.trainable}
         self.param_shardings = sharding.shardings_of(placements, mesh)
         abstract = jax.eval_shape(optimizer.init, {k: jax.ShapeDtypeStruct(lifted.weights[k].shape, lifted.weights[k].dtype)
@@ -292,7 +293,7 @@ def save(out, trainer: Trainer, state: TrainState, hf_config: dict, tokenizer, l
     out = Path(out)
     stored = set(trainer.lifted.model.state_dict())  # persistent tensors only (no RoPE tables)
     tensors = {**trainer.frozen, **state.params}
-    if getattr(trainer.lifted, "scan_layers", False):  # checkpoints hold the per-layer layout
+    if trainer.lifted.scan_layers:  # checkpoints hold the per-layer layout
         from bridge.scan import unstack_weights
 
         tensors = unstack_weights(tensors)
@@ -419,8 +420,9 @@ def run(
                          f"saved with its tokenizer")  # fmt: skip
     names_before = set(loaded.model.state_dict())
     lifted = lift(loaded.model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
-    stacked = {k.replace("*.", "0.", 1) for k in lifted.weights}  # a scanned stack's names, per layer
-    if out is not None and not stacked <= names_before:
+    from bridge.scan import layer0_name
+
+    if out is not None and not {layer0_name(k) for k in lifted.weights} <= names_before:
         raise UsageError(f"under {scheme.name} this model's fused projections are split, so the trained weights "
                          f"would not load as the original architecture; train with fsdp or dp")  # fmt: skip
     windows = pack(loaded.tokenizer.encode(text), seq)
