@@ -317,7 +317,7 @@ def format_check(report: CheckReport, max_rows: Optional[int] = None) -> str:
         lines.append(f"  ... {len(report.rows) - len(rows)} more modules")
     skipped = sum(1 for r in report.rows for e in r.errors.values() if e is None)
     if skipped:
-        lines.append(f"  n/a: the lifted layout differs (kv heads repeated for a wide head axis), not compared")
+        lines.append("  n/a: the lifted layout differs (kv heads repeated for a wide head axis), not compared")
     lines.append("forward outputs: " + ", ".join(f"{r} {fmt(e)}" for r, e in report.output_errors.items()))
     first = report.first_divergence
     if first:
