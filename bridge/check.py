@@ -27,6 +27,7 @@ import torch
 from torch.utils import _pytree as torch_pytree
 
 import sharding
+from bridge import scan
 from bridge.lift import LiftedModule, as_scheme, extract_fn, is_causal_lm, jax_dtype, lift
 from bridge.torchax_compat import import_torchax
 
@@ -110,33 +111,58 @@ def missing_lowerings(model: torch.nn.Module, args: Sequence = (), kwargs: Optio
 # ---------------------------------------------------------------------------------------------------
 class Taps:
     """Forward hooks on every named submodule that record its output tensors, in the order the
-    modules finish (a module called twice is recorded as ``name``, ``name#2``)."""
+    modules finish (a module called twice is recorded as ``name``, ``name#2``). In a scanned
+    decoder stack the first layer's hooks fire once, inside the scan body; their records come out
+    of the scan stacked per layer (``scan.per_iteration_outputs``) and are spread back as every
+    layer's own (``model.layers.3.mlp``), so both layouts give the eager run's rows."""
 
     def __init__(self, model: torch.nn.Module):
+        self.model = model
         self.modules = [(n, m) for n, m in model.named_modules() if n]
         self.order: list[str] = []
+        self._records: list[tuple[str, list]] = []  # (module label, its output tensors converted)
+        self._seen: dict[str, int] = {}
+        self._body_names: list[str] = []
 
     def run(self, call, convert):
         """``call()`` with the hooks on; returns (its result, [outputs per module, as ``convert`` makes
         each tensor]) and sets ``self.order`` to the modules' names."""
-        captured, order, seen = [], [], {}
+        self._records, self._seen = [], {}
 
         def hook(name):
             def record(module, args, out):
-                seen[name] = seen.get(name, 0) + 1
-                order.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-                captured.append([convert(t) for t in torch_pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+                self._seen[name] = self._seen.get(name, 0) + 1
+                label = name if self._seen[name] == 1 else f"{name}#{self._seen[name]}"
+                self._records.append((label, [convert(t) for t in torch_pytree.tree_leaves(out)
+                                              if isinstance(t, torch.Tensor)]))  # fmt: skip
 
             return record
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.modules]
         try:
-            result = call()
+            with scan.per_iteration_outputs(self):
+                result = call()
         finally:
             for h in handles:
                 h.remove()
-        self.order = order
-        return result, captured
+        self.order = [label for label, _ in self._records]
+        return result, [values for _, values in self._records]
+
+    # The scan body's side of ``scan.per_iteration_outputs``.
+    def mark(self):
+        return len(self._records), dict(self._seen)
+
+    def take(self, mark) -> list:
+        at, seen = mark
+        body, self._records[at:] = self._records[at:], []
+        self._seen = seen  # a body traced twice must not count its modules as called twice
+        self._body_names = [label for label, _ in body]
+        return [values for _, values in body]
+
+    def spread(self, stacked: list, num_layers: int) -> None:
+        for i in range(num_layers):
+            for name, values in zip(self._body_names, stacked):
+                self._records.append((scan.layer_name(self.model, name, i), [v[i] for v in values]))
 
     def eager(self, model, args, kwargs) -> tuple[Any, dict[str, list[np.ndarray]]]:
         with torch.no_grad():
@@ -255,20 +281,23 @@ def check_module(
     scheme="replicated",
     tolerance: float = TOLERANCE["float32"],
     fallback: str = "error",
+    scan_layers: bool = False,
     progress=None,
 ) -> CheckReport:
     """``model`` run eagerly, lifted on one device, and (when ``mesh`` is given) lifted on ``mesh``
     under ``scheme`` (a scheme, name, rules file or list of ``(regex, spec)`` rows), with every
-    submodule's outputs compared against eager torch. Runs one after the other: a causal LM lifted
+    submodule's outputs compared against eager torch (``scan_layers``: both lifted runs scan the
+    decoder stack, and every layer is still compared). Runs one after the other: a causal LM lifted
     under a tensor-parallel scheme may split its fused projections in place."""
     say = progress or (lambda line: None)
     kwargs = dict(kwargs or {})
     args = tuple(args)
     survey = missing_lowerings(model, args, kwargs)
-    runs = ["1 device"]
+    scanned = ", scanned" if scan_layers else ""
+    runs = [f"1 device{scanned}"]
     if mesh is not None:
         scheme = as_scheme(scheme)
-        runs.append(f"{scheme.name} on {math.prod(mesh.shape.values())}")
+        runs.append(f"{scheme.name} on {math.prod(mesh.shape.values())}{scanned}")
     if survey["missing"] or survey["stopped"]:
         return CheckReport(runs, tolerance, survey["missing"], survey["stopped"], [], {})
     taps = Taps(model)
@@ -280,7 +309,7 @@ def check_module(
     output_errors = {}
     for label, (m, s) in zip(runs, [(one_device_mesh(), "replicated"), (mesh, scheme)]):
         say(f"running lifted: {label}")
-        lifted = lift(model, m, s, fallback=fallback)
+        lifted = lift(model, m, s, fallback=fallback, scan_layers=scan_layers)
         out, captured = taps.lifted(lifted, args, kwargs)
         output_errors[label] = module_error(_lifted_leaves(out), eager_out, vocab)
         for name, want in eager.items():
@@ -305,14 +334,15 @@ def format_check(report: CheckReport, max_rows: Optional[int] = None) -> str:
         return "\n".join(lines)
     fmt = lambda e: "n/a" if e is None else f"{e:.2e}"  # noqa: E731
     width = max(len(r.module) for r in report.rows)
+    col = max(14, *(len(r) + 2 for r in report.runs))
     lines.append(f"max relative error per module vs eager torch (tolerance {report.tolerance:g}; "
                  f"in the order modules finish):")  # fmt: skip
-    lines.append(f"  {'module':<{width}}  {'shape':<18}" + "".join(f"{r:>14}" for r in report.runs))
+    lines.append(f"  {'module':<{width}}  {'shape':<18}" + "".join(f"{r:>{col}}" for r in report.runs))
     rows = report.rows if max_rows is None else report.rows[:max_rows]
     for row in rows:
         mark = " <-" if any(e is not None and e > report.tolerance for e in row.errors.values()) else ""
         lines.append(f"  {row.module:<{width}}  {str(row.shape):<18}"
-                     + "".join(f"{fmt(row.errors.get(r)):>14}" for r in report.runs) + mark)  # fmt: skip
+                     + "".join(f"{fmt(row.errors.get(r)):>{col}}" for r in report.runs) + mark)  # fmt: skip
     if len(rows) < len(report.rows):
         lines.append(f"  ... {len(report.rows) - len(rows)} more modules")
     skipped = sum(1 for r in report.rows for e in r.errors.values() if e is None)
@@ -341,6 +371,7 @@ def check_checkpoint(
     fallback: str = "error",
     implementation: str = "auto",
     tolerance: Optional[float] = None,
+    scan_layers: bool = False,
     progress=None,
 ) -> CheckReport:
     """``check_module`` for a checkpoint (anything ``open_model`` takes) on token ids (default: 16
@@ -358,4 +389,4 @@ def check_checkpoint(
     ids = torch.tensor([list(input_ids)], dtype=torch.long)
     tol = tolerance if tolerance is not None else TOLERANCE[dtype]
     return check_module(loaded.model, (ids,), mesh=mesh, scheme=scheme, tolerance=tol, fallback=fallback,
-                        progress=progress)  # fmt: skip
+                        scan_layers=scan_layers, progress=progress)  # fmt: skip

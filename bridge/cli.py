@@ -484,7 +484,6 @@ def cmd_launch(args) -> int:
 
 
 def cmd_check(args) -> int:
-    _no_scan_layers(args)
     ids = _parse_ids(args.input_ids) if args.input_ids is not None else None
     devs = device_setup.setup(args.devices)
     import sharding
@@ -494,7 +493,7 @@ def cmd_check(args) -> int:
     report = check.check_checkpoint(args.checkpoint, devs, args.scheme, mesh_overrides=sharding.parse_mesh(args.mesh),
                                     input_ids=ids, dtype=args.dtype, quantize=args.quantize, fallback=args.fallback,
                                     implementation=args.implementation, tolerance=args.tolerance,
-                                    progress=progress)  # fmt: skip
+                                    scan_layers=args.scan_layers, progress=progress)  # fmt: skip
     print(json.dumps(report.to_json()) if args.json else check.format_check(report, args.rows))
     return 0 if report.ok else 1
 

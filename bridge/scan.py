@@ -14,6 +14,7 @@ layer dim is never sharded, so one table serves both layouts.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -112,6 +113,37 @@ def per_layer_views(model, weights: dict) -> dict:
     return out
 
 
+def layer_name(model, name: str, i: int) -> str:
+    """A layer-0 module or tensor name as layer ``i``'s (``model.layers.0.mlp`` -> ``model.layers.3.mlp``);
+    any other name as it is."""
+    zero = layer_prefix(model) + "0"
+    if name == zero or name.startswith(zero + "."):
+        return layer_prefix(model) + str(i) + name[len(zero) :]
+    return name
+
+
+# What the scan body hands out per iteration besides its carry: set by ``per_iteration_outputs``.
+_iteration_sink = None
+
+
+@contextlib.contextmanager
+def per_iteration_outputs(sink):
+    """While a scanned stack is traced, values recorded during the body (by forward hooks on the
+    first layer's modules, say) come out stacked per layer instead of staying inside the loop.
+
+    ``sink`` keeps the recording: ``sink.mark()`` is called before the body runs; ``sink.take(mark)``
+    removes the body's records since then and returns their values (a pytree of arrays traced in
+    the body); after the scan ``sink.spread(stacked, num_layers)`` gets those values with each leaf
+    stacked ``[num_layers, ...]``, to put back in order, one layer after another. This
+    is how ``bridge.check`` compares every layer of a scanned stack, not just the body."""
+    global _iteration_sink
+    previous, _iteration_sink = _iteration_sink, sink
+    try:
+        yield
+    finally:
+        _iteration_sink = previous
+
+
 class StackRunner:
     """Runs ``model.run_layers``' loop as a scan; holds the stacked weights of the trace in flight."""
 
@@ -138,14 +170,20 @@ class StackRunner:
             else:
                 cache = (jnp.stack([env.t2j_iso(k) for k, _ in kv_cache]), jnp.stack([env.t2j_iso(v) for _, v in kv_cache]))
 
+        sink = _iteration_sink
+
         def body(h, xs):
             p, kv = xs
             p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
+            mark = sink.mark() if sink is not None else None
             with _reparametrize_module(first, p_t):
                 out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
-            return env.t2j_iso(out), (None if kv is None else env.t2j_iso(tuple(new_kv)))
+            records = sink.take(mark) if sink is not None else None
+            return env.t2j_iso(out), ((None if kv is None else env.t2j_iso(tuple(new_kv))), records)
 
-        h, new_cache = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
+        h, (new_cache, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
+        if sink is not None:
+            sink.spread(stacked_records, len(layers))
         if new_cache is None:
             return env.j2t_iso(h), None
         k, v = new_cache

@@ -230,6 +230,28 @@ def test_check_every_builtin_family_under_tp_and_fsdp(preset, devices):
         assert len(report.rows) > 10 and all(e is not None for r in report.rows for e in r.errors.values())
 
 
+@pytest.mark.parametrize("preset,scheme", [("tiny-llama", "tp"), ("tiny-neox", "fsdp"), ("tiny-mixtral", "fsdp"),
+                                            ("tiny-grok", "tp")])  # fmt: skip
+def test_check_scanned_stack_compares_every_layer(preset, scheme, devices):
+    # The scan body runs layer 0's modules once; every layer's outputs still come out (stacked per
+    # iteration) and each is compared with its own eager layer: a copy of layer 0's values under
+    # layer 1's name would diverge.
+    import model_torch
+
+    torch.manual_seed(0)
+    model = model_torch.from_preset(preset)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    mesh = sharding.mesh_for(scheme, 8, devices=devices)
+    unrolled = check_module(model, (ids,), mesh=mesh, scheme=scheme)
+    scanned = check_module(model, (ids,), mesh=mesh, scheme=scheme, scan_layers=True)
+    assert scanned.ok, format_check(scanned)
+    assert [r.module for r in scanned.rows] == [r.module for r in unrolled.rows]
+    layers = {r.module.split(".")[2] for r in scanned.rows if ".layers." in r.module}
+    assert layers == {str(i) for i in range(model.config.num_layers)}
+    assert all(e is not None for r in scanned.rows for e in r.errors.values())
+    assert scanned.runs == ["1 device, scanned", f"{scheme} on 8, scanned"]
+
+
 def test_check_command(devices, capfd):
     assert cli.main(["check", "--checkpoint", "tiny-llama", "--devices", "8", "--scheme", "tp"]) == 0
     out = capfd.readouterr().out
@@ -246,6 +268,10 @@ def test_check_command_exits_1_on_divergence(wrong_gelu, devices, capfd):
     assert cli.main(["check", "--checkpoint", "tiny-neox", "--devices", "2", "--scheme", "tp"]) == 1
     out = capfd.readouterr().out
     assert "FAIL: first divergence at gpt_neox.layers.0.mlp" in out
+    # Scanned: named at the same module, and the later layers' rows are there too.
+    assert cli.main(["check", "--checkpoint", "tiny-neox", "--devices", "2", "--scheme", "tp", "--scan-layers"]) == 1
+    out = capfd.readouterr().out
+    assert "FAIL: first divergence at gpt_neox.layers.0.mlp" in out and "gpt_neox.layers.1.mlp " in out
 
 
 # ---------------------------------------------------------------------------------------------------

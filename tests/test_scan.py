@@ -57,8 +57,6 @@ def test_generate_command_with_scan_layers(devices, capfd):
     want = json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"]
     assert cli.main([*argv, "--scan-layers"]) == 0
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == want
-    assert cli.main(["check", "--checkpoint", "tiny-llama", "--scan-layers"]) == 2
-    assert "--scan-layers is not supported by check" in capfd.readouterr().err
 
 
 def test_direct_to_mesh_loading_into_the_stacked_layout(tmp_path, devices):
