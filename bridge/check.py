@@ -281,7 +281,7 @@ def check_module(
     scheme="replicated",
     tolerance: float = TOLERANCE["float32"],
     fallback: str = "error",
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
     progress=None,
 ) -> CheckReport:
     """``model`` run eagerly, lifted on one device, and (when ``mesh`` is given) lifted on ``mesh``
@@ -293,6 +293,7 @@ def check_module(
     kwargs = dict(kwargs or {})
     args = tuple(args)
     survey = missing_lowerings(model, args, kwargs)
+    scan_layers = scan.scans(model, scan_layers)
     scanned = ", scanned" if scan_layers else ""
     runs = [f"1 device{scanned}"]
     if mesh is not None:
@@ -371,7 +372,7 @@ def check_checkpoint(
     fallback: str = "error",
     implementation: str = "auto",
     tolerance: Optional[float] = None,
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
     progress=None,
 ) -> CheckReport:
     """``check_module`` for a checkpoint (anything ``open_model`` takes) on token ids (default: 16

@@ -66,9 +66,10 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
-    p.add_argument("--scan-layers", action="store_true",
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the decoder stack as one jax.lax.scan over weights stacked per layer: compiles one "
-                        "layer instead of all (model_torch families)")  # fmt: skip
+                        "layer instead of all (default: scanned whenever the model can be, i.e. model_torch "
+                        "families; --no-scan-layers unrolls every layer)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true",
                    help="trace and compile from scratch: skip the caches of traced programs and XLA executables "
                         "under $TORCHAX_BRIDGE_CACHE (same as TORCHAX_BRIDGE_NO_CACHE=1)")  # fmt: skip
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=POSITIVE, default=1)
     pl.add_argument("--seq", type=POSITIVE, default=2048, help="tokens (forward) or KV-cache length (decode)")
     pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
-    pl.add_argument("--scan-layers", action="store_true",
-                    help="plan the scanned decoder stack: one full compile, exact temporaries and collectives")  # fmt: skip
+    pl.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan the scanned decoder stack (the default): one full compile, exact temporaries and "
+                         "collectives; --no-scan-layers: 1- and 2-layer compiles, extrapolated")  # fmt: skip
     pl.add_argument("--json", action="store_true")
 
     la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")
@@ -244,11 +246,6 @@ def _setup(args, with_tokenizer: bool = True):
     for line in sharding.fallback_summary(lifted.placements):
         print(f"note: {line}", file=sys.stderr)
     return lifted
-
-
-def _no_scan_layers(args) -> None:
-    if args.scan_layers:
-        raise UsageError(f"--scan-layers is not supported by {args.command} yet; drop it")
 
 
 def _no_chat_with_ids(args) -> None:
@@ -382,8 +379,6 @@ def cmd_shardings(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    if args.scan_layers and args.mode == "train":
-        _no_scan_layers(args)
     from bridge import experiments
     from bridge.files import check_output
 

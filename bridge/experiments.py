@@ -75,7 +75,7 @@ def default_schemes(model, devices, mesh=None, fallback="error") -> tuple[list[s
 
 
 def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None,
-               scan_layers: bool = False) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
+               scan_layers: bool | None = None) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
     scheme = sharding.get_scheme(scheme_name)
     try:
         overrides = {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names}
@@ -149,7 +149,7 @@ def compare(
     fallback: str = "error",
     mesh=None,
     progress=None,
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
 ) -> list[Row]:
     """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
     against the unsharded, unrolled run on one device. ``progress(line)`` hears of each scheme as it

@@ -33,7 +33,7 @@ def open_model(
     fallback: str = "error",
     with_tokenizer: bool = True,
     implementation: str = "auto",
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
 ) -> Lifted:
     """Opens ``checkpoint`` (see ``checkpoints``: 'smollm2', a HF directory, a .gguf file, a preset)
     on a mesh of ``devices`` (a count, a list of jax devices, or None for all) laid out by ``scheme``
@@ -42,7 +42,8 @@ def open_model(
     ``implementation``: ``auto`` (our model_torch rewrite when the family has one, else
     transformers' own class through ``HFCausalLMAdapter``), ``model_torch`` or ``transformers``. Every input is
     checked before any weight is placed; bad input raises a ``bridge.errors.BridgeError``.
-    ``scan_layers``: the decoder stack as one scan over stacked weights (``bridge.scan``)."""
+    ``scan_layers``: the decoder stack as one scan over stacked weights (``bridge.scan``); None:
+    whenever the model can be (``scan.scans``)."""
     import sharding
 
     devs = list(devices) if isinstance(devices, (list, tuple)) else device_setup.setup(devices)

@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding
 
 import model_torch
 import sharding
-from bridge import hlo
-from bridge import programs
+from bridge import hlo, programs, scan
 from bridge.lift import Lifted, extract_fn, jax_dtype, lifted_fn
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
@@ -56,15 +55,14 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
     return model.eval()
 
 
-def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool = False) -> Lifted:
+def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool | None = None) -> Lifted:
     """``model`` (on the meta device) lifted with abstract weights: each a ``ShapeDtypeStruct``
     carrying its placement, validated by the scheme like a real one. Nothing is allocated.
     ``scan_layers``: the stacked layout of ``bridge.scan`` (one scan over the layers)."""
+    scan_layers = scan.scans(model, scan_layers)
     names, fn = extract_fn(model)
     shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
     if scan_layers:
-        from bridge import scan
-
         shapes, _ = scan.stack_layout(model, shapes)
         placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
                                              fallback=fallback)  # fmt: skip
@@ -79,7 +77,8 @@ def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool = Fals
                   scan_layers=scan_layers)  # fmt: skip
 
 
-def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str, scan_layers: bool = False):
+def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str,
+                     scan_layers: bool | None = None):
     """(placements, compiled program) of the forward / one decode step over abstract sharded inputs:
     the same program ``compare`` and ``profile`` run (``programs.step_program``)."""
     lifted = abstract_lifted(model, mesh, scheme, fallback, scan_layers)
@@ -105,7 +104,7 @@ def plan(
     fallback: str = "error",
     probe_layers: tuple[int, int] = (1, 2),
     device_memory: Optional[int] = None,
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
 ) -> dict:
     """Per-device memory, collectives and a roofline step estimate. Unrolled, the model is compiled
     at ``probe_layers`` depths and extrapolated; scanned (``scan_layers``), it is compiled once at
@@ -114,6 +113,7 @@ def plan(
     body once)."""
     scheme = sharding.get_scheme(scheme)
     full = meta_model(preset_or_config, dtype)
+    scan_layers = scan.scans(full, scan_layers)
     c = full.config
     mesh_shape = dict(mesh.shape)
     lifted = abstract_lifted(full, mesh, scheme, fallback, scan_layers)
@@ -143,7 +143,7 @@ def plan(
         # compiles, scaled (the lowered, unoptimized programs count converts and layout ops as well,
         # 6x more for grok-1).
         f1, f2 = (_flops(abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq,
-                                          fallback)[1]) for n in (1, 2))  # fmt: skip
+                                          fallback, scan_layers=False)[1]) for n in (1, 2))  # fmt: skip
         measured[c.num_layers]["flops"] = f1 + (f2 - f1) * (c.num_layers - 1)
         flops_note = "FLOPs extrapolated from 1- and 2-layer compiles"
 

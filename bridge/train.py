@@ -383,7 +383,7 @@ def run(
     implementation: str = "auto",
     progress: bool = True,
     log=print,
-    scan_layers: bool = False,
+    scan_layers: bool | None = None,
 ) -> dict:
     """``torchax-bridge train``: packs ``data`` (a text file) into windows of ``seq`` tokens, runs
     ``steps`` AdamW steps of ``batch`` windows, and (with ``out``) saves a checkpoint. When ``out``

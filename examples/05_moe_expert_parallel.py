@@ -30,7 +30,7 @@ ref = lift(model, sharding.mesh_for("replicated", 1, devices=devs), "replicated"
 for name in ("tp", "ep", "ep_tp"):
     lifted = lift(model, sharding.mesh_for(name, len(devs), devices=devs), name)
     stats = hlo.compiled_stats(lifted.compiled_forward(ids))
-    expert = lifted.placements["model.layers.0.mlp.experts.gate_up_proj"]
+    expert = lifted.placement("model.layers.0.mlp.experts.gate_up_proj")
     out = np.asarray(lifted.forward(ids))
     print(f"== {name} (mesh {dict(lifted.mesh.shape)})")
     print(f"   experts.gate_up_proj {list(expert.shape)} spec {expert.spec} -> "

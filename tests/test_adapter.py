@@ -204,7 +204,7 @@ def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
     one = open_model(path, devices=1, scheme="replicated", implementation="transformers", with_tokenizer=False)
     tp = open_model(path, devices=8, scheme="tp", implementation="transformers", with_tokenizer=False)
     assert tp.kv_head_copies == 4
-    k = tp.placements["model.layers.0.self_attn.k_proj.weight"]
+    k = tp.placement("model.layers.0.self_attn.k_proj.weight")
     assert k.shape[0] == 4 * 2 * 8 and k.bytes_per_device({"model": 8}) * 2 == 2 * 8 * 64 * 4
     prompt = [t % 256 for t in PROMPT]
     ids = [prompt[:9], prompt[2:12]]

@@ -423,5 +423,7 @@ def test_profile_runs_without_the_viewer_extra(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert list(logdir.rglob("*.xplane.pb"))
     assert "pip install 'torchax-bridge[profile]'" in proc.stdout
-    layers = [line.split()[-1] for line in proc.stdout.split("time per named layer:")[1].splitlines() if line.strip()]
-    assert "layers.0" in layers and layers == sorted(layers, key=lambda n: [int(t) if t.isdigit() else t for t in n.replace(".", " ").split()])
+    # "0.519 ms  layers.*.mlp (per layer, 2 scanned)": the scanned stack's time per layer.
+    layers = [line.split()[2] for line in proc.stdout.split("time per named layer:")[1].splitlines() if line.strip()]
+    assert "layers.*.mlp" in layers and layers == sorted(layers), proc.stdout
+    assert "(per layer, 2 scanned)" in proc.stdout

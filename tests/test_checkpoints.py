@@ -176,7 +176,7 @@ def test_direct_to_mesh_loading_equals_normal_loading(smollm2, devices):
         direct = lift_checkpoint(checkpoints.smollm2_dir(), mesh, "tp", fallback="replicate")
         normal = lift(smollm2.model, mesh, "tp", fallback="replicate")
     assert set(direct.weights) == set(normal.weights)
-    gate = direct.weights["model.layers.3.mlp.gate_proj.weight"]
+    gate = direct.weight("model.layers.3.mlp.gate_proj.weight")
     assert gate.addressable_shards[0].data.shape == (1536 // 8, 576)
     ids = np.asarray([smollm2.tokenizer.encode("The capital of France is")])
     assert np.array_equal(np.asarray(direct.forward(ids)), np.asarray(normal.forward(ids)))

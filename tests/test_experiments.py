@@ -90,10 +90,11 @@ def test_compare_reports_a_scheme_that_does_not_fit(tmp_path, smollm2):
     assert rows["dp"]["status"] == "ok"
 
 
-@pytest.mark.parametrize("mode", ["forward", "decode"])
-def test_profile_trace_names_layers_and_steps(tmp_path, mode):
+@pytest.mark.parametrize("mode,scan", [("forward", False), ("decode", True)])
+def test_profile_trace_names_layers_and_steps(tmp_path, mode, scan):
     out = run(["-m", "bridge", "profile", "--checkpoint", "tiny-llama", "--devices", "8", "--scheme", "tp",
-               "--steps", "3", "--mode", mode, "--logdir", str(tmp_path)])  # fmt: skip
+               "--steps", "3", "--mode", mode, "--logdir", str(tmp_path),
+               "--scan-layers" if scan else "--no-scan-layers"])  # fmt: skip
     assert f"tensorboard --logdir {tmp_path}" in out
     from bridge import profiling
 
@@ -102,7 +103,12 @@ def test_profile_trace_names_layers_and_steps(tmp_path, mode):
     steps = {f"step {s['step_num']}" for plane, line, name, dur, s in trace["events"] if name == "step"}
     assert steps == {"step 0", "step 1", "step 2"}
     named = {profiling.innermost_layer(n) for n in trace["op_names"].values()}
-    assert "layers.1.self_attn" in named and "layers.0.mlp" in named
+    if scan:  # one scan body, named by its layer's modules; the summary gives the time per layer
+        assert "layers.0.self_attn" in named and "layers.0.mlp" in named
+        assert "layers.*.mlp (per layer, 2 scanned)" in out
+    else:
+        assert "layers.1.self_attn" in named and "layers.0.mlp" in named
+        assert "layers.1.mlp" in out.split("time per named layer:")[1]
     timed = [s["hlo_op"] for _, _, _, _, s in trace["events"] if "hlo_op" in s]
     layer_ops = [o for o in timed if any(profiling.innermost_layer(n or "") for (m, h), n in trace["op_names"].items() if h == o)]
     assert layer_ops, "no traced op maps to a model layer"

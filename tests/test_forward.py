@@ -28,7 +28,6 @@ def test_tiny_llama_lifted_matches_eager(devices, n_devices):
 def test_tp_weights_really_are_sharded(devices):
     model = model_torch.from_preset("tiny-llama").eval()  # 16 q / 8 kv heads of 8, hidden 128, mlp 256
     lifted = lift(model, sharding.mesh_for("tp", 8, devices=devices), "tp")
-    w = lifted.weights
     expect = {
         "model.layers.0.self_attn.q_proj.weight": (P("model"), (16, 128)),
         "model.layers.0.self_attn.k_proj.weight": (P("model"), (8, 128)),
@@ -40,7 +39,7 @@ def test_tp_weights_really_are_sharded(devices):
         "model.norm.weight": (P(), (128,)),
     }
     for name, (spec, shard_shape) in expect.items():
-        arr = w[name]
+        arr = lifted.weight(name)  # scanned (the default): its layer's slice of the stacked tensor
         assert arr.sharding.spec == spec, name
         shapes = {s.data.shape for s in arr.addressable_shards}
         assert shapes == {shard_shape}, (name, shapes)
@@ -58,9 +57,9 @@ def test_smollm2_lifted_matches_eager_on_1_and_tp8(smollm2, devices):
     out = np.asarray(tp8.forward(ids.numpy()))
     assert max_rel(out, ref) < RTOL
     # The MLPs and embedding really are split 8 ways; attention (9 q / 3 kv heads) is replicated.
-    gate = tp8.weights["model.layers.0.mlp.gate_proj.weight"]
+    gate = tp8.weight("model.layers.0.mlp.gate_proj.weight")
     assert gate.sharding.spec == P("model") and gate.addressable_shards[0].data.shape == (1536 // 8, 576)
     assert tp8.weights["model.embed_tokens.weight"].addressable_shards[0].data.shape == (49152 // 8, 576)
-    q = tp8.placements["model.layers.0.self_attn.q_proj.weight"]
+    q = tp8.placement("model.layers.0.self_attn.q_proj.weight")
     assert q.spec == P() and "heads" in q.fallback
     assert int(out[0, -1].argmax()) == int(ref[0, -1].argmax())

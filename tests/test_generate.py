@@ -166,7 +166,8 @@ def test_sharded_generation_equals_unsharded_for_every_scheme(devices, scheme):
 def test_kv_cache_lives_on_the_mesh_with_heads_split(devices):
     gen = tiny_generator(devices, 8)
     spec = gen.lifted.kv_sharding(1).spec
-    assert spec[1] == "model"  # 8 kv heads over model=8
+    assert gen.lifted.scan_layers and spec[0] is None  # one stacked cache, the layer dim unsharded
+    assert spec[2] == "model"  # 8 kv heads over model=8
 
 
 def test_too_long_prompt_and_cache_overflow_are_clear_errors(devices, capsys):

@@ -83,21 +83,25 @@ def test_tp_llama_has_two_all_reduces_per_layer(devices):
     assert weight_bytes > 0
 
 
-def test_fsdp_gathers_weights_and_holds_one_eighth(devices):
+@pytest.mark.parametrize("scan", [False, True])
+def test_fsdp_gathers_weights_and_holds_one_eighth(devices, scan):
     model = model_of("tiny-llama")
-    lifted = lift(model, sharding.mesh_for("fsdp", 8, devices=devices), "fsdp")
+    lifted = lift(model, sharding.mesh_for("fsdp", 8, devices=devices), "fsdp", scan_layers=scan)
     # Batch 8 over the fsdp axis, activations pinned to it: every layer weight is gathered whole
-    # (7 matrices per layer), rather than XLA moving activations around a sharded weight.
+    # (7 matrices per layer), rather than XLA moving activations around a sharded weight. Scanned,
+    # the gathers sit in the scan body, once per layer's slice.
     hlo = lifted.compiled_forward(np.zeros((8, 16), np.int32)).as_text()
     # A weight may be gathered as stored [out, in] or already transposed for its matmul ([in, out]).
-    layer_weights = [{f"f32[{','.join(map(str, shape))}]" for shape in (p.shape, p.shape[::-1])}
-                     for p in lifted.placements.values() if not p.replicated and ".layers." in p.name]  # fmt: skip
+    shapes = [lifted.placement(p.name.replace("*.", "0.")).shape for p in lifted.placements.values()
+              if not p.replicated and ".layers." in p.name]  # fmt: skip
+    layer_weights = [{f"f32[{','.join(map(str, shape))}]" for shape in (s, s[::-1])} for s in shapes]
     gathered = [s.split("{")[0] for kind, s in hlo_analysis.collective_instructions(hlo) if kind == "all-gather"]
-    assert sum(any(g in w for w in layer_weights) for g in gathered) >= 7 * model.config.num_layers, gathered
+    per_program = 7 if scan else 7 * model.config.num_layers
+    assert sum(any(g in w for w in layer_weights) for g in gathered) >= per_program, gathered
     assert all(w & set(gathered) for w in layer_weights)
     rep = lifted.report()
     assert rep["param_bytes_per_device"] <= rep["param_bytes_total"] / 8 * 1.05  # norms stay replicated
-    gate = lifted.weights["model.layers.0.mlp.gate_proj.weight"]
+    gate = lifted.weight("model.layers.0.mlp.gate_proj.weight")
     assert gate.sharding.spec == P("fsdp") and gate.addressable_shards[0].data.shape == (32, 128)  # largest dim 256
 
 
@@ -115,10 +119,10 @@ def test_tp_bytes_per_device_match_report_and_real_shards(devices):
 
 def test_ep_places_experts_on_the_expert_axis(devices):
     lifted = lift(model_of("tiny-grok"), sharding.mesh_for("ep", 8, devices=devices), "ep")
-    w = lifted.weights["model.layers.0.mlp.experts.gate_up_proj"]
+    w = lifted.weight("model.layers.0.mlp.experts.gate_up_proj")
     assert w.sharding.spec == P("expert", None) and w.addressable_shards[0].data.shape[0] == 1
     lifted = lift(model_of("tiny-grok"), sharding.mesh_for("ep_tp", 8, devices=devices), "ep_tp")
-    w = lifted.weights["model.layers.0.mlp.experts.down_proj"]
+    w = lifted.weight("model.layers.0.mlp.experts.down_proj")
     ffn = lifted.model.config.intermediate_size
     assert w.sharding.spec == P("expert", None, "model") and w.addressable_shards[0].data.shape == (4, 64, ffn // 4)
 
@@ -138,7 +142,7 @@ def test_smollm2_tp3_splits_heads_cleanly(smollm2, devices):
     ref = lift(smollm2.model, sharding.mesh_for("replicated", 1, devices=devices), "replicated").forward(ids)
     lifted = lift(smollm2.model, sharding.mesh_for("tp", 3, devices=devices), "tp")
     assert not any(p.fallback for p in lifted.placements.values())
-    assert lifted.weights["model.layers.0.self_attn.k_proj.weight"].addressable_shards[0].data.shape == (64, 576)
+    assert lifted.weight("model.layers.0.self_attn.k_proj.weight").addressable_shards[0].data.shape == (64, 576)
     assert max_rel(lifted.forward(ids), ref) < RTOL
 
 
@@ -181,8 +185,8 @@ def test_user_schemes_from_python_and_json(tmp_path, devices):
                               (str(js), "model.layers.0.mlp.up_proj.weight", P("data", None))]:  # fmt: skip
         scheme = sharding.get_scheme(spec)
         lifted = lift(model, sharding.mesh_for(scheme, 8, devices=devices), scheme)
-        assert lifted.weights[probe].sharding.spec == want
-        assert lifted.weights["model.layers.0.self_attn.q_proj.weight"].sharding.spec == P()
+        assert lifted.weight(probe).sharding.spec == want
+        assert lifted.weight("model.layers.0.self_attn.q_proj.weight").sharding.spec == P()
         assert max_rel(lifted.forward(ids), ref) < RTOL
 
 
@@ -226,7 +230,7 @@ def test_fewer_kv_heads_than_the_model_axis_are_repeated_not_replicated(devices)
     one = lift(model, sharding.mesh_for("replicated", 1, devices=devices[:1]), "replicated")
     tp = lift(model, sharding.mesh_for("tp", 8, devices=devices), "tp")
     assert tp.kv_head_copies == 4
-    k = tp.placements["model.layers.0.self_attn.k_proj.weight"]
+    k = tp.placement("model.layers.0.self_attn.k_proj.weight")
     full = model.model.layers[0].self_attn.k_proj.weight
     assert k.spec == P("model") and k.bytes_per_device({"model": 8}) * 2 == full.numel() * full.element_size()
     assert max_rel(np.asarray(tp.forward(ids.numpy())), np.asarray(one.forward(ids.numpy()))) < RTOL
@@ -234,4 +238,4 @@ def test_fewer_kv_heads_than_the_model_axis_are_repeated_not_replicated(devices)
     a = Generator(tp, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
     b = Generator(one, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
     assert a == b
-    assert tp.kv_sharding(2).spec[1] == "model"
+    assert tp.kv_sharding(2).spec[1 + tp.scan_layers] == "model"  # scanned: a leading layer dim

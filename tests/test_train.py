@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import model_torch
 import sharding
+from bridge import scan
 from bridge import cli
 from bridge.lift import lift
 from bridge.train import Trainer, batch_at, next_token_nll, pack
@@ -37,7 +38,8 @@ def jax_grads(model, ids: torch.Tensor, scheme: str, n: int, remat: bool = False
     lifted = lift(model, sharding.mesh_for(scheme, n), scheme)
     trainer = Trainer(lifted, optax.adamw(1e-3), remat=remat, loss_chunk=chunk)
     loss, grads = jax.jit(trainer.grads)(trainer.params(), trainer.put_batch(ids.numpy()))
-    return float(loss), {k: np.asarray(sharding.to_host(g)) for k, g in grads.items()}
+    # Per-layer names (a scanned stack's gradients are stacked like its weights).
+    return float(loss), {k: sharding.to_host(g) for k, g in scan.unstack_weights(grads).items()}
 
 
 def worst(got: dict, want: dict) -> float:
