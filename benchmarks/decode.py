@@ -2,7 +2,8 @@
 
 Same weights (SmolLM2-135M-Instruct), a 32-token prompt, 128 new tokens, greedy, one row per engine
 and batch:
-  * ours: jitted prefill + on-device decode loop (donated KV cache), 1 device: fp32, int8
+  * ours: jitted prefill + on-device decode loop (donated KV cache), 1 device: fp32 (the scanned
+    decoder stack, the default, and unrolled), int8
     weight-only (per-channel scales), bf16 weights, and transformers' own class behind the adapter;
   * HF transformers ``generate`` in torch eager with its default cache;
   * llama.cpp (``llama_cpp_peer``) on the same weights as F32 and Q8_0 GGUFs, when importable;
@@ -88,9 +89,11 @@ def main() -> int:
                      "fraction_of_roofline": rate / (bandwidth / nbytes * batch), "token_ids": tokens, **extra})  # fmt: skip
         print(f"  {engine:<28} batch {batch}: {rate:7.1f} tokens/s", file=sys.stderr, flush=True)
 
-    # Ours: fp32 (model_torch), int8 weight-only, bf16, and transformers' own class behind the adapter.
+    # Ours: fp32 (model_torch, scanned stack: the default), the same unrolled, int8 weight-only, bf16,
+    # and transformers' own class behind the adapter (unrolled: it has no run_layers loop to scan).
     engines = [
         ("ours fp32", dict()),
+        ("ours fp32, unrolled", dict(scan_layers=False)),
         ("ours int8 (weight-only)", dict(quantize="int8")),
         ("ours bf16", dict(dtype="bfloat16")),
         ("ours fp32, transformers class", dict(implementation="transformers")),

@@ -120,7 +120,8 @@ def find_xplane(logdir) -> Path:
 
 def read_trace(path) -> dict:
     """Events of an .xplane.pb: ``{"events": [(plane, line, name, duration_ps, stats)], "op_names":
-    {(module, hlo_op): op_name}}`` (op names from the HloProtos stored in the xplane)."""
+    {(module, hlo_op): op_name}}`` (op names from the HloProtos stored in the xplane). ``stats``
+    carries ``self_ps`` too: the duration less that of the events nested in it on its line."""
     XSpace, HloProto = _messages()
     space = XSpace.FromString(Path(path).read_bytes())
     events, op_names = [], {}
@@ -136,11 +137,20 @@ def read_trace(path) -> dict:
                             if ins.metadata.op_name:
                                 op_names[(module.name, ins.name)] = ins.metadata.op_name
         for line in plane.lines:
-            for ev in line.events:
+            # An event's self time is its duration less the events nested in it on the same line (a
+            # while loop holds its body's ops: counting both would count the loop twice).
+            open_events: list = []  # [end_ps, stats] of the events enclosing the current one
+            for ev in sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps)):
                 stats = {}
                 for st in ev.stats:
                     key = smeta.get(st.metadata_id, str(st.metadata_id))
                     stats[key] = st.str_value or (smeta.get(st.ref_value) if st.ref_value else None) or st.int64_value or st.uint64_value
+                while open_events and open_events[-1][0] <= ev.offset_ps:
+                    open_events.pop()
+                if open_events:
+                    open_events[-1][1]["self_ps"] -= ev.duration_ps
+                stats["self_ps"] = ev.duration_ps
+                open_events.append([ev.offset_ps + ev.duration_ps, stats])
                 events.append((plane.name, line.name, emeta[ev.metadata_id].name if ev.metadata_id in emeta else "", ev.duration_ps, stats))
     return {"events": events, "op_names": op_names}
 
@@ -189,6 +199,7 @@ def summarize(path, top: int = 10, scopes=None) -> dict:
         hlo_op = stats.get("hlo_op")
         if not hlo_op:
             continue
+        dur = stats["self_ps"]  # a loop's body ops count once, under their own names
         by_op[hlo_op] += dur
         if any(hlo_op.startswith(c) for c in hlo.COLLECTIVES):
             collective_ps += dur
