@@ -147,7 +147,7 @@ def read_trace(path) -> dict:
                     stats[key] = st.str_value or (smeta.get(st.ref_value) if st.ref_value else None) or st.int64_value or st.uint64_value
                 while open_events and open_events[-1][0] <= ev.offset_ps:
                     open_events.pop()
-                if open_events:
+                if open_events and ev.offset_ps + ev.duration_ps <= open_events[-1][0]:  # nested, not overlapping
                     open_events[-1][1]["self_ps"] -= ev.duration_ps
                 stats["self_ps"] = ev.duration_ps
                 open_events.append([ev.offset_ps + ev.duration_ps, stats])

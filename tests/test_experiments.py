@@ -106,9 +106,13 @@ def test_profile_trace_names_layers_and_steps(tmp_path, mode, scan):
     if scan:  # one scan body, named by its layer's modules; the summary gives the time per layer
         assert "layers.0.self_attn" in named and "layers.0.mlp" in named
         assert "layers.*.mlp (per layer, 2 scanned)" in out
+        # The scan's while loop holds its body's ops: its self time excludes them.
+        loops = [(dur, s) for _, _, _, dur, s in trace["events"] if str(s.get("hlo_op", "")).startswith("while")]
+        assert loops and all(s["self_ps"] < dur / 2 for dur, s in loops)
     else:
         assert "layers.1.self_attn" in named and "layers.0.mlp" in named
         assert "layers.1.mlp" in out.split("time per named layer:")[1]
+    assert all(0 <= s["self_ps"] <= dur for _, _, _, dur, s in trace["events"])
     timed = [s["hlo_op"] for _, _, _, _, s in trace["events"] if "hlo_op" in s]
     layer_ops = [o for o in timed if any(profiling.innermost_layer(n or "") for (m, h), n in trace["op_names"].items() if h == o)]
     assert layer_ops, "no traced op maps to a model layer"
