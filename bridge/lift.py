@@ -423,7 +423,7 @@ def lift_checkpoint(
         raise checkpoints.CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
     cls, config = found
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config).to(checkpoints.DTYPES[dtype])  # the dtype it is placed in (free on meta)
     scan_layers = scan.scans(model, scan_layers)
     names, fn = extract_fn(model)
     source = checkpoints.TensorSource(checkpoints.checkpoint_files(path))

@@ -59,7 +59,7 @@ def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool | None
     """``model`` (on the meta device) lifted with abstract weights: each a ``ShapeDtypeStruct``
     carrying its placement, validated by the scheme like a real one. Nothing is allocated.
     ``scan_layers``: the stacked layout of ``bridge.scan`` (one scan over the layers)."""
-    scan_layers = scan.scans(model, scan_layers)
+    scan_layers = scan.scans(model, scan_layers, runs_here=False)
     names, fn = extract_fn(model)
     shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
     if scan_layers:
@@ -113,7 +113,7 @@ def plan(
     body once)."""
     scheme = sharding.get_scheme(scheme)
     full = meta_model(preset_or_config, dtype)
-    scan_layers = scan.scans(full, scan_layers)
+    scan_layers = scan.scans(full, scan_layers, runs_here=False)
     c = full.config
     mesh_shape = dict(mesh.shape)
     lifted = abstract_lifted(full, mesh, scheme, fallback, scan_layers)

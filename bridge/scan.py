@@ -55,19 +55,32 @@ def why_not_scanned(model) -> str | None:
     return None
 
 
-def scans(model, scan_layers: bool | None = None) -> bool:
+def scans(model, scan_layers: bool | None = None, *, runs_here: bool = True) -> bool:
     """Whether ``model``'s decoder stack runs scanned. ``None``, the default everywhere: scanned
-    whenever it can be (``why_not_scanned``), since it compiles one layer instead of all and runs as
-    fast as unrolled (SmolLM2 on 1 device: decode 96-101%, prefill 100-109% of unrolled's time in
-    alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error."""
+    whenever it can be (``why_not_scanned``; bf16/f16 models on CPU excepted, see
+    ``_slow_16_bit_slices``), since it compiles one layer instead of all and runs as fast as
+    unrolled (SmolLM2 fp32 on 1 device: decode 96-101%, prefill 100-109% of unrolled's time in
+    alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error.
+    ``runs_here=False`` (``plan``: compiled for an accelerator, never run) ignores what is slow on
+    this machine's backend."""
     problem = why_not_scanned(model)
     if scan_layers is None:
-        return problem is None
+        return problem is None and not (runs_here and _slow_16_bit_slices(model))
     if scan_layers and problem:
         from bridge.errors import UsageError
 
         raise UsageError(problem)
     return bool(scan_layers)
+
+
+def _slow_16_bit_slices(model) -> bool:
+    """XLA:CPU does not dynamic-slice bf16/f16 tensors itself: it converts the whole stacked tensor
+    to f32, slices that, and hoists the conversion out of the scan, so every decode step makes f32
+    copies of all weights and of the KV cache. SmolLM2 bf16 decode, same run: 19-23 tokens/s scanned
+    against 62-72 unrolled; slicing the bits as uint16 instead still copies them (a bitcast-convert is
+    a copy there): 31-33. So on CPU a 16-bit model runs unrolled unless scanning is asked for."""
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return jax.default_backend() == "cpu" and bool(floats) and all(dt.itemsize == 2 for dt in floats)
 
 
 def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:

@@ -143,3 +143,28 @@ def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
         a, la = flat.step(a, ids)
         b, lb = scanned.step(b, ids)
         assert abs(float(la) - float(lb)) < 1e-5 * float(la)
+
+
+def test_scanned_by_default_where_it_pays(devices):
+    """The default: model_torch families scan; a module without a run_layers loop does not (and
+    asking for it is an error naming why); bf16 models on CPU run unrolled, since XLA:CPU converts a
+    bf16 stack to f32 to slice it (measured in ``scan._slow_16_bit_slices``); plan, which never
+    runs the program, scans them anyway."""
+    import jax
+
+    from bridge import scan
+    from bridge.errors import UsageError
+    from bridge.plan import abstract_lifted, meta_model
+
+    mesh = sharding.mesh_for("replicated", 1, devices=devices)
+    fp32 = model_torch.from_preset("tiny-llama")
+    assert lift(fp32, mesh, "replicated").scan_layers
+    assert not lift(fp32, mesh, "replicated", scan_layers=False).scan_layers
+    bf16 = model_torch.from_preset("tiny-llama").to(torch.bfloat16)
+    assert jax.default_backend() == "cpu" and not lift(bf16, mesh, "replicated").scan_layers
+    assert lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
+    assert abstract_lifted(meta_model("tiny-llama", "bfloat16"), mesh, sharding.get_scheme("replicated"), "error").scan_layers
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert not scan.scans(plain)
+    with pytest.raises(UsageError, match="no run_layers loop"):
+        scan.scans(plain, True)
