@@ -10,7 +10,9 @@ and batch:
   * the machine's memory bandwidth (a large array copy: bytes read + written per second, the best of
     one thread and all cores) and the decode roofline ``bandwidth / weight bytes`` (each token reads
     every weight once).
-Each row's roofline uses its own weight bytes. Writes JSON to benchmarks/results/decode.json and prints a table.
+Everything is loaded and compiled first, then timed in rounds (one run of every engine and batch per
+round, the best round kept), so the machine's drifting bandwidth is shared alike. Each row's roofline
+uses its own weight bytes. Writes JSON to benchmarks/results/decode.json and prints a table.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3]
 """
@@ -89,8 +91,12 @@ def main() -> int:
                      "fraction_of_roofline": rate / (bandwidth / nbytes * batch), "token_ids": tokens, **extra})  # fmt: skip
         print(f"  {engine:<28} batch {batch}: {rate:7.1f} tokens/s", file=sys.stderr, flush=True)
 
-    # Ours: fp32 (model_torch, scanned stack: the default), the same unrolled, int8 weight-only, bf16,
-    # and transformers' own class behind the adapter (unrolled: it has no run_layers loop to scan).
+    # Every engine is loaded and compiled first; then the timed runs go in rounds, each round one
+    # run of every engine and batch, best of the rounds kept: the machine's bandwidth drifts by tens
+    # of percent between minutes, and interleaving gives every engine the same minutes.
+    # Ours: fp32 (model_torch, scanned stack: the default), the same unrolled, int8 weight-only, bf16
+    # (unrolled by default on CPU: ``scan._slow_16_bit_slices``), and transformers' own class behind
+    # the adapter (unrolled: it has no run_layers loop to scan).
     engines = [
         ("ours fp32", dict()),
         ("ours fp32, unrolled", dict(scan_layers=False)),
@@ -98,33 +104,39 @@ def main() -> int:
         ("ours bf16", dict(dtype="bfloat16")),
         ("ours fp32, transformers class", dict(implementation="transformers")),
     ]
+    runners = {}  # (engine, batch) -> run() returning (tokens/s, greedy tokens of row 0, extra)
     for engine, kw in engines:
         lifted = open_model("smollm2", devices=1, scheme="replicated", **kw)
         if ids is None:
             ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
             assert len(ids) == args.prompt_tokens, "prompt too short for --prompt-tokens"
         gen = Generator(lifted, stop_at_eos=False)  # every run decodes exactly n tokens
+        nbytes = weight_bytes(lifted)
         for batch in batches:
-            runs = [gen.generate_ids([ids] * batch, n) for _ in range(args.repeats + 1)]  # the first compiles
-            best = max(runs[1:], key=lambda r: r["decode_tokens_per_second"])
-            add(engine, batch, best["decode_tokens_per_second"], weight_bytes(lifted), best["token_ids"][0],
-                prefill_seconds=best["prefill_seconds"], compile_seconds=runs[0]["compile_seconds"])  # fmt: skip
-        del gen, lifted
+            first = gen.generate_ids([ids] * batch, n)  # compiles
+
+            def run(gen=gen, batch=batch, first=first):
+                r = gen.generate_ids([ids] * batch, n)
+                return r["decode_tokens_per_second"], r["token_ids"][0], dict(
+                    prefill_seconds=r["prefill_seconds"], compile_seconds=first["compile_seconds"],
+                    scan_layers=gen.lifted.scan_layers)  # fmt: skip
+
+            runners[(engine, batch)] = (run, nbytes)
+        print(f"  {engine}: compiled", file=sys.stderr, flush=True)
 
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(checkpoints.smollm2_dir(), dtype=torch.float32).eval()
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     for batch in batches:
-        x = torch.tensor([ids] * batch)
-        rates, out = [], None
-        for _ in range(args.repeats):
+        def run_hf(batch=batch):
+            x = torch.tensor([ids] * batch)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            rates.append(batch * n / (time.perf_counter() - t0))  # prefill included: HF's own generate
-        add("HF transformers eager", batch, max(rates), hf_bytes, out[0, len(ids):].tolist())
-    del hf
+            return batch * n / (time.perf_counter() - t0), out[0, len(ids):].tolist(), {}  # prefill included: HF's own generate
+
+        runners[("HF transformers eager", batch)] = (run_hf, hf_bytes)
 
     import llama_cpp_peer
 
@@ -132,11 +144,22 @@ def main() -> int:
         src = checkpoints.smollm2_gguf()
         for qtype in ("F32", "Q8_0"):
             path = llama_cpp_peer.write_gguf(src, checkpoints.cache_dir() / f"smollm2-135m-instruct.{qtype}.gguf", qtype)
-            r = llama_cpp_peer.decode(path, ids, n, args.repeats, os.cpu_count())
-            add(f"llama.cpp {qtype}", 1, r["tokens_per_second"], r["weight_bytes"], r["token_ids"])
+            peer = llama_cpp_peer.Peer(path, len(ids) + n + 8, os.cpu_count())
+            peer.run(ids, 8)  # warm-up
+            runners[(f"llama.cpp {qtype}", 1)] = (lambda peer=peer: (*peer.run(ids, n), {}), peer.weight_bytes)
     else:
         print("  llama.cpp: llama_cpp not importable (pip install llama-cpp-python==0.3.36), rows left out",
               file=sys.stderr)  # fmt: skip
+
+    best: dict = {}
+    for round_ in range(args.repeats):
+        for key, (run, _) in runners.items():
+            rate, tokens, extra = run()
+            if key not in best or rate > best[key][0]:
+                best[key] = (rate, tokens, extra)
+        print(f"  round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    for (engine, batch), (rate, tokens, extra) in best.items():
+        add(engine, batch, rate, runners[(engine, batch)][1], tokens, **extra)
 
     # Comparisons within this run.
     by = {(r["engine"], r["batch"]): r for r in rows}
@@ -151,6 +174,7 @@ def main() -> int:
         "model": "SmolLM2-135M-Instruct",
         "prompt_tokens": len(ids),
         "new_tokens": n,
+        "rounds": args.repeats,
         "memory_bandwidth_bytes_per_second": bandwidth,
         "memory_bandwidth_copies": copies,
         "ours_fp32_vs_llama_cpp_f32": by[("ours fp32", 1)]["tokens_per_second"] / peer["tokens_per_second"] if peer else None,

@@ -58,24 +58,39 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
     return dst
 
 
-def decode(path: Path, ids: list[int], n: int, repeats: int, threads: int) -> dict:
-    """Greedy decode of ``n`` tokens after ``ids``, batch 1: best tokens/s over ``repeats`` runs
-    (prefill excluded: timed from the first new token to the last) and the greedy tokens."""
-    import llama_cpp
+class Peer:
+    """One GGUF loaded in llama.cpp, decoding greedily at batch 1."""
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + n + 8, n_threads=threads, n_batch=512,
-                          verbose=False)  # fmt: skip
-    best, tokens = 0.0, []
-    for _ in range(repeats):
-        llm.reset()
+    def __init__(self, path: Path, context: int, threads: int):
+        import llama_cpp
+
+        self.path = Path(path)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def run(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        """(tokens/s from the first new token to the last, so prefill is excluded; the tokens)."""
+        self.llm.reset()
         out, t_first = [], None
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(int(tok))
             if t_first is None:
                 t_first = time.perf_counter()
             if len(out) == n:
                 break
-        rate = (len(out) - 1) / (time.perf_counter() - t_first)
+        return (len(out) - 1) / (time.perf_counter() - t_first), out
+
+
+def decode(path: Path, ids: list[int], n: int, repeats: int, threads: int) -> dict:
+    """Greedy decode of ``n`` tokens after ``ids``, batch 1: best tokens/s over ``repeats`` runs
+    (prefill excluded) and the greedy tokens."""
+    peer = Peer(path, len(ids) + n + 8, threads)
+    best, tokens = 0.0, []
+    for _ in range(repeats):
+        rate, out = peer.run(ids, n)
         if rate > best:
             best, tokens = rate, out
-    return {"tokens_per_second": best, "token_ids": tokens, "weight_bytes": path.stat().st_size}
+    return {"tokens_per_second": best, "token_ids": tokens, "weight_bytes": peer.weight_bytes}
