@@ -213,6 +213,13 @@ class StackRunner:
                 cache = (jnp.stack([env.t2j_iso(k) for k, _ in kv_cache]), jnp.stack([env.t2j_iso(v) for _, v in kv_cache]))
 
         sink = _iteration_sink
+        # Only this call's cache columns leave the scan; they are written into the stacked cache
+        # after it, in place. A layer returns its whole updated cache, and stacking those as the
+        # scan's output copied the whole cache every step (SmolLM2 fp32, batch 8: 78.8 tokens/s
+        # scanned against 108.2 unrolled at 128 new tokens, 57.1 against 83.4 at 400). The columns
+        # are contiguous from ``cache_position[0]``, as ``model_torch.common.Masks`` assumes too.
+        columns = env.t2j_iso(cache_position)
+        start, t = columns[0], columns.shape[0]
 
         def body(h, xs):
             p, kv = xs
@@ -221,14 +228,16 @@ class StackRunner:
             with _reparametrize_module(first, p_t):
                 out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
             records = sink.take(mark) if sink is not None else None
-            return env.t2j_iso(out), ((None if kv is None else env.t2j_iso(tuple(new_kv))), records)
+            if kv is not None:
+                new_kv = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=2) for a in env.t2j_iso(tuple(new_kv)))
+            return env.t2j_iso(out), ((None if kv is None else new_kv), records)
 
-        h, (new_cache, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
+        h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
         if sink is not None:
             sink.spread(stacked_records, len(layers))
-        if new_cache is None:
+        if new_columns is None:
             return env.j2t_iso(h), None
-        k, v = new_cache
+        k, v = (jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, start, 0)) for c, n in zip(cache, new_columns))
         if stacked_cache:
             return env.j2t_iso(h), [env.j2t_iso((k, v))]
         return env.j2t_iso(h), [env.j2t_iso((k[i], v[i])) for i in range(k.shape[0])]
