@@ -215,8 +215,7 @@ class Lifted(LiftedModule):
         stacked = scan.stacked_name(self.model, name) if self.scan_layers else None
         if stacked not in self.placements:
             raise KeyError(name)
-        p = self.placements[stacked]
-        return dataclasses.replace(p, name=name, shape=p.shape[1:], spec=sharding.P(*p.spec[1:]))
+        return scan.layer_placement(self.placements[stacked], name)
 
     def weight(self, name: str) -> jax.Array:
         """The weight ``name`` on the mesh; scanned, its layer's slice of the stacked tensor, placed
@@ -450,7 +449,7 @@ def lift_checkpoint(
             # written into it in place (donated), so at most one layer is in flight besides the
             # placed weights. Stacking whole tensors on the host first peaked at 1.89x SmolLM2's
             # checkpoint (1.5x is the bound tested); layer by layer it stays at the unrolled peak.
-            layer_sharding = NamedSharding(mesh, sharding.P(*p.spec[1:]))
+            layer_sharding = NamedSharding(mesh, scan.layer_placement(p).spec)
             out = jax.jit(lambda: jnp.zeros(p.shape, np_dtype), out_shardings=NamedSharding(mesh, p.spec))()
             for i, k in enumerate(layer_names[name]):
                 piece = jax.make_array_from_callback(

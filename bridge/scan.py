@@ -141,6 +141,16 @@ def stacked_placements(model, shapes: dict, scheme, mesh_shape, *, head_layout=(
     return out
 
 
+def layer_placement(stacked, name: str | None = None):
+    """One layer's slice of a stacked tensor's placement: the (unsharded) layer dim dropped."""
+    import dataclasses
+
+    from jax.sharding import PartitionSpec as P
+
+    return dataclasses.replace(stacked, name=name or layer0_name(stacked.name), shape=tuple(stacked.shape[1:]),
+                               spec=P(*stacked.spec[1:]))  # fmt: skip
+
+
 def per_layer_views(model, weights: dict) -> dict:
     """The full per-layer dict the extracted torch function expects, each layer's tensor a slice of
     its stacked tensor (the runner reads the stacked tensors themselves; the slices go unused and
