@@ -223,9 +223,8 @@ class Lifted(LiftedModule):
         if name in self.weights:
             return self.weights[name]
         p = self.placement(name)
-        layer = int(name[len(scan.layer_prefix(self.model)) :].split(".", 1)[0])
-        stacked = self.weights[scan.stacked_name(self.model, name)]
-        return jax.jit(lambda w: w[layer], out_shardings=NamedSharding(self.mesh, p.spec))(stacked)
+        stacked, layer = scan.stacked_slot(self.model, name)
+        return jax.jit(lambda w: w[layer], out_shardings=NamedSharding(self.mesh, p.spec))(self.weights[stacked])
 
     # -- forward --------------------------------------------------------------------------------
     def logits_fn(self, weights, input_ids):

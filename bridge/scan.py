@@ -28,11 +28,18 @@ def layer_prefix(model) -> str:
     return model.DECODER_LAYERS + "."
 
 
+def stacked_slot(model, name: str) -> tuple[str, int] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> (``model.layers.*.mlp.up_proj.weight``, 3): the
+    stacked tensor a per-layer tensor lives in and its layer (None outside the decoder stack)."""
+    m = re.match(re.escape(layer_prefix(model)) + r"(\d+)\.(.+)$", name)
+    return (f"{layer_prefix(model)}*.{m.group(2)}", int(m.group(1))) if m else None
+
+
 def stacked_name(model, name: str) -> str | None:
     """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight`` (None for a
     tensor outside the decoder stack)."""
-    m = re.match(re.escape(layer_prefix(model)) + r"(\d+)\.(.+)$", name)
-    return f"{layer_prefix(model)}*.{m.group(2)}" if m else None
+    slot = stacked_slot(model, name)
+    return slot[0] if slot else None
 
 
 def layer0_name(name: str) -> str:
@@ -63,6 +70,8 @@ def scans(model, scan_layers: bool | None = None, *, runs_here: bool = True) -> 
     alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error.
     ``runs_here=False`` (``plan``: compiled for an accelerator, never run) ignores what is slow on
     this machine's backend."""
+    if scan_layers is False:
+        return False
     problem = why_not_scanned(model)
     if scan_layers is None:
         return problem is None and not (runs_here and _slow_16_bit_slices(model))
@@ -70,7 +79,7 @@ def scans(model, scan_layers: bool | None = None, *, runs_here: bool = True) -> 
         from bridge.errors import UsageError
 
         raise UsageError(problem)
-    return bool(scan_layers)
+    return True
 
 
 def _slow_16_bit_slices(model) -> bool:
@@ -89,7 +98,7 @@ def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
     scan runs one body)."""
     from bridge.errors import UsageError
 
-    prefix, n = layer_prefix(model), len(model.decoder_layers())
+    n = len(model.decoder_layers())
     layout, layers = {}, {}
     for name, (shape, dtype) in shapes.items():
         s = stacked_name(model, name)
@@ -98,7 +107,7 @@ def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
         else:
             layers.setdefault(s, []).append(name)
     for s, names in layers.items():
-        names.sort(key=lambda k: int(k[len(prefix) :].split(".", 1)[0]))
+        names.sort(key=lambda k: stacked_slot(model, k)[1])
         found = {tuple(shapes[k][0]) for k in names}
         if len(names) != n or len(found) != 1:
             raise UsageError(f"{s}: the decoder layers differ ({len(names)} of {n} layers hold it, shapes "
