@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from bridge import cpu_kernels
+
 NO_CACHE = "TORCHAX_BRIDGE_NO_CACHE"
 _ROOT = Path(__file__).resolve().parents[1]
 _xla_hits = [0]
@@ -68,7 +70,8 @@ def enable_xla_cache() -> None:
 def source_digest() -> str:
     """A hash of the code that shapes a traced program: the bridge, model_torch, sharding.py."""
     h = hashlib.sha256()
-    files = sorted([*(_ROOT / "bridge").glob("*.py"), *(_ROOT / "model_torch").glob("*.py"), _ROOT / "sharding.py"])
+    files = sorted([*(_ROOT / "bridge").glob("*.py"), *(_ROOT / "bridge" / "kernels").glob("*.cc"),
+                    *(_ROOT / "model_torch").glob("*.py"), _ROOT / "sharding.py"])
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -104,7 +107,7 @@ def program_key(name: str, args: Sequence, context: Sequence[Any]) -> str:
     h = hashlib.sha256()
     leaves, tree = jax.tree.flatten(args)
     parts = [name, source_digest(), versions(), str(jax.config.jax_default_matmul_precision),
-             str(jax.config.jax_enable_x64), jax.default_backend(), str(tree), *map(_describe, leaves),
+             str(jax.config.jax_enable_x64), jax.default_backend(), cpu_kernels.state(), str(tree), *map(_describe, leaves),
              *map(str, context)]  # fmt: skip
     for part in parts:
         h.update(part.encode())
@@ -164,7 +167,9 @@ def compile_program(name: str, fn: Callable, args: Sequence, *, donate: tuple = 
             exported = None
     if exported is None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), args)
-        exported = jax.export.export(jax.jit(fn, donate_argnums=donate))(*abstract)
+        # Our own CPU kernel's custom call is allowed: the key says whether it is registered.
+        allow = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (cpu_kernels.TARGET, cpu_kernels.STACKED_TARGET)]
+        exported = jax.export.export(jax.jit(fn, donate_argnums=donate), disabled_checks=allow)(*abstract)
         from bridge.files import atomic_write
 
         with atomic_write(path, "wb") as fh:

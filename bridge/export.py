@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
+from bridge import cpu_kernels
 from bridge.files import atomic_directory
 from bridge.lift import Lifted, LiftedModule
 from bridge.prompts import cache_length
@@ -114,11 +115,12 @@ def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 6
     compiled = prefill_jit.lower(*prefill_args).compile()
     shapes = jax.eval_shape(prefill_jit, *prefill_args)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, compiled.output_shardings)
-    programs = {
-        "forward": jax.export.export(jax.jit(lifted.logits_fn))(w, rows((batch, prompt_len))),
-        "prefill": jax.export.export(prefill_jit)(*prefill_args),
-        "decode_step": jax.export.export(jax.jit(decode_step, donate_argnums=(1,)))(w, state),
-    }
+    with cpu_kernels.forbidden():  # an export runs with JAX alone: XLA's own dots only
+        programs = {
+            "forward": jax.export.export(jax.jit(lifted.logits_fn))(w, rows((batch, prompt_len))),
+            "prefill": jax.export.export(prefill_jit)(*prefill_args),
+            "decode_step": jax.export.export(jax.jit(decode_step, donate_argnums=(1,)))(w, state),
+        }
     config = lifted.model.config
     eos = sorted(int(e) for e in np.asarray(gen.eos).tolist() if e >= 0)
     manifest = {

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bridge import cpu_kernels
 from bridge.lift import Lifted, jax_dtype
 
 
@@ -56,17 +57,19 @@ def prefill(lifted: Lifted, weights, ids, cache, positions=None, key_mask=None):
 
 def decode_step(lifted: Lifted, weights, token, cache, column, positions=None, key_mask=None):
     """One token per row: ``token`` [B] written at cache ``column`` (a scalar), RoPE ``positions``
-    [B] (default: the column), ``key_mask`` [B, S] -> (logits [B, V], new cache)."""
-    logits, cache = lifted.fn(
-        weights,
-        (token[:, None],),
-        dict(
-            positions=None if positions is None else positions[:, None],
-            kv_cache=cache,
-            cache_position=column[None],
-            attention_mask=key_mask,
-        ),
-    )
+    [B] (default: the column), ``key_mask`` [B, S] -> (logits [B, V], new cache). On one CPU device
+    the rows' matrix products use ``cpu_kernels.small_batch_matmul``."""
+    with cpu_kernels.used_on(lifted.mesh):
+        logits, cache = lifted.fn(
+            weights,
+            (token[:, None],),
+            dict(
+                positions=None if positions is None else positions[:, None],
+                kv_cache=cache,
+                cache_position=column[None],
+                attention_mask=key_mask,
+            ),
+        )
     return logits[:, -1], cache
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sharding
+from bridge import cpu_kernels
 
 
 def layer_prefix(model) -> str:
@@ -240,8 +241,16 @@ class StackRunner:
         columns = env.t2j_iso(cache_position)
         start, t = columns[0], columns.shape[0]
 
+        # With the CPU small-batch kernel the layer's weights are sliced in the body, where the
+        # kernel can read them from the stack in place (``cpu_kernels.layer_slice``); scan's own
+        # slicing of ``xs`` would hand it a copy of every layer's weights on every step.
+        by_index = cpu_kernels.active()
+        xs = ((jnp.arange(len(layers)) if by_index else params), cache)
+
         def body(h, xs):
             p, kv = xs
+            if by_index:
+                p = {name: cpu_kernels.layer_slice(w, p) for name, w in params.items()}
             p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
             mark = sink.mark() if sink is not None else None
             with _reparametrize_module(first, p_t):
@@ -251,7 +260,8 @@ class StackRunner:
                 new_kv = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=2) for a in env.t2j_iso(tuple(new_kv)))
             return env.t2j_iso(out), ((None if kv is None else new_kv), records)
 
-        h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), (params, cache))
+        with cpu_kernels.layer_slices():
+            h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), xs)
         if sink is not None:
             sink.spread(stacked_records, len(layers))
         if new_columns is None:

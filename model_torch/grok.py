@@ -120,7 +120,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, mask, self.c.attn_output_multiplier, self.c.attn_softcap, layer_kv)
-        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position)
+        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position, after=out)
 
 
 class DecoderLayer(nn.Module):

@@ -155,7 +155,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, mask, d**-0.5, layer_kv=layer_kv)
-        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position)
+        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position, after=out)
 
 
 class MLP(nn.Module):

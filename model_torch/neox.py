@@ -118,7 +118,7 @@ class Attention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, mask, d**-0.5, layer_kv=layer_kv)
-        return self.dense(out), write_kv(layer_kv, k, v, cache_position)
+        return self.dense(out), write_kv(layer_kv, k, v, cache_position, after=out)
 
 
 class MLP(nn.Module):

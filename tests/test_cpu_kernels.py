@@ -1,0 +1,146 @@
+"""The CPU small-batch kernel (bridge/cpu_kernels.py) against numpy and HF, where it applies and where
+it must not, and the KV-cache write ordered after the attention (no per-step cache copies)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import sharding
+from bridge import cpu_kernels
+from bridge.generate import Generator
+from bridge.lift import lift
+from tests.test_generate import hf_twin
+
+RTOL = 1e-5  # fp32 accumulation in another order than numpy's float64 reference
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert cpu_kernels.available(), f"the kernel must build on the test machine: {cpu_kernels.why_unavailable()}"
+
+
+def reference(x, w, dtype):
+    """float64 numpy product of what the kernel is given (bf16/int8 weights exactly widened)."""
+    return np.asarray(x, np.float64) @ np.asarray(w.astype(np.float32), np.float64).T
+
+
+def weights(rng, shape, dtype):
+    if dtype == "int8":
+        return rng.integers(-127, 128, shape).astype(np.int8)
+    w = rng.standard_normal(shape).astype(np.float32)
+    return w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("m,n,k", [(2, 130, 576), (8, 5, 37), (9, 64, 16), (16, 1, 100), (3, 67, 1)])
+def test_kernel_equals_numpy(kernel, dtype, m, n, k):
+    """Rows padded to the register block, weight rows not a multiple of the row block, K with a
+    masked tail; every weight dtype it reads."""
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = weights(rng, (n, k), dtype)
+    got = jax.jit(cpu_kernels.small_batch_matmul)(jnp.asarray(x), jnp.asarray(w))
+    want = reference(x, w, dtype)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    assert np.abs(np.asarray(got, np.float64) - want).max() <= RTOL * np.abs(want).max()
+
+
+def test_stacked_layer_is_read_in_place(kernel):
+    """A layer slice (traced index, as in a scan body) goes to the stacked kernel with the whole
+    stack and the index, and gives that layer's product."""
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.standard_normal((4, 48, 64)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)).astype(np.float32))
+
+    def per_layer(stack, x):
+        def body(h, i):
+            w = cpu_kernels.layer_slice(stack, i)
+            return h, cpu_kernels.small_batch_matmul(x, w)
+
+        with cpu_kernels.layer_slices():
+            return jax.lax.scan(body, 0, jnp.arange(4))[1]
+
+    got = jax.jit(per_layer)(stack, x)
+    text = jax.jit(per_layer).lower(stack, x).as_text()
+    assert cpu_kernels.STACKED_TARGET in text and f'"{cpu_kernels.TARGET}"' not in text
+    for i in range(4):
+        want = reference(x[:, 0], np.asarray(stack[i]), "float32")
+        assert np.abs(np.asarray(got[i, :, 0], np.float64) - want).max() <= RTOL * np.abs(want).max()
+
+
+def compiled_text(gen) -> str:
+    return "\n".join(c.as_text() for c in gen._compiled.values())
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-neox", "tiny-mixtral"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, preset, scan_layers, devices):
+    """Batch 8 on one CPU device: the decode program calls the kernel (the stacked one when
+    scanned) and every row's greedy tokens equal HF's batched generate."""
+    hf, ours = hf_twin(preset)
+    prompts = [[(7 * r + j) % 90 + 3 for j in range(12)] for r in range(8)]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(8, 12, dtype=torch.long),
+                           max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[:, 12:].tolist()  # fmt: skip
+    gen = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers),
+                    eos_token_ids=[])  # fmt: skip
+    got = gen.generate_ids(prompts, 24)["token_ids"]
+    assert got == want
+    text = compiled_text(gen)
+    assert (cpu_kernels.STACKED_TARGET if scan_layers else f'"{cpu_kernels.TARGET}"') in text
+
+
+def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkeypatch):
+    """A custom call has no sharding rule: on 8 devices the program keeps XLA's dots; with
+    TORCHAX_BRIDGE_CPU_KERNELS=0 so does one device, with the same tokens."""
+    hf, ours = hf_twin("tiny-llama")
+    prompts = [[3, 4, 5, 6]] * 4
+    on = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
+    tokens = on.generate_ids(prompts, 8)["token_ids"]
+    assert cpu_kernels.TARGET in compiled_text(on)
+    sharded = Generator(lift(ours, sharding.mesh_for("tp", 8, devices=devices), "tp"), eos_token_ids=[])
+    assert sharded.generate_ids(prompts, 8)["token_ids"] == tokens
+    assert cpu_kernels.TARGET not in compiled_text(sharded)
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    off = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
+    assert off.generate_ids(prompts, 8)["token_ids"] == tokens
+    assert cpu_kernels.TARGET not in compiled_text(off)
+    assert cpu_kernels.why_unavailable() == f"{cpu_kernels.SWITCH}=0"
+
+
+def test_a_failed_build_leaves_xla_dots_and_says_why(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    cpu_kernels._library.cache_clear()
+    cpu_kernels._why.clear()
+    try:
+        assert cpu_kernels._library() is None
+        assert "no C++ compiler (no-such-compiler-here)" in cpu_kernels._why[0]
+    finally:
+        cpu_kernels._library.cache_clear()
+        cpu_kernels._why.clear()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_updates_the_kv_cache_in_place(scan_layers, devices, monkeypatch):
+    """The decode loop copies no layer's KV cache: the cache write is ordered after the attention
+    read the old cache (``model_torch.common.ordered_after``); without that XLA copied every layer's
+    cache twice per step. Checked with XLA's own dots, where the copies were found."""
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    hf, ours = hf_twin("tiny-llama")
+    gen = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers),
+                    eos_token_ids=[])  # fmt: skip
+    gen.generate_ids([[3, 4, 5, 6]] * 8, 8)
+    loop = next(c for k, c in gen._compiled.items() if k[0].startswith("loop/")).as_text()
+    c = ours.config
+    per_layer = rf"f32\[8,{c.num_kv_heads},[1-9]\d+,{c.hidden_size // c.num_heads}\]"
+    shape = rf"f32\[{c.num_layers},8," + per_layer[len(r"f32\[8,") :] if scan_layers else per_layer
+    copies = [line for line in loop.splitlines() if re.search(rf"= {shape}\S* copy\(", line)]
+    assert not copies, copies[:2]
+    assert re.search(shape, loop)  # the pattern does name the cache
