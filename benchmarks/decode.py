@@ -3,7 +3,8 @@
 Same weights (SmolLM2-135M-Instruct), a 32-token prompt, 128 new tokens, greedy, one row per engine
 and batch:
   * ours: jitted prefill + on-device decode loop (donated KV cache), 1 device: fp32 (the scanned
-    decoder stack, the default, and unrolled), int8
+    decoder stack, the default; the same with the small-batch CPU kernel switched off, i.e. XLA's
+    own GEMM at batch > 1; and unrolled), int8
     weight-only (per-channel scales), bf16 weights, and transformers' own class behind the adapter;
   * HF transformers ``generate`` in torch eager with its default cache;
   * llama.cpp (``llama_cpp_peer``) on the same weights as F32 and Q8_0 GGUFs, when importable;
@@ -68,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("TORCHAX_BRIDGE_NO_CACHE", "1")  # compile seconds measured cold, every run
 
-    from bridge import checkpoints
+    from bridge import checkpoints, cpu_kernels
     from bridge.files import atomic_write
     from bridge.generate import Generator
     from bridge.models import open_model
@@ -97,8 +98,11 @@ def main() -> int:
     # Ours: fp32 (model_torch, scanned stack: the default), the same unrolled, int8 weight-only, bf16
     # (unrolled by default on CPU: ``scan._slow_16_bit_slices``), and transformers' own class behind
     # the adapter (unrolled: it has no run_layers loop to scan).
+    # "XLA's GEMM": the same fp32 model with ``cpu_kernels`` switched off, so batch 8 shows the
+    # small-batch kernel against XLA:CPU's own product side by side.
     engines = [
         ("ours fp32", dict()),
+        ("ours fp32, XLA's GEMM", dict(env={cpu_kernels.SWITCH: "0"})),
         ("ours fp32, unrolled", dict(scan_layers=False)),
         ("ours int8 (weight-only)", dict(quantize="int8")),
         ("ours bf16", dict(dtype="bfloat16")),
@@ -106,6 +110,9 @@ def main() -> int:
     ]
     runners = {}  # (engine, batch) -> run() returning (tokens/s, greedy tokens of row 0, extra)
     for engine, kw in engines:
+        env = kw.pop("env", {})
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read while the engine's programs are traced (its first generate)
         lifted = open_model("smollm2", devices=1, scheme="replicated", **kw)
         if ids is None:
             ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
@@ -122,6 +129,8 @@ def main() -> int:
                     scan_layers=gen.lifted.scan_layers)  # fmt: skip
 
             runners[(engine, batch)] = (run, nbytes)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         print(f"  {engine}: compiled", file=sys.stderr, flush=True)
 
     from transformers import AutoModelForCausalLM
@@ -177,6 +186,7 @@ def main() -> int:
         "rounds": args.repeats,
         "memory_bandwidth_bytes_per_second": bandwidth,
         "memory_bandwidth_copies": copies,
+        "cpu_kernel": cpu_kernels.why_unavailable() or "on",
         "ours_fp32_vs_llama_cpp_f32": by[("ours fp32", 1)]["tokens_per_second"] / peer["tokens_per_second"] if peer else None,
         "rows": rows,
     }

@@ -29,12 +29,19 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from bridge import cpu_kernels
-
 NO_CACHE = "TORCHAX_BRIDGE_NO_CACHE"
 _ROOT = Path(__file__).resolve().parents[1]
 _xla_hits = [0]
 _configured: list[str] = []
+# What else a traced program may depend on, registered by the module that adds it: a function giving
+# its state in this process (part of every key) and the custom-call targets an export may hold
+# (``cpu_kernels``: whether its kernel is registered, so a program calling it is never read back
+# where it is not).
+_dependencies: list[tuple[Callable[[], str], tuple[str, ...]]] = []
+
+
+def depends_on(state: Callable[[], str], custom_calls: Sequence[str] = ()) -> None:
+    _dependencies.append((state, tuple(custom_calls)))
 
 
 def enabled() -> bool:
@@ -107,7 +114,7 @@ def program_key(name: str, args: Sequence, context: Sequence[Any]) -> str:
     h = hashlib.sha256()
     leaves, tree = jax.tree.flatten(args)
     parts = [name, source_digest(), versions(), str(jax.config.jax_default_matmul_precision),
-             str(jax.config.jax_enable_x64), jax.default_backend(), cpu_kernels.state(), str(tree), *map(_describe, leaves),
+             str(jax.config.jax_enable_x64), jax.default_backend(), *(state() for state, _ in _dependencies), str(tree), *map(_describe, leaves),
              *map(str, context)]  # fmt: skip
     for part in parts:
         h.update(part.encode())
@@ -167,8 +174,8 @@ def compile_program(name: str, fn: Callable, args: Sequence, *, donate: tuple = 
             exported = None
     if exported is None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), args)
-        # Our own CPU kernel's custom call is allowed: the key says whether it is registered.
-        allow = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (cpu_kernels.TARGET, cpu_kernels.STACKED_TARGET)]
+        # Our own custom calls are allowed: the key says whether they are registered.
+        allow = [jax.export.DisabledSafetyCheck.custom_call(t) for _, targets in _dependencies for t in targets]
         exported = jax.export.export(jax.jit(fn, donate_argnums=donate), disabled_checks=allow)(*abstract)
         from bridge.files import atomic_write
 

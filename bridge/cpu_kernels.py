@@ -33,6 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from bridge import compile_cache
+
 TARGET = "torchax_bridge_small_batch_matmul"
 STACKED_TARGET = "torchax_bridge_small_batch_matmul_stacked"  # w [L, N, K] and a layer index
 MAX_ROWS = 16  # the kernel's limit; past it XLA's GEMM is compute-bound anyway
@@ -77,8 +79,6 @@ def _library() -> Path | None:
     if cxx is None:
         _why.append(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH; install g++ or set CXX")
         return None
-    from bridge import compile_cache
-
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cxx, *FLAGS, *version]).encode(),
                                      jax.ffi.include_dir().encode(), compile_cache.versions().encode()])).hexdigest()[:16]  # fmt: skip
@@ -124,6 +124,9 @@ def why_unavailable() -> str | None:
 def state() -> str:
     """What a traced program's cache key must carry: a program with the kernel needs it registered."""
     return f"{TARGET}:{'on' if available() else 'off'}"
+
+
+compile_cache.depends_on(state, (TARGET, STACKED_TARGET))
 
 
 def applies(mesh) -> bool:
