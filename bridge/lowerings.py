@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import torch
 import torch.nn.functional as F
 
-import model_torch.common  # noqa: F401  (defines torch.ops.model_torch.ordered_after)
+import model_torch.common  # noqa: F401  (defines torch.ops.model_torch.ordered_after, int8_linear)
 from bridge import cpu_kernels
 
 _installed: set[int] = set()
@@ -59,6 +59,17 @@ def ordered_after(values: list, first: jnp.ndarray) -> list:
     exact 0 for every finite or infinite ``x`` and XLA does not fold it away."""
     zero = jnp.minimum(jnp.abs(first.ravel()[0]), 0)
     return [v + zero.astype(v.dtype) for v in values]
+
+
+def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+    """``model_torch.common.int8_linear``: ``(x @ weight^T) * scale``. Batched decode on one CPU
+    device reads the int8 weight in the small-batch kernel; otherwise the weight is converted and
+    XLA fuses the conversion into its matrix-vector loop (1 row) or its GEMM."""
+    if cpu_kernels.active() and cpu_kernels.takes(x, weight):
+        y = cpu_kernels.small_batch_matmul(x, weight)
+    else:
+        y = linear(x, weight.astype(x.dtype))
+    return y * scale.astype(x.dtype)
 
 
 # Finite, as model_torch uses: a fully masked row (a left-padding query) gets a uniform softmax
@@ -107,7 +118,11 @@ def install(env) -> None:
     def torch_ordered_after(values, first):
         return call_jax(ordered_after, values, first)
 
+    def torch_int8_linear(x, weight, scale):
+        return call_jax(int8_linear, x, weight, scale)
+
     env.override_op_definition(F.linear, torch_linear)
+    env.override_op_definition(torch.ops.model_torch.int8_linear.default, torch_int8_linear)
     env.override_op_definition(torch.ops.model_torch.ordered_after.default, torch_ordered_after)
     env.override_op_definition(F.scaled_dot_product_attention, torch_sdpa)
     _installed.add(id(env))

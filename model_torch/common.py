@@ -92,6 +92,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+@torch.library.custom_op("model_torch::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scale)^T`` for int8 ``weight`` [out, in] and per-output-channel ``scale``
+    [out]: ``(x @ weight^T) * scale``, never materialising the float weight. One op, so a backend
+    can read the int8 weight as it is (the bridge: its CPU small-batch kernel for batched decode)."""
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+@int8_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class QuantizedLinear(nn.Module):
     """Weight-only int8 linear, grok-1's ``QuantizedWeight8bit``: ``weight.astype(scale.dtype) * scale``.
 
@@ -118,8 +131,7 @@ class QuantizedLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (x @ W_int8^T) * scale == x @ (W_int8 * scale)^T, and never materialises the float weight.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        y = int8_linear(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
 
 
@@ -157,7 +169,7 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x @ table.T`` for a head tied to ``embedding`` (plain or int8)."""
     if isinstance(embedding, QuantizedEmbedding):
-        return F.linear(x, embedding.weight.to(x.dtype)) * embedding.scale.to(x.dtype)
+        return int8_linear(x, embedding.weight, embedding.scale)
     return F.linear(x, embedding.weight)
 
 

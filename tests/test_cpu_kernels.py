@@ -144,3 +144,25 @@ def test_decode_updates_the_kv_cache_in_place(scan_layers, devices, monkeypatch)
     copies = [line for line in loop.splitlines() if re.search(rf"= {shape}\S* copy\(", line)]
     assert not copies, copies[:2]
     assert re.search(shape, loop)  # the pattern does name the cache
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_int8_batched_decode_reads_int8_weights(kernel, scan_layers, devices, monkeypatch):
+    """int8 weight-only at batch 8: the kernel is handed the int8 weights themselves (no f32 copy
+    of them per step), and greedy tokens equal those of XLA's own path."""
+    from model_torch.common import quantize_int8
+
+    _, ours = hf_twin("tiny-llama")
+    quantize_int8(ours)
+    prompts = [[(5 * r + j) % 90 + 3 for j in range(10)] for r in range(8)]
+    mesh = sharding.mesh_for("tp", 1, devices=devices)
+    on = Generator(lift(ours, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[])
+    tokens = on.generate_ids(prompts, 16)["token_ids"]
+    loop = next(c for k, c in on._compiled.items() if k[0].startswith("loop/")).as_text()
+    calls = [line for line in loop.splitlines() if 'custom_call_target="torchax_bridge_small_batch_matmul' in line]
+    weight = [re.search(r"custom-call\(%\S+, (%[^,)]+)", line).group(1) for line in calls]  # 2nd operand
+    dtypes = {re.search(rf"{re.escape(w)} = (\w+)\[", loop).group(1) for w in weight}
+    assert len(calls) == (8 if scan_layers else 7 * ours.config.num_layers + 1) and dtypes == {"s8"}, dtypes
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    off = Generator(lift(ours, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[])
+    assert off.generate_ids(prompts, 16)["token_ids"] == tokens
