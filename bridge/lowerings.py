@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import torch
 import torch.nn.functional as F
 
-import model_torch.common  # noqa: F401  (defines torch.ops.model_torch.ordered_after, int8_linear)
+import model_torch.common  # noqa: F401  (defines the torch.ops.model_torch ops lowered here)
 from bridge import cpu_kernels
 
 _installed: set[int] = set()
@@ -70,6 +70,20 @@ def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.
     else:
         y = linear(x, weight.astype(x.dtype))
     return y * scale.astype(x.dtype)
+
+
+def cache_scores(q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
+    """``model_torch.common.cache_scores``; batched decode on one CPU device: ``cpu_kernels``."""
+    if cpu_kernels.active() and cpu_kernels.takes_cache(q, keys):
+        return cpu_kernels.cache_scores(q, keys)
+    return jnp.einsum("bhgtd,bhsd->bhgts", q, keys)
+
+
+def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
+    """``model_torch.common.cache_mix``; batched decode on one CPU device: ``cpu_kernels``."""
+    if cpu_kernels.active() and cpu_kernels.takes_cache(probs, values):
+        return cpu_kernels.cache_mix(probs, values)
+    return jnp.einsum("bhgts,bhsd->bhgtd", probs, values)
 
 
 # Finite, as model_torch uses: a fully masked row (a left-padding query) gets a uniform softmax
@@ -121,7 +135,15 @@ def install(env) -> None:
     def torch_int8_linear(x, weight, scale):
         return call_jax(int8_linear, x, weight, scale)
 
+    def torch_cache_scores(q, keys):
+        return call_jax(cache_scores, q, keys)
+
+    def torch_cache_mix(probs, values):
+        return call_jax(cache_mix, probs, values)
+
     env.override_op_definition(F.linear, torch_linear)
+    env.override_op_definition(torch.ops.model_torch.cache_scores.default, torch_cache_scores)
+    env.override_op_definition(torch.ops.model_torch.cache_mix.default, torch_cache_mix)
     env.override_op_definition(torch.ops.model_torch.int8_linear.default, torch_int8_linear)
     env.override_op_definition(torch.ops.model_torch.ordered_after.default, torch_ordered_after)
     env.override_op_definition(F.scaled_dot_product_attention, torch_sdpa)

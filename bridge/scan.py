@@ -241,15 +241,16 @@ class StackRunner:
         columns = env.t2j_iso(cache_position)
         start, t = columns[0], columns.shape[0]
 
-        # With the CPU small-batch kernel the layer's weights are sliced in the body, where the
-        # kernel can read them from the stack in place (``cpu_kernels.layer_slice``); scan's own
-        # slicing of ``xs`` would hand it a copy of every layer's weights on every step.
-        by_index = cpu_kernels.active()
-        xs = ((jnp.arange(len(layers)) if by_index else params), cache)
+        # With the CPU small-batch kernels the layer's weights and cache are sliced in the body,
+        # where the kernels read them from the stack in place (``cpu_kernels.layer_slice``); scan's
+        # own slicing of ``xs`` would hand them a copy of every layer's weights on every step.
+        by_index = cpu_kernels.active() and 2 <= x.shape[0] * x.shape[1] <= cpu_kernels.MAX_ROWS
+        xs = (jnp.arange(len(layers)), None) if by_index else (params, cache)
 
         def body(h, xs):
             p, kv = xs
             if by_index:
+                kv = None if cache is None else tuple(cpu_kernels.layer_slice(c, p) for c in cache)
                 p = {name: cpu_kernels.layer_slice(w, p) for name, w in params.items()}
             p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
             mark = sink.mark() if sink is not None else None

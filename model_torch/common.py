@@ -324,8 +324,8 @@ def attend(
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, t, d)
 
-    def scores(keys, mask):
-        s = torch.einsum("bhgtd,bhsd->bhgts", qg, keys).float() * scale
+    def scores(keys, mask, over_cache=False):
+        s = (cache_scores(qg, keys) if over_cache else torch.einsum("bhgtd,bhsd->bhgts", qg, keys)).float() * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         return s.masked_fill(~mask[:, :, None], MASKED)
@@ -335,10 +335,10 @@ def attend(
         probs = torch.softmax(new, dim=-1).to(v.dtype)
         out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)
     else:
-        old = scores(layer_kv[0], masks.old)
+        old = scores(layer_kv[0], masks.old, over_cache=True)
         probs = torch.softmax(torch.cat([old, new], dim=-1), dim=-1).to(v.dtype)
         s = old.shape[-1]
-        out = torch.einsum("bhgts,bhsd->bhgtd", probs[..., :s], layer_kv[1]) + torch.einsum(
+        out = cache_mix(probs[..., :s], layer_kv[1]) + torch.einsum(
             "bhgts,bhsd->bhgtd", probs[..., s:], v
         )
     return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
@@ -354,6 +354,30 @@ def ordered_after(values: list[torch.Tensor], first: torch.Tensor) -> list[torch
 @ordered_after.register_fake
 def _(values, first):
     return [torch.empty_like(v) for v in values]
+
+
+# Attention over the KV cache, as ops of their own so a backend can read the cache its own way (the
+# bridge: a CPU kernel for batched decode, reading a scanned stack's cache in place).
+@torch.library.custom_op("model_torch::cache_scores", mutates_args=())
+def cache_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``einsum("bhgtd,bhsd->bhgts")``: queries grouped under their kv head against cached keys."""
+    return torch.einsum("bhgtd,bhsd->bhgts", q, keys)
+
+
+@cache_scores.register_fake
+def _(q, keys):
+    return q.new_empty((*q.shape[:4], keys.shape[2]))
+
+
+@torch.library.custom_op("model_torch::cache_mix", mutates_args=())
+def cache_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``einsum("bhgts,bhsd->bhgtd")``: attention probabilities over the cache times cached values."""
+    return torch.einsum("bhgts,bhsd->bhgtd", probs, values)
+
+
+@cache_mix.register_fake
+def _(probs, values):
+    return probs.new_empty((*probs.shape[:4], values.shape[3]))
 
 
 def write_kv(layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor,

@@ -74,6 +74,36 @@ def test_stacked_layer_is_read_in_place(kernel):
         assert np.abs(np.asarray(got[i, :, 0], np.float64) - want).max() <= RTOL * np.abs(want).max()
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("g,t,s,d", [(3, 1, 37, 64), (1, 2, 160, 48), (4, 4, 5, 80)])
+def test_cache_attention_kernels_equal_einsum(kernel, stacked, g, t, s, d):
+    """Decode attention over a cache: scores (q . keys) and the mix (probs . values), with a head
+    dim that is not a multiple of 64 and a cache read from a stack at a traced layer index."""
+    rng = np.random.default_rng(g * 100 + s)
+    b, h, layers = 2, 3, 4
+    q = jnp.asarray(rng.standard_normal((b, h, g, t, d)).astype(np.float32))
+    p = jnp.asarray(rng.random((b, h, g, t, s)).astype(np.float32))
+    keys = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32))
+    values = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32))
+
+    def both(q, p, keys, values, layer):
+        with cpu_kernels.layer_slices():
+            if stacked:
+                k, v = cpu_kernels.layer_slice(keys, layer), cpu_kernels.layer_slice(values, layer)
+            else:
+                k, v = keys[2], values[2]
+            return cpu_kernels.cache_scores(q, k), cpu_kernels.cache_mix(p, v)
+
+    text = jax.jit(both).lower(q, p, keys, values, 2).as_text()
+    assert cpu_kernels.CACHE_SCORES in text and cpu_kernels.CACHE_MIX in text
+    scores, mixed = jax.jit(both)(q, p, keys, values, 2)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    want_scores = np.einsum("bhgtd,bhsd->bhgts", f64(q), f64(keys[2]))
+    want_mix = np.einsum("bhgts,bhsd->bhgtd", f64(p), f64(values[2]))
+    assert np.abs(f64(scores) - want_scores).max() <= RTOL * np.abs(want_scores).max()
+    assert np.abs(f64(mixed) - want_mix).max() <= RTOL * np.abs(want_mix).max()
+
+
 def compiled_text(gen) -> str:
     return "\n".join(c.as_text() for c in gen._compiled.values())
 
@@ -95,6 +125,7 @@ def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, pres
     assert got == want
     text = compiled_text(gen)
     assert (cpu_kernels.STACKED_TARGET if scan_layers else f'"{cpu_kernels.TARGET}"') in text
+    assert cpu_kernels.CACHE_SCORES in text and cpu_kernels.CACHE_MIX in text
 
 
 def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkeypatch):
@@ -107,11 +138,11 @@ def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkey
     assert cpu_kernels.TARGET in compiled_text(on)
     sharded = Generator(lift(ours, sharding.mesh_for("tp", 8, devices=devices), "tp"), eos_token_ids=[])
     assert sharded.generate_ids(prompts, 8)["token_ids"] == tokens
-    assert cpu_kernels.TARGET not in compiled_text(sharded)
+    assert not any(t in compiled_text(sharded) for t in cpu_kernels.TARGETS)
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     off = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
     assert off.generate_ids(prompts, 8)["token_ids"] == tokens
-    assert cpu_kernels.TARGET not in compiled_text(off)
+    assert not any(t in compiled_text(off) for t in cpu_kernels.TARGETS)
     assert cpu_kernels.why_unavailable() == f"{cpu_kernels.SWITCH}=0"
 
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -82,33 +83,80 @@ void columns(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t
   if (n < n1) columns<W, MR, 1>(x, w, y, M, N, K, n, n1);  // the last NR-1 columns at most
 }
 
-template <typename W, int MR, int NR>
-void run(ffi::ThreadPool pool, const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
-  // x zero-padded to MR rows, so the inner loop has a fixed trip count.
-  const int64_t blocks = (M + MR - 1) / MR;
-  auto xs = std::make_unique<float[]>(blocks * MR * K);
-  std::memset(xs.get(), 0, sizeof(float) * blocks * MR * K);
-  std::memcpy(xs.get(), x, sizeof(float) * M * K);
-  const float* xp = xs.get();
+// fn(0..tasks-1) on the calling thread and XLA's pool. Tasks are taken from a shared counter, so
+// the caller never waits on a task that has not started (the pool may be busy with other ops).
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
   };
-  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
   auto shared = std::make_shared<Shared>();
   auto work = [=](Shared* s) {
-    for (int64_t c; (c = s->next.fetch_add(1)) < chunks;) {
-      // Rows of x beyond MR in further passes over the same chunk, whose weights are then in L2.
-      for (int64_t b = 0; b < blocks; ++b)
-        columns<W, MR, NR>(xp + b * MR * K, w, y + b * MR * N, std::min<int64_t>(MR, M - b * MR), N, K,
-                           c * kChunkRows, std::min(N, (c + 1) * kChunkRows));
+    for (int64_t c; (c = s->next.fetch_add(1)) < tasks;) {
+      fn(c);
       s->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared, work] { work(shared.get()); });
   work(shared.get());
-  while (shared->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+  while (shared->done.load(std::memory_order_acquire) < tasks) _mm_pause();
+}
+
+// y[b] = x[b] @ w[b]^T for `batches` independent products (x [M, K], w [N, K], y [M, N] each).
+template <typename W, int MR, int NR>
+void run(ffi::ThreadPool pool, const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
+         int64_t batches = 1) {
+  // x zero-padded to a multiple of MR rows, so the inner loop has a fixed trip count.
+  const int64_t blocks = (M + MR - 1) / MR;
+  auto xs = std::make_unique<float[]>(batches * blocks * MR * K);
+  std::memset(xs.get(), 0, sizeof(float) * batches * blocks * MR * K);
+  for (int64_t b = 0; b < batches; ++b) std::memcpy(xs.get() + b * blocks * MR * K, x + b * M * K, sizeof(float) * M * K);
+  const float* xp = xs.get();
+  const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
+  parallel_for(pool, batches * chunks, [=](int64_t task) {
+    const int64_t b = task / chunks, c = task % chunks;
+    // Rows of x beyond MR in further passes over the same chunk, whose weights are then in L2.
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      columns<W, MR, NR>(xp + (b * blocks + blk) * MR * K, w + b * N * K, y + b * M * N + blk * MR * N,
+                         std::min<int64_t>(MR, M - blk * MR), N, K, c * kChunkRows, std::min(N, (c + 1) * kChunkRows));
+  });
+}
+
+// y[b] = p[b] @ v[b] (p [M, S], v [S, D], y [M, D]): each row of v read once for all M rows of p,
+// 4 rows of p x 64 columns of v in registers.
+void mix(ffi::ThreadPool pool, const float* p, const float* v, float* y, int64_t M, int64_t S, int64_t D,
+         int64_t batches) {
+  const int64_t mblocks = (M + 3) / 4, dblocks = (D + 63) / 64;
+  parallel_for(pool, batches, [=](int64_t b) {
+    const float* pb = p + b * M * S;
+    const float* vb = v + b * S * D;
+    float* yb = y + b * M * D;
+    for (int64_t mb = 0; mb < mblocks; ++mb)
+      for (int64_t db = 0; db < dblocks; ++db) {
+        const int64_t m0 = mb * 4, rows = std::min<int64_t>(4, M - m0), d0 = db * 64;
+        __mmask16 mask[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, D - d0 - 16 * j));
+          mask[j] = static_cast<__mmask16>((1u << left) - 1);
+        }
+        __m512 acc[4][4];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < S; ++t) {
+          __m512 vv[4];
+          for (int j = 0; j < 4; ++j) vv[j] = _mm512_maskz_loadu_ps(mask[j], vb + t * D + d0 + 16 * j);
+          for (int i = 0; i < 4; ++i) {
+            if (i >= rows) break;
+            const __m512 pi = _mm512_set1_ps(pb[(m0 + i) * S + t]);
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(pi, vv[j], acc[i][j]);
+          }
+        }
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(yb + (m0 + i) * D + d0 + 16 * j, mask[j], acc[i][j]);
+      }
+  });
 }
 
 template <typename W>
@@ -158,6 +206,51 @@ ffi::Error SmallBatchMatmulStacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return multiply(pool, x, w, wd[1], l * wd[1] * wd[2], y);
 }
 
+// The batch of a stacked operand: [L, *batch, rows, cols] at `layer`, or [*batch, rows, cols].
+struct Slab {
+  int64_t offset = 0, batches = 1, rows = 0, cols = 0;
+};
+std::optional<Slab> slab(ffi::Span<const int64_t> d, int64_t batch_rank, int64_t layer) {
+  Slab out;
+  const int64_t r = static_cast<int64_t>(d.size());
+  if (r != batch_rank + 2 && r != batch_rank + 3) return std::nullopt;
+  const bool stacked = r == batch_rank + 3;
+  for (int64_t i = stacked; i < r - 2; ++i) out.batches *= d[i];
+  out.rows = d[r - 2];
+  out.cols = d[r - 1];
+  if (stacked) {
+    if (layer < 0 || layer >= d[0]) return std::nullopt;
+    out.offset = layer * out.batches * out.rows * out.cols;
+  }
+  return out;
+}
+
+// Attention scores over a cache: q [*B, M, D] . keys [(L,) *B, S, D] -> [*B, M, S].
+ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys, LayerIndex layer,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto qd = q.dimensions();
+  const int64_t batch_rank = static_cast<int64_t>(qd.size()) - 2;
+  auto k = slab(keys.dimensions(), batch_rank, *layer.typed_data());
+  const int64_t M = qd[qd.size() - 2], D = qd.back();
+  if (!k || k->cols != D || k->batches * M * D != q.element_count() || M > 16)
+    return ffi::Error::InvalidArgument("cache_scores: q [*B, M<=16, D] and keys [(L,) *B, S, D]");
+  run<float, 8, 2>(pool, q.typed_data(), keys.typed_data() + k->offset, y->typed_data(), M, k->rows, D, k->batches);
+  return ffi::Error::Success();
+}
+
+// Probabilities times a cache's values: p [*B, M, S] . values [(L,) *B, S, D] -> [*B, M, D].
+ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> values, LayerIndex layer,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto pd = p.dimensions();
+  const int64_t batch_rank = static_cast<int64_t>(pd.size()) - 2;
+  auto v = slab(values.dimensions(), batch_rank, *layer.typed_data());
+  const int64_t M = pd[pd.size() - 2], S = pd.back();
+  if (!v || v->rows != S || v->batches * M * S != p.element_count())
+    return ffi::Error::InvalidArgument("cache_mix: p [*B, M, S] and values [(L,) *B, S, D]");
+  mix(pool, p.typed_data(), values.typed_data() + v->offset, y->typed_data(), M, S, v->cols, v->batches);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul, SmallBatchMatmul,
@@ -172,5 +265,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul_stacked, SmallBatchMatmulStacke
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<LayerIndex>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<LayerIndex>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<LayerIndex>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
