@@ -222,9 +222,10 @@ def _in_place(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def takes_cache(q: jnp.ndarray, cache: jnp.ndarray) -> bool:
-    """Whether ``cache_scores`` / ``cache_mix`` compute decode attention over this cache: fp32, a
-    few query rows per kv head (query heads per kv head x new tokens <= 16)."""
-    return (q.ndim == 5 and cache.ndim == 4 and q.dtype == jnp.float32 and cache.dtype == jnp.float32
+    """Whether ``cache_scores`` / ``cache_mix`` compute decode attention over this cache: an f32 or
+    bf16 cache, a few query rows per kv head (query heads per kv head x new tokens <= 16)."""
+    floats = (jnp.float32, jnp.bfloat16)
+    return (q.ndim == 5 and cache.ndim == 4 and q.dtype in floats and cache.dtype in floats
             and q.shape[2] * q.shape[3] <= MAX_ROWS)  # fmt: skip
 
 
@@ -235,7 +236,8 @@ def cache_scores(q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
     b, h, g, t, d = q.shape
     src, layer = _in_place(keys)
     out = jax.ffi.ffi_call(CACHE_SCORES, jax.ShapeDtypeStruct((b, h, g * t, keys.shape[2]), jnp.float32))
-    return out(q.reshape(b, h, g * t, d), src, layer).reshape(b, h, g, t, keys.shape[2])
+    out = out(q.reshape(b, h, g * t, d).astype(jnp.float32), src, layer)
+    return out.reshape(b, h, g, t, keys.shape[2]).astype(q.dtype)
 
 
 def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
@@ -243,4 +245,5 @@ def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     b, h, g, t, s = probs.shape
     src, layer = _in_place(values)
     out = jax.ffi.ffi_call(CACHE_MIX, jax.ShapeDtypeStruct((b, h, g * t, values.shape[3]), jnp.float32))
-    return out(probs.reshape(b, h, g * t, s), src, layer).reshape(b, h, g, t, values.shape[3])
+    out = out(probs.reshape(b, h, g * t, s).astype(jnp.float32), src, layer)
+    return out.reshape(b, h, g, t, values.shape[3]).astype(probs.dtype)

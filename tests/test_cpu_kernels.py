@@ -74,17 +74,18 @@ def test_stacked_layer_is_read_in_place(kernel):
         assert np.abs(np.asarray(got[i, :, 0], np.float64) - want).max() <= RTOL * np.abs(want).max()
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("g,t,s,d", [(3, 1, 37, 64), (1, 2, 160, 48), (4, 4, 5, 80)])
-def test_cache_attention_kernels_equal_einsum(kernel, stacked, g, t, s, d):
+def test_cache_attention_kernels_equal_einsum(kernel, cache_dtype, stacked, g, t, s, d):
     """Decode attention over a cache: scores (q . keys) and the mix (probs . values), with a head
     dim that is not a multiple of 64 and a cache read from a stack at a traced layer index."""
     rng = np.random.default_rng(g * 100 + s)
     b, h, layers = 2, 3, 4
     q = jnp.asarray(rng.standard_normal((b, h, g, t, d)).astype(np.float32))
     p = jnp.asarray(rng.random((b, h, g, t, s)).astype(np.float32))
-    keys = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32))
-    values = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32))
+    keys = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32)).astype(cache_dtype)
+    values = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32)).astype(cache_dtype)
 
     def both(q, p, keys, values, layer):
         with cpu_kernels.layer_slices():
@@ -97,7 +98,7 @@ def test_cache_attention_kernels_equal_einsum(kernel, stacked, g, t, s, d):
     text = jax.jit(both).lower(q, p, keys, values, 2).as_text()
     assert cpu_kernels.CACHE_SCORES in text and cpu_kernels.CACHE_MIX in text
     scores, mixed = jax.jit(both)(q, p, keys, values, 2)
-    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731  (bf16 widened exactly)
     want_scores = np.einsum("bhgtd,bhsd->bhgts", f64(q), f64(keys[2]))
     want_mix = np.einsum("bhgts,bhsd->bhgtd", f64(p), f64(values[2]))
     assert np.abs(f64(scores) - want_scores).max() <= RTOL * np.abs(want_scores).max()

@@ -126,12 +126,13 @@ void run(ffi::ThreadPool pool, const float* x, const W* w, float* y, int64_t M, 
 
 // y[b] = p[b] @ v[b] (p [M, S], v [S, D], y [M, D]): each row of v read once for all M rows of p,
 // 4 rows of p x 64 columns of v in registers.
-void mix(ffi::ThreadPool pool, const float* p, const float* v, float* y, int64_t M, int64_t S, int64_t D,
+template <typename W>
+void mix(ffi::ThreadPool pool, const float* p, const W* v, float* y, int64_t M, int64_t S, int64_t D,
          int64_t batches) {
   const int64_t mblocks = (M + 3) / 4, dblocks = (D + 63) / 64;
   parallel_for(pool, batches, [=](int64_t b) {
     const float* pb = p + b * M * S;
-    const float* vb = v + b * S * D;
+    const W* vb = v + b * S * D;
     float* yb = y + b * M * D;
     for (int64_t mb = 0; mb < mblocks; ++mb)
       for (int64_t db = 0; db < dblocks; ++db) {
@@ -146,7 +147,7 @@ void mix(ffi::ThreadPool pool, const float* p, const float* v, float* y, int64_t
           for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
         for (int64_t t = 0; t < S; ++t) {
           __m512 vv[4];
-          for (int j = 0; j < 4; ++j) vv[j] = _mm512_maskz_loadu_ps(mask[j], vb + t * D + d0 + 16 * j);
+          for (int j = 0; j < 4; ++j) vv[j] = load16(vb + t * D + d0 + 16 * j, mask[j]);
           for (int i = 0; i < 4; ++i) {
             if (i >= rows) break;
             const __m512 pi = _mm512_set1_ps(pb[(m0 + i) * S + t]);
@@ -225,8 +226,8 @@ std::optional<Slab> slab(ffi::Span<const int64_t> d, int64_t batch_rank, int64_t
   return out;
 }
 
-// Attention scores over a cache: q [*B, M, D] . keys [(L,) *B, S, D] -> [*B, M, S].
-ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys, LayerIndex layer,
+// Attention scores over a cache (f32 or bf16): q [*B, M, D] . keys [(L,) *B, S, D] -> [*B, M, S].
+ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, LayerIndex layer,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto qd = q.dimensions();
   const int64_t batch_rank = static_cast<int64_t>(qd.size()) - 2;
@@ -234,12 +235,19 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   const int64_t M = qd[qd.size() - 2], D = qd.back();
   if (!k || k->cols != D || k->batches * M * D != q.element_count() || M > 16)
     return ffi::Error::InvalidArgument("cache_scores: q [*B, M<=16, D] and keys [(L,) *B, S, D]");
-  run<float, 8, 2>(pool, q.typed_data(), keys.typed_data() + k->offset, y->typed_data(), M, k->rows, D, k->batches);
+  if (keys.element_type() == ffi::DataType::F32)
+    run<float, 8, 2>(pool, q.typed_data(), reinterpret_cast<const float*>(keys.untyped_data()) + k->offset,
+                     y->typed_data(), M, k->rows, D, k->batches);
+  else if (keys.element_type() == ffi::DataType::BF16)
+    run<uint16_t, 8, 2>(pool, q.typed_data(), reinterpret_cast<const uint16_t*>(keys.untyped_data()) + k->offset,
+                        y->typed_data(), M, k->rows, D, k->batches);
+  else
+    return ffi::Error::InvalidArgument("cache_scores: keys must be f32 or bf16");
   return ffi::Error::Success();
 }
 
-// Probabilities times a cache's values: p [*B, M, S] . values [(L,) *B, S, D] -> [*B, M, D].
-ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> values, LayerIndex layer,
+// Probabilities times a cache's values (f32 or bf16): p [*B, M, S] . values [(L,) *B, S, D] -> [*B, M, D].
+ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffer values, LayerIndex layer,
                     ffi::ResultBuffer<ffi::F32> y) {
   auto pd = p.dimensions();
   const int64_t batch_rank = static_cast<int64_t>(pd.size()) - 2;
@@ -247,7 +255,14 @@ ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
   const int64_t M = pd[pd.size() - 2], S = pd.back();
   if (!v || v->rows != S || v->batches * M * S != p.element_count())
     return ffi::Error::InvalidArgument("cache_mix: p [*B, M, S] and values [(L,) *B, S, D]");
-  mix(pool, p.typed_data(), values.typed_data() + v->offset, y->typed_data(), M, S, v->cols, v->batches);
+  if (values.element_type() == ffi::DataType::F32)
+    mix(pool, p.typed_data(), reinterpret_cast<const float*>(values.untyped_data()) + v->offset, y->typed_data(), M, S,
+        v->cols, v->batches);
+  else if (values.element_type() == ffi::DataType::BF16)
+    mix(pool, p.typed_data(), reinterpret_cast<const uint16_t*>(values.untyped_data()) + v->offset, y->typed_data(), M,
+        S, v->cols, v->batches);
+  else
+    return ffi::Error::InvalidArgument("cache_mix: values must be f32 or bf16");
   return ffi::Error::Success();
 }
 
@@ -272,7 +287,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<LayerIndex>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -280,6 +295,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<LayerIndex>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
