@@ -275,26 +275,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul, SmallBatchMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul_stacked, SmallBatchMatmulStacked,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<LayerIndex>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// (f32 rows, a weight or cache of several dtypes, a layer index) -> f32: the stacked-operand handlers.
+inline auto stacked_binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Arg<LayerIndex>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<LayerIndex>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<LayerIndex>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul_stacked, SmallBatchMatmulStacked, stacked_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores, stacked_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix, stacked_binding());
