@@ -10,8 +10,8 @@ its intra-op thread pool. It also reads bf16 weights as they are (XLA:CPU conver
 first).
 
 The kernel is built on first use with the system's C++ compiler (``$CXX``, else ``g++``) against
-jaxlib's FFI headers, into ``$TORCHAX_BRIDGE_CACHE/kernels`` (a temporary directory when caching is
-off), keyed by its source, the compiler and jaxlib. It applies to programs on one CPU device with
+jaxlib's FFI headers, into ``$TORCHAX_BRIDGE_CACHE/kernels`` (also with caching off; a temporary
+directory if that is not writable), keyed by its source, the compiler and jaxlib. It applies to programs on one CPU device with
 AVX-512 (``applies``); anywhere else, or with ``TORCHAX_BRIDGE_CPU_KERNELS=0``, or when the build
 fails (``why_unavailable`` says why), the product stays XLA's own dot.
 """
@@ -85,11 +85,17 @@ def _library() -> Path | None:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cxx, *FLAGS, *version]).encode(),
                                      jax.ffi.include_dir().encode(), compile_cache.versions().encode()])).hexdigest()[:16]  # fmt: skip
-    where = compile_cache.directory() / "kernels" if compile_cache.enabled() else Path(tempfile.mkdtemp(prefix="tb-kernels-"))
+    # Kept under the cache directory even with caching off: a build is an installed artifact, not a
+    # cached program, and rebuilding cost every process (every CLI test) 6 s.
+    where = compile_cache.directory() / "kernels"
     out = where / f"small_batch_matmul-{key}.so"
     if out.is_file():
         return out
-    where.mkdir(parents=True, exist_ok=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        where = Path(tempfile.mkdtemp(prefix="tb-kernels-"))
+        out = where / out.name
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     cmd = [cxx, *FLAGS, "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
