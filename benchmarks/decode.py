@@ -28,6 +28,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -113,9 +114,8 @@ def main() -> int:
     ]
     runners = {}  # (engine, batch) -> run() returning (tokens/s, greedy tokens of row 0, extra)
     for engine, kw in engines:
-        env = kw.pop("env", {})
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # read while the engine's programs are traced (its first generate)
+        env = mock.patch.dict(os.environ, kw.pop("env", {}))  # read while its programs are traced (first generate)
+        env.start()
         lifted = open_model("smollm2", devices=1, scheme="replicated", **kw)
         if ids is None:
             ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
@@ -132,8 +132,7 @@ def main() -> int:
                     scan_layers=gen.lifted.scan_layers)  # fmt: skip
 
             runners[(engine, batch)] = (run, nbytes)
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        env.stop()
         print(f"  {engine}: compiled", file=sys.stderr, flush=True)
 
     from transformers import AutoModelForCausalLM

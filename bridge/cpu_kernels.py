@@ -206,25 +206,24 @@ def layer_slice(stacked: jnp.ndarray, layer: jnp.ndarray) -> jnp.ndarray:
     return out
 
 
-def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """``x[..., K] @ w[N, K]^T`` in f32 (accumulated in f32; ``w`` f32, bf16 or int8), in ``x``'s dtype."""
-    shape = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32)
-    xf = x.astype(jnp.float32)
-    entry = _slices.get(id(w))
-    if entry is not None and entry[0] is w:
-        _, stacked, layer = entry
-        y = jax.ffi.ffi_call(STACKED_TARGET, shape)(xf, stacked, jnp.asarray(layer, jnp.int32))
-    else:
-        y = jax.ffi.ffi_call(TARGET, shape)(xf, w)
-    return y.astype(x.dtype)
-
-
 def _in_place(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(the array to hand a kernel, the layer index): a layer slice's stack, or ``a`` itself."""
     entry = _slices.get(id(a))
     if entry is not None and entry[0] is a:
         return entry[1], jnp.asarray(entry[2], jnp.int32)
     return a, jnp.zeros((), jnp.int32)
+
+
+def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """``x[..., K] @ w[N, K]^T`` in f32 (accumulated in f32; ``w`` f32, bf16 or int8), in ``x``'s dtype."""
+    shape = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32)
+    xf = x.astype(jnp.float32)
+    src, layer = _in_place(w)
+    if src is w:
+        y = jax.ffi.ffi_call(TARGET, shape)(xf, w)
+    else:  # a scanned layer's slice: the kernel reads the stack at ``layer``
+        y = jax.ffi.ffi_call(STACKED_TARGET, shape)(xf, src, layer)
+    return y.astype(x.dtype)
 
 
 def takes_cache(q: jnp.ndarray, cache: jnp.ndarray) -> bool:

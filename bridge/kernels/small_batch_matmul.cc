@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -174,16 +175,22 @@ ffi::Error dispatch(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const W* w, f
   return ffi::Error::Success();
 }
 
+// fn(the buffer's data from element `offset`, typed) for the element types the kernels read.
+template <typename F>
+ffi::Error typed(ffi::AnyBuffer b, int64_t offset, const char* what, F fn) {
+  switch (b.element_type()) {
+    case ffi::DataType::F32: return fn(reinterpret_cast<const float*>(b.untyped_data()) + offset);
+    case ffi::DataType::S8: return fn(reinterpret_cast<const int8_t*>(b.untyped_data()) + offset);
+    case ffi::DataType::BF16: return fn(reinterpret_cast<const uint16_t*>(b.untyped_data()) + offset);
+    default: return ffi::Error::InvalidArgument(what);
+  }
+}
+
 // The product with weight rows starting at element `offset` of `w` (a layer of a stacked tensor).
 ffi::Error multiply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, int64_t N, int64_t offset,
                     ffi::ResultBuffer<ffi::F32> y) {
-  switch (w.element_type()) {
-    case ffi::DataType::F32: return dispatch(pool, x, reinterpret_cast<const float*>(w.untyped_data()) + offset, y, N);
-    case ffi::DataType::S8: return dispatch(pool, x, reinterpret_cast<const int8_t*>(w.untyped_data()) + offset, y, N);
-    case ffi::DataType::BF16:
-      return dispatch(pool, x, reinterpret_cast<const uint16_t*>(w.untyped_data()) + offset, y, N);
-    default: return ffi::Error::InvalidArgument("small_batch_matmul: weight must be f32, s8 or bf16");
-  }
+  return typed(w, offset, "small_batch_matmul: weight must be f32, s8 or bf16",
+               [&](const auto* wp) { return dispatch(pool, x, wp, y, N); });
 }
 
 // x [..., K] @ w[N, K]^T
@@ -235,15 +242,11 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBu
   const int64_t M = qd[qd.size() - 2], D = qd.back();
   if (!k || k->cols != D || k->batches * M * D != q.element_count() || M > 16)
     return ffi::Error::InvalidArgument("cache_scores: q [*B, M<=16, D] and keys [(L,) *B, S, D]");
-  if (keys.element_type() == ffi::DataType::F32)
-    run<float, 8, 2>(pool, q.typed_data(), reinterpret_cast<const float*>(keys.untyped_data()) + k->offset,
-                     y->typed_data(), M, k->rows, D, k->batches);
-  else if (keys.element_type() == ffi::DataType::BF16)
-    run<uint16_t, 8, 2>(pool, q.typed_data(), reinterpret_cast<const uint16_t*>(keys.untyped_data()) + k->offset,
-                        y->typed_data(), M, k->rows, D, k->batches);
-  else
-    return ffi::Error::InvalidArgument("cache_scores: keys must be f32 or bf16");
-  return ffi::Error::Success();
+  return typed(keys, k->offset, "cache_scores: keys must be f32, s8 or bf16", [&](const auto* kp) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(kp)>>;
+    run<W, 8, 2>(pool, q.typed_data(), kp, y->typed_data(), M, k->rows, D, k->batches);
+    return ffi::Error::Success();
+  });
 }
 
 // Probabilities times a cache's values (f32 or bf16): p [*B, M, S] . values [(L,) *B, S, D] -> [*B, M, D].
@@ -255,15 +258,10 @@ ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffe
   const int64_t M = pd[pd.size() - 2], S = pd.back();
   if (!v || v->rows != S || v->batches * M * S != p.element_count())
     return ffi::Error::InvalidArgument("cache_mix: p [*B, M, S] and values [(L,) *B, S, D]");
-  if (values.element_type() == ffi::DataType::F32)
-    mix(pool, p.typed_data(), reinterpret_cast<const float*>(values.untyped_data()) + v->offset, y->typed_data(), M, S,
-        v->cols, v->batches);
-  else if (values.element_type() == ffi::DataType::BF16)
-    mix(pool, p.typed_data(), reinterpret_cast<const uint16_t*>(values.untyped_data()) + v->offset, y->typed_data(), M,
-        S, v->cols, v->batches);
-  else
-    return ffi::Error::InvalidArgument("cache_mix: values must be f32 or bf16");
-  return ffi::Error::Success();
+  return typed(values, v->offset, "cache_mix: values must be f32, s8 or bf16", [&](const auto* vp) {
+    mix(pool, p.typed_data(), vp, y->typed_data(), M, S, v->cols, v->batches);
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
