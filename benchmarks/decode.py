@@ -9,12 +9,18 @@ and batch:
   * HF transformers ``generate`` in torch eager with its default cache;
   * llama.cpp (``llama_cpp_peer``) on the same weights as F32 and Q8_0 GGUFs, when importable;
   * the machine's memory bandwidth (a large array copy: bytes read + written per second, the best of
-    one thread and all cores; measured at the start and in every round, the best kept) and the
-    decode roofline ``bandwidth / weight bytes`` (each token reads
-    every weight once).
+    one thread and all cores) and the decode roofline ``bandwidth / weight bytes x batch`` (each step
+    reads every weight once for ``batch`` tokens).
 Everything is loaded and compiled first, then timed in rounds (one run of every engine and batch per
 round, the best round kept), so the machine's drifting bandwidth is shared alike. Each row's roofline
-uses its own weight bytes. Writes JSON to benchmarks/results/decode.json and prints a table.
+uses its own weight bytes, two ways:
+  * "of roofline": against the best bandwidth seen in the whole run (at the start, and a 1 GiB copy
+    in every round) -- the strict figure;
+  * "paired": each timed run against the bandwidth measured right before and after it (a 256 MiB
+    copy each side, their mean), the median over the rounds. This machine's bandwidth swings
+    20-53 GB/s from minute to minute (a VM with neighbours), so a rate and a bandwidth from
+    different minutes are a mismatched pair; the paired figure compares like with like.
+Writes JSON to benchmarks/results/decode.json and prints a table.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3]
 """
@@ -22,6 +28,7 @@ uses its own weight bytes. Writes JSON to benchmarks/results/decode.json and pri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,12 +54,17 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Best of ``repeats`` copies of a ``nbytes`` array, (read + write) bytes per second: on one
     thread (numpy) and on all cores (torch splits a large copy over its intra-op threads). Decode
     here uses every core, so the roofline takes the larger."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    b = np.empty_like(a)
+    a, b = _buffers(nbytes)
     one_thread = 2 * a.nbytes / min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     all_cores = 2 * a.nbytes / min(_timed(lambda: tb.copy_(ta)) for _ in range(repeats))
     return {"one_thread": one_thread, f"{torch.get_num_threads()}_threads": all_cores, "best": max(one_thread, all_cores)}
+
+
+@functools.cache
+def _buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    return a, np.ones_like(a)  # both touched: no page faults inside the timed copies
 
 
 def _timed(fn) -> float:
@@ -163,16 +175,24 @@ def main() -> int:
               file=sys.stderr)  # fmt: skip
 
     best: dict = {}
+    paired: dict = {}  # key -> [(tokens/s, bandwidth around that run)] per round
     for round_ in range(args.repeats):
         bandwidths.append(memory_bandwidth()["best"])
         for key, (run, _) in runners.items():
+            before = memory_bandwidth(1 << 28, 3)["best"]
             rate, tokens, extra = run()
+            around = (before + memory_bandwidth(1 << 28, 3)["best"]) / 2
+            paired.setdefault(key, []).append((rate, around))
             if key not in best or rate > best[key][0]:
                 best[key] = (rate, tokens, extra)
         print(f"  round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     bandwidth = max(bandwidths)
     for (engine, batch), (rate, tokens, extra) in best.items():
-        add(engine, batch, rate, runners[(engine, batch)][1], tokens, **extra)
+        nbytes = runners[(engine, batch)][1]
+        runs = paired[(engine, batch)]
+        add(engine, batch, rate, nbytes, tokens, **extra,
+            paired_rounds=[{"tokens_per_second": r, "bandwidth_bytes_per_second": b} for r, b in runs],
+            fraction_of_paired_roofline=float(np.median([r / (b / nbytes * batch) for r, b in runs])))
 
     # Comparisons within this run.
     by = {(r["engine"], r["batch"]): r for r in rows}
@@ -182,6 +202,9 @@ def main() -> int:
         r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
         r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
     peer = by.get(("llama.cpp F32", 1))
+    # The same ratio round by round (runs a minute apart at most), median: steadier than best / best.
+    per_round = [ours / theirs for (ours, _), (theirs, _) in
+                 zip(paired[("ours fp32", 1)], paired.get(("llama.cpp F32", 1), []))]  # fmt: skip
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "model": "SmolLM2-135M-Instruct",
@@ -193,6 +216,7 @@ def main() -> int:
         "memory_bandwidth_per_round": bandwidths,
         "cpu_kernel": cpu_kernels.why_unavailable() or "on",
         "ours_fp32_vs_llama_cpp_f32": by[("ours fp32", 1)]["tokens_per_second"] / peer["tokens_per_second"] if peer else None,
+        "ours_fp32_vs_llama_cpp_f32_per_round": per_round,
         "rows": rows,
     }
     with atomic_write(args.out) as fh:
@@ -202,14 +226,15 @@ def main() -> int:
           f"every round: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}): {bandwidth / 1e9:.1f} GB/s; "
           f"roofline = bandwidth / weight bytes x batch")  # fmt: skip
     print(f"{'engine':<30} {'batch':>5} {'tok/s':>7} {'weights MB':>10} {'roofline':>9} {'of roofline':>11} "
-          f"{'vs ours fp32':>12} {'same as HF':>10}")  # fmt: skip
+          f"{'paired':>6} {'vs ours fp32':>12} {'same as HF':>10}")  # fmt: skip
     for r in rows:
         vs = f"{r['vs_ours_fp32']:.2f}x" if r["vs_ours_fp32"] else "-"
         print(f"{r['engine']:<30} {r['batch']:>5} {r['tokens_per_second']:>7.1f} {r['weight_bytes'] / 1e6:>10.0f} "
-              f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} {vs:>12} "
-              f"{str(r['same_greedy_tokens_as_hf']):>10}")  # fmt: skip
+              f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} "
+              f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}")  # fmt: skip
     if peer:
-        print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%}")
+        print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%} (best / best); "
+              f"round by round {', '.join(f'{r:.0%}' for r in per_round)}, median {float(np.median(per_round)):.0%}")
     print(f"written to {args.out}")
     return 0
 

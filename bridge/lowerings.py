@@ -72,10 +72,11 @@ def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.
     return y * scale.astype(x.dtype)
 
 
-def cache_scores(q: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.cache_scores``; batched decode on one CPU device: ``cpu_kernels``."""
+def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+    """``model_torch.common.cache_scores``; batched decode on one CPU device: ``cpu_kernels``, which
+    reads only the ``visible`` columns (XLA's einsum reads them all: its shapes are static)."""
     if cpu_kernels.active() and cpu_kernels.takes_cache(q, keys):
-        return cpu_kernels.cache_scores(q, keys)
+        return cpu_kernels.cache_scores(q, keys, visible)
     return jnp.einsum("bhgtd,bhsd->bhgts", q, keys)
 
 
@@ -123,28 +124,13 @@ def install(env) -> None:
         return
     from torchax.interop import call_jax
 
-    def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return call_jax(linear, x, weight, bias)
+    def via_jax(lowering):  # a torch-level op definition that runs ``lowering`` on the jax arrays
+        return lambda *args, **kwargs: call_jax(lowering, *args, **kwargs)
 
-    def torch_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return call_jax(sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-    def torch_ordered_after(values, first):
-        return call_jax(ordered_after, values, first)
-
-    def torch_int8_linear(x, weight, scale):
-        return call_jax(int8_linear, x, weight, scale)
-
-    def torch_cache_scores(q, keys):
-        return call_jax(cache_scores, q, keys)
-
-    def torch_cache_mix(probs, values):
-        return call_jax(cache_mix, probs, values)
-
-    env.override_op_definition(F.linear, torch_linear)
-    env.override_op_definition(torch.ops.model_torch.cache_scores.default, torch_cache_scores)
-    env.override_op_definition(torch.ops.model_torch.cache_mix.default, torch_cache_mix)
-    env.override_op_definition(torch.ops.model_torch.int8_linear.default, torch_int8_linear)
-    env.override_op_definition(torch.ops.model_torch.ordered_after.default, torch_ordered_after)
-    env.override_op_definition(F.scaled_dot_product_attention, torch_sdpa)
+    for op, lowering in ((F.linear, linear), (F.scaled_dot_product_attention, sdpa),
+                         (torch.ops.model_torch.cache_scores.default, cache_scores),
+                         (torch.ops.model_torch.cache_mix.default, cache_mix),
+                         (torch.ops.model_torch.int8_linear.default, int8_linear),
+                         (torch.ops.model_torch.ordered_after.default, ordered_after)):  # fmt: skip
+        env.override_op_definition(op, via_jax(lowering))
     _installed.add(id(env))

@@ -279,6 +279,8 @@ class Masks:
         if window is not None:  # sliding window: a query sees the `window` columns ending at its own
             new = new & (steps[:, None] - steps[None, :] < window)[None, None]
         self.old = None
+        # Cache columns from the first new token's on are masked in ``old`` (not yet written).
+        self.visible = cache_position[0]
         if key_mask is not None:
             key_mask = key_mask.bool()
             new = new & key_mask.index_select(1, cache_position)[:, None, None, :]
@@ -318,14 +320,15 @@ def attend(
             old = masks.old
             if old is not None and old.shape[2] > 1:  # per-query (sliding window)
                 old = old[:, :, start:stop]
-            block.old, block.new = old, masks.new[:, :, start:stop, :stop]
+            block.old, block.new, block.visible = old, masks.new[:, :, start:stop, :stop], masks.visible
             out.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], block, scale, softcap, layer_kv))
         return torch.cat(out, dim=1)
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, t, d)
 
     def scores(keys, mask, over_cache=False):
-        s = (cache_scores(qg, keys) if over_cache else torch.einsum("bhgtd,bhsd->bhgts", qg, keys)).float() * scale
+        s = (cache_scores(qg, keys, masks.visible) if over_cache else torch.einsum("bhgtd,bhsd->bhgts", qg, keys))
+        s = s.float() * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         return s.masked_fill(~mask[:, :, None], MASKED)
@@ -347,7 +350,8 @@ def attend(
 @torch.library.custom_op("model_torch::ordered_after", mutates_args=())
 def ordered_after(values: list[torch.Tensor], first: torch.Tensor) -> list[torch.Tensor]:
     """``values`` unchanged, to be used only once ``first`` is computed: an ordering a compiler
-    cannot see otherwise (the bridge lowers it to XLA's ``optimization_barrier``). Eager: copies."""
+    cannot see otherwise (the bridge lowers it to an exact ``+ min(|x|, 0)`` data path: XLA:CPU
+    drops an ``optimization_barrier`` before copy insertion). Eager: copies."""
     return [v.clone() for v in values]
 
 
@@ -359,13 +363,15 @@ def _(values, first):
 # Attention over the KV cache, as ops of their own so a backend can read the cache its own way (the
 # bridge: a CPU kernel for batched decode, reading a scanned stack's cache in place).
 @torch.library.custom_op("model_torch::cache_scores", mutates_args=())
-def cache_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``einsum("bhgtd,bhsd->bhgts")``: queries grouped under their kv head against cached keys."""
+def cache_scores(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``einsum("bhgtd,bhsd->bhgts")``: queries grouped under their kv head against cached keys.
+    ``visible`` (0-d integer): the caller masks every column from there on (not yet written), so a
+    backend may leave them unread, with any score; this one computes them all."""
     return torch.einsum("bhgtd,bhsd->bhgts", q, keys)
 
 
 @cache_scores.register_fake
-def _(q, keys):
+def _(q, keys, visible):
     return q.new_empty((*q.shape[:4], keys.shape[2]))
 
 

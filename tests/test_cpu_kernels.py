@@ -76,14 +76,17 @@ def test_stacked_layer_is_read_in_place(kernel):
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("stacked", [False, True])
-@pytest.mark.parametrize("g,t,s,d", [(3, 1, 37, 64), (1, 2, 160, 48), (4, 4, 5, 80)])
-def test_cache_attention_kernels_equal_einsum(kernel, cache_dtype, stacked, g, t, s, d):
+@pytest.mark.parametrize("g,t,s,d,visible", [(3, 1, 37, 64, 37), (1, 2, 160, 48, 100), (4, 4, 5, 80, 3),
+                                             (3, 1, 70, 64, 0)])  # fmt: skip
+def test_cache_attention_kernels_equal_einsum(kernel, cache_dtype, stacked, g, t, s, d, visible):
     """Decode attention over a cache: scores (q . keys) and the mix (probs . values), with a head
-    dim that is not a multiple of 64 and a cache read from a stack at a traced layer index."""
+    dim that is not a multiple of 64 and a cache read from a stack at a traced layer index. Only
+    the ``visible`` columns are scored (the rest are 0); probabilities are 0 past them, as after
+    the caller's mask, and the mix (which skips those values) still equals the full einsum."""
     rng = np.random.default_rng(g * 100 + s)
     b, h, layers = 2, 3, 4
     q = jnp.asarray(rng.standard_normal((b, h, g, t, d)).astype(np.float32))
-    p = jnp.asarray(rng.random((b, h, g, t, s)).astype(np.float32))
+    p = jnp.asarray(np.where(np.arange(s) < visible, rng.random((b, h, g, t, s)), 0).astype(np.float32))
     keys = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32)).astype(cache_dtype)
     values = jnp.asarray(rng.standard_normal((layers, b, h, s, d)).astype(np.float32)).astype(cache_dtype)
 
@@ -93,16 +96,17 @@ def test_cache_attention_kernels_equal_einsum(kernel, cache_dtype, stacked, g, t
                 k, v = cpu_kernels.layer_slice(keys, layer), cpu_kernels.layer_slice(values, layer)
             else:
                 k, v = keys[2], values[2]
-            return cpu_kernels.cache_scores(q, k), cpu_kernels.cache_mix(p, v)
+            return cpu_kernels.cache_scores(q, k, visible), cpu_kernels.cache_mix(p, v)
 
     text = jax.jit(both).lower(q, p, keys, values, 2).as_text()
     assert cpu_kernels.CACHE_SCORES in text and cpu_kernels.CACHE_MIX in text
     scores, mixed = jax.jit(both)(q, p, keys, values, 2)
     f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731  (bf16 widened exactly)
-    want_scores = np.einsum("bhgtd,bhsd->bhgts", f64(q), f64(keys[2]))
+    want_scores = np.einsum("bhgtd,bhsd->bhgts", f64(q), f64(keys[2]))[..., :visible]
     want_mix = np.einsum("bhgts,bhsd->bhgtd", f64(p), f64(values[2]))
-    assert np.abs(f64(scores) - want_scores).max() <= RTOL * np.abs(want_scores).max()
-    assert np.abs(f64(mixed) - want_mix).max() <= RTOL * np.abs(want_mix).max()
+    assert np.abs(f64(scores)[..., :visible] - want_scores).max(initial=0) <= RTOL * np.abs(want_scores).max(initial=0)
+    assert (f64(scores)[..., visible:] == 0).all()
+    assert np.abs(f64(mixed) - want_mix).max() <= RTOL * max(np.abs(want_mix).max(), 1)
 
 
 def compiled_text(gen) -> str:
