@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bridge import programs
+from bridge import host_memory, programs
 from bridge.errors import GenerationError
 from bridge.lift import Lifted
 from bridge.prompts import BUCKETS, NEW_TOKEN_BUCKET, cache_length, left_pad
@@ -153,6 +153,9 @@ class Generator:
         self.eos = jnp.asarray(sorted(eos) or [-1], dtype=jnp.int32)
         self.pad_id = pad_id if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self._compiled: dict = {}
+        # Decode streams every weight once per token: 2 MiB pages read faster (``host_memory``),
+        # set up beside the first compile.
+        self.huge_pages = host_memory.back_with_huge_pages(lifted.weights, background=True)
         self.last_compile_seconds = 0.0
         self.last_compile = None  # compile_cache.CompileStats of the last request
 

@@ -1,0 +1,62 @@
+"""Weights on 2 MiB pages (``bridge.host_memory``): the pages change, the contents do not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bridge import host_memory
+
+
+def huge_bytes_at(address: int) -> int:
+    """AnonHugePages (bytes) of the mapping in /proc/self/smaps that holds ``address``."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_collapses_a_weight_into_huge_pages_and_keeps_its_values(monkeypatch):
+    monkeypatch.delenv(host_memory.SWITCH, raising=False)
+    assert host_memory.why_unavailable() is None  # Linux with THP in madvise or always mode (CI's)
+    values = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)  # 16 MiB
+    weight = jax.device_put(values, jax.devices("cpu")[0])
+    address = weight.unsafe_buffer_pointer()
+    product = jax.jit(lambda w: w @ jnp.ones(1024))
+    before = np.asarray(product(weight))
+    done = host_memory.back_with_huge_pages({"w": weight, "small": jnp.ones(3)})
+    assert done >= 7 * host_memory.HUGE_PAGE  # every whole 2 MiB page inside the 16 MiB buffer
+    assert huge_bytes_at(address + host_memory.HUGE_PAGE) >= done
+    np.testing.assert_array_equal(np.asarray(weight), values)
+    np.testing.assert_array_equal(np.asarray(product(weight)), before)  # the same program reads the same
+
+
+def test_switched_off_or_small_does_nothing(monkeypatch):
+    monkeypatch.setenv(host_memory.SWITCH, "0")
+    assert host_memory.why_unavailable() == f"{host_memory.SWITCH}=0"
+    assert host_memory.back_with_huge_pages([jnp.ones((4096, 1024))]) is None
+    monkeypatch.setenv(host_memory.SWITCH, "1")
+    assert host_memory.back_with_huge_pages([jnp.ones((16, 16))]) == 0  # no whole 2 MiB page inside
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_sharded_weights_on_eight_devices(devices, background, monkeypatch):
+    """Each device's shard is its own host buffer; the background thread holds the arrays until done."""
+    monkeypatch.delenv(host_memory.SWITCH, raising=False)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(devices[:8]), ("x",))
+    values = np.arange(8 * 1024 * 1024, dtype=np.float32).reshape(8 * 1024, 1024)  # 4 MiB per device
+    weight = jax.device_put(values, NamedSharding(mesh, P("x")))
+    out = host_memory.back_with_huge_pages([weight], background=background)
+    if background:
+        out.join()
+        out = sum(huge_bytes_at(s.data.unsafe_buffer_pointer() + host_memory.HUGE_PAGE) > 0
+                  for s in weight.addressable_shards) * host_memory.HUGE_PAGE  # fmt: skip
+    assert out >= 8 * host_memory.HUGE_PAGE  # at least one whole page per shard
+    np.testing.assert_array_equal(np.asarray(weight), values)
