@@ -54,6 +54,7 @@ def switched_on() -> bool:
     return os.environ.get(SWITCH, "1").lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -134,7 +135,7 @@ def why_unavailable() -> str | None:
 
 def state() -> str:
     """What a traced program's cache key must carry: a program with the kernel needs it registered."""
-    return f"{TARGET}:{'on' if available() else 'off'}"
+    return f"{TARGET}:{'on' if available() else 'off'}{':bf16-pairs' if available() and bf16_pairs() else ''}"
 
 
 compile_cache.depends_on(state, TARGETS)
@@ -214,10 +215,18 @@ def _in_place(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return a, jnp.zeros((), jnp.int32)
 
 
+def bf16_pairs() -> bool:
+    """Whether this CPU has AVX512-BF16: bf16 rows times bf16 weights then run as dot products of
+    pairs (two multiply-adds per lane per instruction, no conversion), the kernel's bf16 x bf16 path."""
+    return "avx512_bf16" in _cpu_flags()
+
+
 def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """``x[..., K] @ w[N, K]^T`` in f32 (accumulated in f32; ``w`` f32, bf16 or int8), in ``x``'s dtype."""
+    """``x[..., K] @ w[N, K]^T`` in f32 (accumulated in f32; ``w`` f32, bf16 or int8), in ``x``'s dtype.
+    bf16 rows with bf16 weights go in as bf16 (``bf16_pairs``); everything else as f32 rows."""
     shape = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32)
-    xf = x.astype(jnp.float32)
+    pairs = x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and bf16_pairs()
+    xf = x if pairs else x.astype(jnp.float32)
     src, layer = _in_place(w)
     if src is w:
         y = jax.ffi.ffi_call(TARGET, shape)(xf, w)

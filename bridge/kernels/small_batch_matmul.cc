@@ -65,12 +65,20 @@ inline __m512 sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Output columns [n0, n1) for MR rows of x (zero-padded to MR), NR weight rows at a time.
-template <typename W, int MR, int NR>
-void columns(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// Output columns [n0, n1) for MR rows of x (zero-padded to MR), NR weight rows at a time. x is f32,
+// or bf16 (uint16_t bits) with bf16 weights: then AVX512-BF16's dot product of pairs does two
+// multiply-adds per lane per instruction with no conversion (bf16 products are exact in f32, sums
+// in f32). The target attribute only makes those instructions available; the f32 instantiations
+// use none, and the bf16 one runs only where the CPU has them (``bf16_pairs``).
+template <typename X, typename W, int MR, int NR>
+__attribute__((target("avx512bf16"))) void columns(const X* x, const W* w, float* y, int64_t M, int64_t N,
+                                                   int64_t K, int64_t n0, int64_t n1) {
   // x holds MR rows here (zero-padded); only the first M are written to y.
-  const int64_t kfull = K / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K - kfull)) - 1);
+  constexpr bool kPairs = std::is_same_v<X, uint16_t>;
+  static_assert(!kPairs || std::is_same_v<W, uint16_t>, "bf16 x goes with bf16 weights");
+  constexpr int64_t kStep = kPairs ? 32 : 16;  // 64 bytes of x per step
+  const int64_t kfull = K / kStep * kStep;
+  const uint64_t tail = (uint64_t{1} << (K - kfull)) - 1;
   const int64_t pf = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
@@ -78,22 +86,42 @@ void columns(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
     const W* wr = w + n * K;
-    for (int64_t k = 0; k < kfull; k += 16) {
+    for (int64_t k = 0; k < kfull; k += kStep) {
       if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
         for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + r * K + k + pf), _MM_HINT_T1);
-      __m512 v[NR];
-      for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + k);
-      for (int m = 0; m < MR; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * K + k);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+      if constexpr (kPairs) {
+        __m512bh v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
+        for (int m = 0; m < MR; ++m) {
+          __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[r], xv);
+        }
+      } else {
+        __m512 v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + k);
+        for (int m = 0; m < MR; ++m) {
+          __m512 xv = _mm512_loadu_ps(x + m * K + k);
+          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+        }
       }
     }
     if (tail) {
-      __m512 v[NR];
-      for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + kfull, tail);
-      for (int m = 0; m < MR; ++m) {
-        __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * K + kfull);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+      if constexpr (kPairs) {
+        const __mmask32 t = static_cast<__mmask32>(tail);
+        __m512bh v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = (__m512bh)_mm512_maskz_loadu_epi16(t, wr + r * K + kfull);
+        for (int m = 0; m < MR; ++m) {
+          __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(t, x + m * K + kfull);
+          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[r], xv);
+        }
+      } else {
+        const __mmask16 t = static_cast<__mmask16>(tail);
+        __m512 v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + kfull, t);
+        for (int m = 0; m < MR; ++m) {
+          __m512 xv = _mm512_maskz_loadu_ps(t, x + m * K + kfull);
+          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+        }
       }
     }
     if constexpr (NR * MR == 16) {
@@ -106,7 +134,7 @@ void columns(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t
         for (int r = 0; r < NR; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
     }
   }
-  if (n < n1) columns<W, MR, 1>(x, w, y, M, N, K, n, n1);  // the last NR-1 columns at most
+  if (n < n1) columns<X, W, MR, 1>(x, w, y, M, N, K, n, n1);  // the last NR-1 columns at most
 }
 
 // fn(0..tasks-1) on the calling thread and XLA's pool. Tasks are taken from a shared counter, so
@@ -132,16 +160,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
 
 // y[b] = x[b] @ w[b]^T for `batches` independent products (x [M, K], w [N, K], y [M, N] each); only
 // the first `n_used` columns of y are computed (the rest are left as they are).
-template <typename W, int MR, int NR>
-void run(ffi::ThreadPool pool, const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
+template <typename X, typename W, int MR, int NR>
+void run(ffi::ThreadPool pool, const X* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
          int64_t batches = 1, int64_t n_used = -1) {
   if (n_used < 0) n_used = N;
   // x zero-padded to a multiple of MR rows, so the inner loop has a fixed trip count.
   const int64_t blocks = (M + MR - 1) / MR;
-  auto xs = std::make_unique<float[]>(batches * blocks * MR * K);
-  std::memset(xs.get(), 0, sizeof(float) * batches * blocks * MR * K);
-  for (int64_t b = 0; b < batches; ++b) std::memcpy(xs.get() + b * blocks * MR * K, x + b * M * K, sizeof(float) * M * K);
-  const float* xp = xs.get();
+  auto xs = std::make_unique<X[]>(batches * blocks * MR * K);
+  std::memset(xs.get(), 0, sizeof(X) * batches * blocks * MR * K);
+  for (int64_t b = 0; b < batches; ++b) std::memcpy(xs.get() + b * blocks * MR * K, x + b * M * K, sizeof(X) * M * K);
+  const X* xp = xs.get();
   // One contiguous range of output columns per pool thread: longer runs through the weights stream
   // faster (30 x [1536, 576] at 8 rows: 22.5-23.9 GB/s in halves, 17.5-22.0 in 64-row chunks).
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
@@ -153,7 +181,7 @@ void run(ffi::ThreadPool pool, const float* x, const W* w, float* y, int64_t M, 
     // Rows of x beyond MR in further passes over 64 columns at a time, whose weights are then in L2.
     for (int64_t n0 = c * chunk; n0 < end; n0 += kL2Columns)
       for (int64_t blk = 0; blk < blocks; ++blk)
-        columns<W, MR, NR>(xp + (b * blocks + blk) * MR * K, w + b * N * K, y + b * M * N + blk * MR * N,
+        columns<X, W, MR, NR>(xp + (b * blocks + blk) * MR * K, w + b * N * K, y + b * M * N + blk * MR * N,
                            std::min<int64_t>(MR, M - blk * MR), N, K, n0, std::min(end, n0 + kL2Columns));
   });
 }
@@ -203,18 +231,30 @@ void mix(ffi::ThreadPool pool, const float* p, const W* v, float* y, int64_t M, 
   });
 }
 
+bool bf16_pairs() {  // AVX512-BF16 (Zen 4, Sapphire Rapids and later)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 template <typename W>
-ffi::Error dispatch(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, const W* w, ffi::ResultBuffer<ffi::F32> y,
-                    int64_t N) {
+ffi::Error dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, const W* w, ffi::ResultBuffer<ffi::F32> y, int64_t N) {
   auto xd = x.dimensions();
   const int64_t K = xd.back();
   const int64_t M = x.element_count() / K;
-  const float* xp = x.typed_data();
   float* yp = y->typed_data();
   // Registers: NR weight rows x MR rows of accumulators stay within the 32 zmm registers.
   if (M > 16) return ffi::Error::InvalidArgument("small_batch_matmul takes at most 16 rows");
-  run<W, 8, 2>(pool, xp, w, yp, M, N, K);
-  return ffi::Error::Success();
+  if (x.element_type() == ffi::DataType::F32) {
+    run<float, W, 8, 2>(pool, reinterpret_cast<const float*>(x.untyped_data()), w, yp, M, N, K);
+    return ffi::Error::Success();
+  }
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    if (x.element_type() == ffi::DataType::BF16 && bf16_pairs()) {
+      run<uint16_t, uint16_t, 8, 2>(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), w, yp, M, N, K);
+      return ffi::Error::Success();
+    }
+  }
+  return ffi::Error::InvalidArgument("small_batch_matmul: x must be f32, or bf16 with bf16 weights on AVX512-BF16");
 }
 
 // fn(the buffer's data from element `offset`, typed) for the element types the kernels read.
@@ -229,14 +269,14 @@ ffi::Error typed(ffi::AnyBuffer b, int64_t offset, const char* what, F fn) {
 }
 
 // The product with weight rows starting at element `offset` of `w` (a layer of a stacked tensor).
-ffi::Error multiply(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, int64_t N, int64_t offset,
+ffi::Error multiply(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, int64_t N, int64_t offset,
                     ffi::ResultBuffer<ffi::F32> y) {
   return typed(w, offset, "small_batch_matmul: weight must be f32, s8 or bf16",
                [&](const auto* wp) { return dispatch(pool, x, wp, y, N); });
 }
 
 // x [..., K] @ w[N, K]^T
-ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                             ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] != x.dimensions().back())
@@ -246,7 +286,7 @@ ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 // x [..., K] @ w[layer, N, K]^T: a scanned layer's weights read in place from the stacked tensor
 // (a dynamic slice handed to a custom call is a copy of the layer's weights on every step).
-ffi::Error SmallBatchMatmulStacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+ffi::Error SmallBatchMatmulStacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                                    LayerIndex layer, ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
   if (wd.size() != 3 || wd[2] != x.dimensions().back())
@@ -292,7 +332,7 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBu
     float* yp = y->typed_data();
     if (used < S)
       for (int64_t r = 0; r < k->batches * M; ++r) std::fill(yp + r * S + used, yp + (r + 1) * S, 0.0f);
-    run<W, 8, 2>(pool, q.typed_data(), kp, yp, M, S, D, k->batches, used);
+    run<float, W, 8, 2>(pool, q.typed_data(), kp, yp, M, S, D, k->batches, used);
     return ffi::Error::Success();
   });
 }
@@ -314,20 +354,21 @@ ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffe
 
 }  // namespace
 
+// (rows, a weight or cache of several dtypes, a layer index) -> f32. Rows: f32, or any (the products,
+// which also take bf16 rows).
+template <typename Rows>
+auto stacked_binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Rows>().template Arg<ffi::AnyBuffer>().template Arg<LayerIndex>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul, SmallBatchMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-// (f32 rows, a weight or cache of several dtypes, a layer index) -> f32: the stacked-operand handlers.
-inline auto stacked_binding() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Arg<LayerIndex>()
-      .Ret<ffi::Buffer<ffi::F32>>();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul_stacked, SmallBatchMatmulStacked, stacked_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(small_batch_matmul_stacked, SmallBatchMatmulStacked, stacked_binding<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -336,4 +377,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
                                   .Arg<LayerIndex>()
                                   .Arg<LayerIndex>()  // visible columns
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix, stacked_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix, stacked_binding<ffi::Buffer<ffi::F32>>());
