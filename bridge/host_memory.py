@@ -9,8 +9,9 @@ generators side by side, one with its weights collapsed: batch 1 41.0-45.3 -> 45
 XLA's CPU client allocates with ``malloc``, which hands out 4 KiB pages unless the system's THP mode is
 ``always`` (here: ``madvise``). ``back_with_huge_pages`` marks each placed weight's 2 MiB-aligned
 interior ``MADV_HUGEPAGE`` and asks the kernel to ``MADV_COLLAPSE`` it (Linux >= 6.1) now: its
-contents do not change, only the page tables. 538 MB take 0.8-1.9 s, so ``Generator`` runs it on a
-background thread, beside its first compile. Off with ``TORCHAX_BRIDGE_HUGE_PAGES=0``; a no-op off
+contents do not change, only the page tables. 538 MB take 0.8-1.9 s and hold the process's memory
+map meanwhile (beside a cached compile it took that from 0.26 s to 1.9-2.6 s), so ``Generator`` runs
+it on a background thread once its first request is done. Off with ``TORCHAX_BRIDGE_HUGE_PAGES=0``; a no-op off
 Linux, on other platforms than CPU, and when THP is ``never`` (``why_unavailable`` says which).
 """
 
