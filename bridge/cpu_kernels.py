@@ -243,14 +243,14 @@ def takes_cache(q: jnp.ndarray, cache: jnp.ndarray) -> bool:
             and q.shape[2] * q.shape[3] <= MAX_ROWS)  # fmt: skip
 
 
-def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible=None) -> jnp.ndarray:
+def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible) -> jnp.ndarray:
     """``einsum("bhgtd,bhsd->bhgts")``: q [B, Hkv, G, T, D] against a cache's keys [B, Hkv, S, D]
     (read in place from a stacked cache when ``keys`` is a ``layer_slice``). XLA:CPU ran these as
     YNNPACK batched dots at ~8 GB/s: with them, attention took a quarter of a batch-8 decode step.
     ``visible``: columns from there on are masked by the caller; they are not read (scores 0)."""
     b, h, g, t, d = q.shape
     src, layer = _in_place(keys)
-    visible = jnp.asarray(keys.shape[2] if visible is None else visible, jnp.int32).reshape(())
+    visible = jnp.asarray(visible, jnp.int32).reshape(())
     out = jax.ffi.ffi_call(CACHE_SCORES, jax.ShapeDtypeStruct((b, h, g * t, keys.shape[2]), jnp.float32))
     out = out(q.reshape(b, h, g * t, d).astype(jnp.float32), src, layer, visible)
     return out.reshape(b, h, g, t, keys.shape[2]).astype(q.dtype)

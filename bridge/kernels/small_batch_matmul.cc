@@ -22,7 +22,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using LayerIndex = ffi::Buffer<ffi::S32, 0>;  // an s32 scalar; an alias: the handler macros split template commas
+using Int32Scalar = ffi::Buffer<ffi::S32, 0>;  // a layer index or a column count; an alias: the handler macros split template commas
 
 namespace {
 
@@ -287,7 +287,7 @@ ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
 // x [..., K] @ w[layer, N, K]^T: a scanned layer's weights read in place from the stacked tensor
 // (a dynamic slice handed to a custom call is a copy of the layer's weights on every step).
 ffi::Error SmallBatchMatmulStacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                                   LayerIndex layer, ffi::ResultBuffer<ffi::F32> y) {
+                                   Int32Scalar layer, ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
   if (wd.size() != 3 || wd[2] != x.dimensions().back())
     return ffi::Error::InvalidArgument("small_batch_matmul_stacked: weight must be [L, N, K] with K = x's last dim");
@@ -318,8 +318,8 @@ std::optional<Slab> slab(ffi::Span<const int64_t> d, int64_t batch_rank, int64_t
 // Attention scores over a cache (f32 or bf16): q [*B, M, D] . keys [(L,) *B, S, D] -> [*B, M, S].
 // Columns at or past `visible` are masked by the caller (the cache's not yet written columns): they
 // are not read, and set to 0.
-ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, LayerIndex layer,
-                       LayerIndex visible, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, Int32Scalar layer,
+                       Int32Scalar visible, ffi::ResultBuffer<ffi::F32> y) {
   auto qd = q.dimensions();
   const int64_t batch_rank = static_cast<int64_t>(qd.size()) - 2;
   auto k = slab(keys.dimensions(), batch_rank, *layer.typed_data());
@@ -338,7 +338,7 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBu
 }
 
 // Probabilities times a cache's values (f32 or bf16): p [*B, M, S] . values [(L,) *B, S, D] -> [*B, M, D].
-ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffer values, LayerIndex layer,
+ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffer values, Int32Scalar layer,
                     ffi::ResultBuffer<ffi::F32> y) {
   auto pd = p.dimensions();
   const int64_t batch_rank = static_cast<int64_t>(pd.size()) - 2;
@@ -358,7 +358,7 @@ ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffe
 // which also take bf16 rows).
 template <typename Rows>
 auto stacked_binding() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Rows>().template Arg<ffi::AnyBuffer>().template Arg<LayerIndex>()
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Rows>().template Arg<ffi::AnyBuffer>().template Arg<Int32Scalar>()
       .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
@@ -374,7 +374,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<LayerIndex>()
-                                  .Arg<LayerIndex>()  // visible columns
+                                  .Arg<Int32Scalar>()
+                                  .Arg<Int32Scalar>()  // visible columns
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix, stacked_binding<ffi::Buffer<ffi::F32>>());
