@@ -14,8 +14,10 @@ install:
 demo: install
 	$(PYTHON) -m bridge generate --chat --prompt "$(PROMPT)" --devices 8 --scheme tp --fallback replicate --max-new-tokens 32
 
+# Two workers (pytest-xdist): most of a test is tracing and compiling, one core each; the summary
+# lists every skipped test with its reason (-ra in pyproject.toml).
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 bench: install
 	$(PYTHON) benchmarks/decode.py

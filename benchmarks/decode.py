@@ -8,6 +8,10 @@ and batch:
     weight-only (per-channel scales), bf16 weights, and transformers' own class behind the adapter;
   * HF transformers ``generate`` in torch eager with its default cache;
   * llama.cpp (``llama_cpp_peer``) on the same weights as F32 and Q8_0 GGUFs, when importable;
+  * on an AVX-512 machine, our fp32/int8/bf16 rows again with the kernel's AVX2 build forced
+    (``TORCHAX_BRIDGE_CPU_KERNELS=avx2``), so one run shows what a machine without AVX-512 gets;
+  * prefill: a ``--prefill-tokens`` (480) prompt at batch 1, ours fp32 against llama.cpp F32's prompt
+    processing (``llama.eval`` of the same ids);
   * the machine's memory bandwidth (a large array copy: bytes read + written per second, the best of
     one thread and all cores) and the decode roofline ``bandwidth / weight bytes x batch`` (each step
     reads every weight once for ``batch`` tokens).
@@ -20,7 +24,8 @@ uses its own weight bytes, two ways:
     copy each side, their mean), the median over the rounds. This machine's bandwidth swings
     20-53 GB/s from minute to minute (a VM with neighbours), so a rate and a bandwidth from
     different minutes are a mismatched pair; the paired figure compares like with like.
-Writes JSON to benchmarks/results/decode.json and prints a table.
+Every row names the kernel build it ran (its vector ISA) and the table's header the CPU. Writes JSON to
+benchmarks/results/decode.json and prints a table.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3]
 """
@@ -73,10 +78,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def long_prompt(tokenizer, n: int) -> list[int]:
+    """``n`` token ids of English text (the prompt repeated) for the prefill rows."""
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(PROMPT + " ")
+    return ids[:n]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=480)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
@@ -124,10 +138,18 @@ def main() -> int:
         ("ours bf16", dict(dtype="bfloat16")),
         ("ours fp32, transformers class", dict(implementation="transformers")),
     ]
+    if "avx2" in cpu_kernels.runnable_variants():  # an AVX-512 CPU: what one without it gets, side by side
+        avx2 = {cpu_kernels.SWITCH: "avx2"}
+        engines += [("ours fp32, AVX2 build", dict(env=avx2)), ("ours int8, AVX2 build", dict(env=avx2, quantize="int8")),
+                    ("ours bf16, AVX2 build", dict(env=avx2, dtype="bfloat16"))]  # fmt: skip
+    builds = {}  # engine -> the kernel build it runs: its ISA, or why none
     runners = {}  # (engine, batch) -> run() returning (tokens/s, greedy tokens of row 0, extra)
+    prefill_runners = {}  # engine -> run() returning prompt tokens/s
     for engine, kw in engines:
         env = mock.patch.dict(os.environ, kw.pop("env", {}))  # read while its programs are traced (first generate)
         env.start()
+        builds[engine] = (f"{cpu_kernels.selected()}: {cpu_kernels.isa()}" if cpu_kernels.available()
+                          else f"XLA ({cpu_kernels.why_unavailable()})")  # fmt: skip
         lifted = open_model("smollm2", devices=1, scheme="replicated", **kw)
         if ids is None:
             ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
@@ -144,6 +166,14 @@ def main() -> int:
                     scan_layers=gen.lifted.scan_layers)  # fmt: skip
 
             runners[(engine, batch)] = (run, nbytes)
+        if engine == "ours fp32":
+            prefill_ids = long_prompt(lifted.tokenizer, args.prefill_tokens)
+            gen.generate_ids([prefill_ids], 1)  # compiles
+
+            def run_prefill(gen=gen):
+                return args.prefill_tokens / gen.generate_ids([prefill_ids], 1)["prefill_seconds"]
+
+            prefill_runners["ours fp32"] = run_prefill
         env.stop()
         print(f"  {engine}: compiled", file=sys.stderr, flush=True)
 
@@ -170,12 +200,18 @@ def main() -> int:
             peer = llama_cpp_peer.Peer(path, len(ids) + n + 8, os.cpu_count())
             peer.run(ids, 8)  # warm-up
             runners[(f"llama.cpp {qtype}", 1)] = (lambda peer=peer: (*peer.run(ids, n), {}), peer.weight_bytes)
+            builds[f"llama.cpp {qtype}"] = "llama.cpp's own (built for this CPU)"
+            if qtype == "F32":
+                long_peer = llama_cpp_peer.Peer(path, args.prefill_tokens + 8, os.cpu_count())
+                long_peer.prefill(prefill_ids)  # warm-up
+                prefill_runners["llama.cpp F32"] = lambda p=long_peer: p.prefill(prefill_ids)
     else:
         print("  llama.cpp: llama_cpp not importable (pip install llama-cpp-python==0.3.36), rows left out",
               file=sys.stderr)  # fmt: skip
 
     best: dict = {}
     paired: dict = {}  # key -> [(tokens/s, bandwidth around that run)] per round
+    prefill_rates: dict = {}  # engine -> [prompt tokens/s] per round
     for round_ in range(args.repeats):
         bandwidths.append(memory_bandwidth()["best"])
         for key, (run, _) in runners.items():
@@ -185,6 +221,8 @@ def main() -> int:
             paired.setdefault(key, []).append((rate, around))
             if key not in best or rate > best[key][0]:
                 best[key] = (rate, tokens, extra)
+        for engine, run in prefill_runners.items():
+            prefill_rates.setdefault(engine, []).append(run())
         print(f"  round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     bandwidth = max(bandwidths)
     for (engine, batch), (rate, tokens, extra) in best.items():
@@ -198,6 +236,7 @@ def main() -> int:
     by = {(r["engine"], r["batch"]): r for r in rows}
     hf_tokens = by[("HF transformers eager", 1)]["token_ids"]
     for r in rows:
+        r["kernel"] = builds.get(r["engine"], "-")
         base = by.get(("ours fp32", r["batch"]))
         r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
         r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
@@ -205,8 +244,16 @@ def main() -> int:
     # The same ratio round by round (runs a minute apart at most), median: steadier than best / best.
     per_round = [ours / theirs for (ours, _), (theirs, _) in
                  zip(paired[("ours fp32", 1)], paired.get(("llama.cpp F32", 1), []))]  # fmt: skip
+    prefill = {engine: {"prompt_tokens": args.prefill_tokens, "tokens_per_second": max(rates), "per_round": rates}
+               for engine, rates in prefill_rates.items()}  # fmt: skip
+    if "llama.cpp F32" in prefill:
+        prefill["ours fp32"]["vs_llama_cpp_f32"] = float(np.median(
+            [a / b for a, b in zip(prefill_rates["ours fp32"], prefill_rates["llama.cpp F32"])]))  # fmt: skip
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_kernels.cpu_name(), "cpu_isa": cpu_kernels.cpu_isa(),
+                    "kernel_builds": {v: cpu_kernels.isa(v) or cpu_kernels.why_unavailable(v)
+                                      for v in cpu_kernels.runnable_variants()}},  # fmt: skip
         "model": "SmolLM2-135M-Instruct",
         "prompt_tokens": len(ids),
         "new_tokens": n,
@@ -218,23 +265,28 @@ def main() -> int:
         "ours_fp32_vs_llama_cpp_f32": by[("ours fp32", 1)]["tokens_per_second"] / peer["tokens_per_second"] if peer else None,
         "ours_fp32_vs_llama_cpp_f32_per_round": per_round,
         "rows": rows,
+        "prefill": prefill,
     }
     with atomic_write(args.out) as fh:
         json.dump(result, fh, indent=2)
 
+    print(f"CPU: {cpu_kernels.cpu_name()} ({cpu_kernels.cpu_isa()}), {os.cpu_count()} cores")
     print(f"memory bandwidth (1 GiB copy, best of 1 thread and {torch.get_num_threads()}, best of the start and "
           f"every round: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}): {bandwidth / 1e9:.1f} GB/s; "
           f"roofline = bandwidth / weight bytes x batch")  # fmt: skip
     print(f"{'engine':<30} {'batch':>5} {'tok/s':>7} {'weights MB':>10} {'roofline':>9} {'of roofline':>11} "
-          f"{'paired':>6} {'vs ours fp32':>12} {'same as HF':>10}")  # fmt: skip
+          f"{'paired':>6} {'vs ours fp32':>12} {'same as HF':>10}  kernel")  # fmt: skip
     for r in rows:
         vs = f"{r['vs_ours_fp32']:.2f}x" if r["vs_ours_fp32"] else "-"
         print(f"{r['engine']:<30} {r['batch']:>5} {r['tokens_per_second']:>7.1f} {r['weight_bytes'] / 1e6:>10.0f} "
               f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} "
-              f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}")  # fmt: skip
+              f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}  {r['kernel']}")  # fmt: skip
     if peer:
         print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%} (best / best); "
               f"round by round {', '.join(f'{r:.0%}' for r in per_round)}, median {float(np.median(per_round)):.0%}")
+    for engine, p in prefill.items():
+        vs = f", {p['vs_llama_cpp_f32']:.2f}x llama.cpp F32 (median of rounds)" if "vs_llama_cpp_f32" in p else ""
+        print(f"prefill {engine}: {p['prompt_tokens']} tokens at {p['tokens_per_second']:.0f} tokens/s{vs}")
     print(f"written to {args.out}")
     return 0
 

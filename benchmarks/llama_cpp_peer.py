@@ -83,6 +83,13 @@ class Peer:
                 break
         return (len(out) - 1) / (time.perf_counter() - t_first), out
 
+    def prefill(self, ids: list[int]) -> float:
+        """Prompt processing: tokens/s of ``llama.eval`` over ``ids`` from an empty context."""
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        return len(ids) / (time.perf_counter() - t0)
+
 
 def decode(path: Path, ids: list[int], n: int, repeats: int, threads: int) -> dict:
     """Greedy decode of ``n`` tokens after ``ids``, batch 1: best tokens/s over ``repeats`` runs

@@ -39,57 +39,125 @@ TARGET = "torchax_bridge_small_batch_matmul"
 STACKED_TARGET = "torchax_bridge_small_batch_matmul_stacked"  # w [L, N, K] and a layer index
 CACHE_SCORES = "torchax_bridge_cache_scores"  # decode attention over a KV cache: q . keys
 CACHE_MIX = "torchax_bridge_cache_mix"  # and probabilities . values
-TARGETS = (TARGET, STACKED_TARGET, CACHE_SCORES, CACHE_MIX)
+_SYMBOLS = {TARGET: "small_batch_matmul", STACKED_TARGET: "small_batch_matmul_stacked",
+            CACHE_SCORES: "cache_scores", CACHE_MIX: "cache_mix"}  # fmt: skip
 MAX_ROWS = 16  # the kernel's limit; past it XLA's GEMM is compute-bound anyway
-SWITCH = "TORCHAX_BRIDGE_CPU_KERNELS"
+MIN_ROWS = int(os.environ.get("TORCHAX_BRIDGE_KERNEL_MIN_ROWS", "2"))  # measured below
+SWITCH = "TORCHAX_BRIDGE_CPU_KERNELS"  # 0: off; native (the default) or avx2: which build
 SOURCE = Path(__file__).resolve().parent / "kernels" / "small_batch_matmul.cc"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC"]
+# The builds: ``native`` targets the machine it is built on (AVX-512, AVX2, NEON, ...); ``avx2`` is
+# the same source for AVX2+FMA, which an AVX-512 machine runs too (so its tests cover both).
+VARIANTS = ("native", "avx2")
+TARGETS = tuple(f"{base}__{v}" for base in _SYMBOLS for v in VARIANTS)  # every name a program may call
 _forbidden = contextvars.ContextVar("cpu_kernels_forbidden", default=False)
 _active = contextvars.ContextVar("cpu_kernels_active", default=False)
-_why: list[str] = []
+_using = contextvars.ContextVar("cpu_kernels_using", default=None)
+_why: dict[str, str] = {}
 
 
 def switched_on() -> bool:
     return os.environ.get(SWITCH, "1").lower() not in ("0", "false", "no", "off")
 
 
+def selected() -> str:
+    """The build programs use: ``using(...)`` inside, else ``$TORCHAX_BRIDGE_CPU_KERNELS`` (``avx2``
+    forces the AVX2 build), else ``native``. On a CPU without AVX-512 the two are one build."""
+    name = _using.get() or os.environ.get(SWITCH, "native").lower()
+    name = "native" if name in ("1", "true", "yes", "on", "") else name
+    if name == "avx2" and "avx512f" not in _cpu_flags():
+        return "native"
+    return name
+
+
+@contextlib.contextmanager
+def using(variant: str):
+    """Programs traced inside use build ``variant`` (tests run every build the machine executes)."""
+    token = _using.set(variant)
+    try:
+        yield
+    finally:
+        _using.reset(token)
+
+
+def runnable_variants() -> list[str]:
+    """The builds this machine executes, each once: ``native``, and ``avx2`` on an AVX-512 CPU."""
+    return ["native", "avx2"] if "avx512f" in _cpu_flags() else ["native"]
+
+
+def target(base: str) -> str:
+    """The custom-call name of kernel ``base`` in the selected build."""
+    return f"{base}__{selected()}"
+
+
 @functools.cache
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):  # x86, aarch64
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (for speed figures), as /proc/cpuinfo or the platform gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model name")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The CPU's vector ISA in a few words (what speed figures must name), whatever was built."""
+    f = _cpu_flags()
+    if "avx512f" in f:
+        return "AVX-512" + ("+BF16" if "avx512_bf16" in f else "")
+    if "avx2" in f:
+        return "AVX2" + ("+FMA" if "fma" in f else "")
+    if "asimd" in f or platform.machine() in ("aarch64", "arm64"):
+        return "NEON"
+    return platform.machine()
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def _variant_flags(variant: str) -> list[str] | None:
+    arm = platform.machine() in ("aarch64", "arm64")
+    if variant == "native":
+        return ["-mcpu=native"] if arm else ["-march=native"]
+    if variant == "avx2" and not arm and {"avx2", "fma"} <= _cpu_flags():
+        return ["-march=native", "-mno-avx512f"]
+    return None
+
+
 @functools.cache
-def _library() -> Path | None:
-    """The built kernel (built now if absent), or None with the reason in ``_why``."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        _why.append(f"the kernel is x86-64 AVX-512 code; this machine is {platform.machine()}")
-        return None
-    missing = [f for f in _NEEDS if f not in _cpu_flags()]
-    if missing:
-        _why.append(f"this CPU lacks {', '.join(missing)}")
+def _library(variant: str = "native") -> Path | None:
+    """Build ``variant`` of the kernel (built now if absent), or None with the reason in ``_why``."""
+    flags = _variant_flags(variant)
+    if flags is None:
+        _why[variant] = f"no {variant!r} build of the kernel for this CPU ({platform.machine()}, {cpu_isa()})"
         return None
     cxx = _compiler()
     if cxx is None:
-        _why.append(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH; install g++ or set CXX")
+        _why[variant] = f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH; install g++ or set CXX"
         return None
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cxx, *FLAGS, *version]).encode(),
+    # -march=native means this CPU: its model and flags are part of the key (a shared cache
+    # directory must not hand an AVX-512 build to an AVX2 machine).
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cxx, *FLAGS, *flags, *version]).encode(),
+                                     cpu_name().encode(), " ".join(sorted(_cpu_flags())).encode(),
                                      jax.ffi.include_dir().encode(), compile_cache.versions().encode()])).hexdigest()[:16]  # fmt: skip
     # Kept under the cache directory even with caching off: a build is an installed artifact, not a
     # cached program, and rebuilding cost every process (every CLI test) 6 s.
     where = compile_cache.directory() / "kernels"
-    out = where / f"small_batch_matmul-{key}.so"
+    out = where / f"small_batch_matmul-{variant}-{key}.so"
     if out.is_file():
         return out
     try:
@@ -98,44 +166,52 @@ def _library() -> Path | None:
         where = Path(tempfile.mkdtemp(prefix="tb-kernels-"))
         out = where / out.name
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [cxx, *FLAGS, "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *FLAGS, *flags, "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        _why.append(f"building {SOURCE.name} failed: {first}")
+        _why[variant] = f"building {SOURCE.name} failed: {first}"
         return None
     os.replace(tmp, out)  # another process building the same key writes the same bytes
     return out
 
 
 @functools.cache
-def _registered() -> bool:
-    path = _library()
+def _registered(variant: str) -> ctypes.CDLL | None:
+    path = _library(variant)
     if path is None:
-        return False
+        return None
     lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.small_batch_matmul), platform="cpu")
-    jax.ffi.register_ffi_target(STACKED_TARGET, jax.ffi.pycapsule(lib.small_batch_matmul_stacked), platform="cpu")
-    jax.ffi.register_ffi_target(CACHE_SCORES, jax.ffi.pycapsule(lib.cache_scores), platform="cpu")
-    jax.ffi.register_ffi_target(CACHE_MIX, jax.ffi.pycapsule(lib.cache_mix), platform="cpu")
-    return True
+    for base, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(f"{base}__{variant}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.kernel_isa.restype = ctypes.c_char_p
+    return lib
 
 
-def available() -> bool:
-    """The kernel is switched on, this CPU runs it, and it is built and registered with XLA."""
-    return switched_on() and _registered()
+def available(variant: str | None = None) -> bool:
+    """The kernel is switched on, this CPU runs build ``variant`` (default: the selected one), and it
+    is built and registered with XLA."""
+    return switched_on() and _registered(variant or selected()) is not None
 
 
-def why_unavailable() -> str | None:
+def why_unavailable(variant: str | None = None) -> str | None:
     if not switched_on():
         return f"{SWITCH}=0"
-    return None if available() else (_why[0] if _why else "unknown")
+    variant = variant or selected()
+    return None if available(variant) else _why.get(variant, f"unknown kernel build {variant!r}")
+
+
+def isa(variant: str | None = None) -> str | None:
+    """The vector ISA build ``variant`` was compiled for (``AVX2+FMA``, ``AVX-512+BF16``, ``NEON``), or
+    None where it is unavailable."""
+    lib = _registered(variant or selected()) if switched_on() else None
+    return None if lib is None else lib.kernel_isa().decode()
 
 
 def state() -> str:
-    """What a traced program's cache key must carry: a program with the kernel needs it registered."""
-    return f"{TARGET}:{'on' if available() else 'off'}{':bf16-pairs' if available() and bf16_pairs() else ''}"
+    """What a traced program's cache key must carry: a program with the kernel needs its build registered."""
+    return f"{TARGET}:{selected() + ':' + str(isa()) if available() else 'off'}"
 
 
 compile_cache.depends_on(state, TARGETS)
@@ -175,10 +251,15 @@ def forbidden():
         _forbidden.reset(token)
 
 
+def takes_rows(rows: int) -> bool:
+    """Whether a product of ``rows`` rows goes to the kernel (``MIN_ROWS``: see there)."""
+    return MIN_ROWS <= rows <= MAX_ROWS
+
+
 def takes(x: jnp.ndarray, w: jnp.ndarray) -> bool:
     """Whether ``small_batch_matmul`` computes ``x @ w.T`` for these operands."""
     rows = x.size // x.shape[-1] if x.ndim else 0
-    return (2 <= rows <= MAX_ROWS and w.ndim == 2 and w.shape[1] == x.shape[-1]
+    return (takes_rows(rows) and w.ndim == 2 and w.shape[1] == x.shape[-1]
             and x.dtype in (jnp.float32, jnp.bfloat16) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.int8))  # fmt: skip
 
 
@@ -216,9 +297,11 @@ def _in_place(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def bf16_pairs() -> bool:
-    """Whether this CPU has AVX512-BF16: bf16 rows times bf16 weights then run as dot products of
-    pairs (two multiply-adds per lane per instruction, no conversion), the kernel's bf16 x bf16 path."""
-    return "avx512_bf16" in _cpu_flags()
+    """Whether the selected build has AVX512-BF16: bf16 rows times bf16 weights then run as dot
+    products of pairs (two multiply-adds per lane per instruction, no conversion). Elsewhere bf16
+    rows are widened to f32 (a few rows: small) and bf16 weights in registers."""
+    lib = _registered(selected()) if switched_on() else None
+    return bool(lib is not None and lib.kernel_bf16_pairs())
 
 
 def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
@@ -229,9 +312,9 @@ def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     xf = x if pairs else x.astype(jnp.float32)
     src, layer = _in_place(w)
     if src is w:
-        y = jax.ffi.ffi_call(TARGET, shape)(xf, w)
+        y = jax.ffi.ffi_call(target(TARGET), shape)(xf, w)
     else:  # a scanned layer's slice: the kernel reads the stack at ``layer``
-        y = jax.ffi.ffi_call(STACKED_TARGET, shape)(xf, src, layer)
+        y = jax.ffi.ffi_call(target(STACKED_TARGET), shape)(xf, src, layer)
     return y.astype(x.dtype)
 
 
@@ -251,7 +334,7 @@ def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible) -> jnp.ndarray:
     b, h, g, t, d = q.shape
     src, layer = _in_place(keys)
     visible = jnp.asarray(visible, jnp.int32).reshape(())
-    out = jax.ffi.ffi_call(CACHE_SCORES, jax.ShapeDtypeStruct((b, h, g * t, keys.shape[2]), jnp.float32))
+    out = jax.ffi.ffi_call(target(CACHE_SCORES), jax.ShapeDtypeStruct((b, h, g * t, keys.shape[2]), jnp.float32))
     out = out(q.reshape(b, h, g * t, d).astype(jnp.float32), src, layer, visible)
     return out.reshape(b, h, g, t, keys.shape[2]).astype(q.dtype)
 
@@ -261,6 +344,6 @@ def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     (the kernel skips the values past the last column with a nonzero probability: exact)."""
     b, h, g, t, s = probs.shape
     src, layer = _in_place(values)
-    out = jax.ffi.ffi_call(CACHE_MIX, jax.ShapeDtypeStruct((b, h, g * t, values.shape[3]), jnp.float32))
+    out = jax.ffi.ffi_call(target(CACHE_MIX), jax.ShapeDtypeStruct((b, h, g * t, values.shape[3]), jnp.float32))
     out = out(probs.reshape(b, h, g * t, s).astype(jnp.float32), src, layer)
     return out.reshape(b, h, g, t, values.shape[3]).astype(probs.dtype)

@@ -1,5 +1,7 @@
 """Weights on 2 MiB pages (``bridge.host_memory``): the pages change, the contents do not."""
 
+import errno
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +25,15 @@ def huge_bytes_at(address: int) -> int:
 
 def test_collapses_a_weight_into_huge_pages_and_keeps_its_values(monkeypatch):
     monkeypatch.delenv(host_memory.SWITCH, raising=False)
-    assert host_memory.why_unavailable() is None  # Linux with THP in madvise or always mode (CI's)
+    if host_memory.why_unavailable():  # THP never, or not Linux: test_thp_never_... covers that machine
+        pytest.skip(host_memory.why_unavailable())
     values = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)  # 16 MiB
     weight = jax.device_put(values, jax.devices("cpu")[0])
     address = weight.unsafe_buffer_pointer()
     product = jax.jit(lambda w: w @ jnp.ones(1024))
     before = np.asarray(product(weight))
     done = host_memory.back_with_huge_pages({"w": weight, "small": jnp.ones(3)})
-    assert done >= 7 * host_memory.HUGE_PAGE  # every whole 2 MiB page inside the 16 MiB buffer
+    assert_collapsed_or_refused_for_memory(done, 7)  # every whole 2 MiB page inside the 16 MiB buffer
     assert huge_bytes_at(address + host_memory.HUGE_PAGE) >= done
     np.testing.assert_array_equal(np.asarray(weight), values)
     np.testing.assert_array_equal(np.asarray(product(weight)), before)  # the same program reads the same
@@ -44,10 +47,21 @@ def test_switched_off_or_small_does_nothing(monkeypatch):
     assert host_memory.back_with_huge_pages([jnp.ones((16, 16))]) == 0  # no whole 2 MiB page inside
 
 
+def assert_collapsed_or_refused_for_memory(done: int, pages: int) -> None:
+    """All ``pages`` collapsed, or the kernel refused the rest for want of free 2 MiB pages at that
+    moment (EAGAIN/ENOMEM: memory too fragmented; seen on a busy 24 GiB machine), never for a bad
+    range or flag."""
+    refused = set(host_memory.refusals)
+    assert refused <= {errno.EAGAIN, errno.ENOMEM}, refused
+    assert done >= pages * host_memory.HUGE_PAGE or refused, (done, refused)
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_sharded_weights_on_eight_devices(devices, background, monkeypatch):
     """Each device's shard is its own host buffer; the background thread holds the arrays until done."""
     monkeypatch.delenv(host_memory.SWITCH, raising=False)
+    if host_memory.why_unavailable():
+        pytest.skip(host_memory.why_unavailable())
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     mesh = Mesh(np.array(devices[:8]), ("x",))
@@ -58,7 +72,7 @@ def test_sharded_weights_on_eight_devices(devices, background, monkeypatch):
         out.join()
         out = sum(huge_bytes_at(s.data.unsafe_buffer_pointer() + host_memory.HUGE_PAGE) > 0
                   for s in weight.addressable_shards) * host_memory.HUGE_PAGE  # fmt: skip
-    assert out >= 8 * host_memory.HUGE_PAGE  # at least one whole page per shard
+    assert_collapsed_or_refused_for_memory(out, 8)  # at least one whole page per shard
     np.testing.assert_array_equal(np.asarray(weight), values)
 
 
@@ -79,3 +93,23 @@ def test_generator_collapses_its_weights_once_after_its_first_request(devices, m
     gen.generate_ids([[3, 4, 5]], 4)
     gen.generate_ids([[3, 4, 5, 6]], 4)
     assert calls == [(set(lifted.weights), True)] and gen.huge_pages is False  # nothing to move: tiny
+
+
+def test_thp_never_leaves_weights_alone_and_generation_works(devices, monkeypatch, tmp_path):
+    """A machine with THP switched off: nothing is collapsed, the reason is stated, and a Generator
+    still generates (its ``huge_pages`` stays unset: False)."""
+    import model_torch
+    import sharding
+    from bridge.generate import Generator
+    from bridge.lift import lift
+
+    mode = tmp_path / "enabled"
+    mode.write_text("always madvise [never]\n")
+    monkeypatch.setattr(host_memory, "THP_MODE", mode)
+    monkeypatch.delenv(host_memory.SWITCH, raising=False)
+    assert host_memory.why_unavailable() == "transparent huge pages are switched off on this machine ([never])"
+    assert host_memory.back_with_huge_pages([jnp.ones((4096, 1024))]) is None
+    lifted = lift(model_torch.from_preset("tiny-llama").eval(), sharding.mesh_for("tp", 1, devices=devices), "tp")
+    gen = Generator(lifted, eos_token_ids=[])
+    assert len(gen.generate_ids([[3, 4, 5]], 4)["token_ids"][0]) == 4
+    assert gen.huge_pages is False

@@ -1,15 +1,25 @@
-// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 16: batched decode), w in f32, int8 or bf16.
+// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 16: batched decode), w in f32, int8 or bf16,
+// and decode attention over a KV cache (q . keys, probabilities . values).
 //
 // Why this exists (measured on the 2-core Zen 4 box, 30 x [1536, 576] f32 weights streamed from
 // memory): XLA:CPU's 8-row product (a library GEMM) and torch/numpy's all stream the weights at
 // 9-12 GB/s, against 25-28 GB/s for a 1-row matrix-vector loop. It is not the arithmetic (the
 // same product on weights that stay in L3 runs at ~110-130 GFLOP/s): the loads of the next weight
 // rows start too late. This loop reads each weight row once for all M rows of x and prefetches
-// weights a few KB ahead into L2 (_MM_HINT_T1), which brings the 8-row product to 24-26 GB/s.
+// weights a few KB ahead into L2, which brings the 8-row product to 24-26 GB/s.
+//
+// One source for every CPU: the arithmetic is written with GCC/Clang vector extensions at the
+// width of the machine it is built for (-march=native: 64 bytes with AVX-512, 32 with AVX2, 16 with
+// NEON or SSE2), so the compiler picks the instructions. bf16 and int8 weights are widened in
+// registers (a shift, a sign extension), never copied to f32 in memory. Two things stay
+// ISA-specific, behind the compiler's own macros: AVX-512's transpose tree for the 16 horizontal
+// sums, and AVX512-BF16's dot products of bf16 pairs.
 //
 // Work is split over XLA's intra-op thread pool in chunks of output columns; the calling thread
 // takes chunks too, so it never waits on a task that has not started.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -24,29 +34,91 @@
 namespace ffi = xla::ffi;
 using Int32Scalar = ffi::Buffer<ffi::S32, 0>;  // a layer index or a column count; an alias: the handler macros split template commas
 
+#ifndef KERNEL_AVX2_ROWS  // register blocks for 16 ymm registers (-D to measure others)
+#define KERNEL_AVX2_ROWS 8
+#define KERNEL_AVX2_COLS 1
+#endif
+
 namespace {
 
-constexpr int64_t kPrefetchBytes = 8192;  // 2 KB 16.7 GB/s, 4 KB 21-23, 8 KB 23-25; none: half the speed
-constexpr int64_t kL2Columns = 64;        // > 8 rows of x: weight rows reused from L2 in 64-row pieces
+// The vector width this build runs at, and the register blocks that fit its register file
+// (32 zmm with AVX-512; 16 ymm with AVX2, 32 q registers with NEON).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kRowBlock = 8, kColBlock = 2;  // 16 accumulators
+constexpr int kMixRows = 4;                  // cache_mix: 4 rows x 4 vectors of values
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kRowBlock = KERNEL_AVX2_ROWS, kColBlock = KERNEL_AVX2_COLS;
+constexpr int kMixRows = 2;
+#else
+constexpr int kLanes = 4;
+constexpr int kRowBlock = 4, kColBlock = 2;
+constexpr int kMixRows = 4;
+#endif
 
-// 16 weights as f32 lanes.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 load16(const uint16_t* p) {  // bf16 bits: shift into the high half of an f32
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const int8_t* p, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-}
-inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi32 __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
+typedef int8_t vi8 __attribute__((vector_size(kLanes)));
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
+
+#ifndef KERNEL_PREFETCH
+#define KERNEL_PREFETCH 8192
+#endif
+constexpr int64_t kPrefetchBytes = KERNEL_PREFETCH;  // Zen 4: 2 KB 16.7 GB/s, 4 KB 21-23, 8 KB 23-25; none: half the speed
+constexpr int64_t kL2Bytes = 160 << 10;   // > one row block of x: weight rows reused from L2 in pieces this size
+
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }  // prefetcht1 on x86
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
+// kLanes weights as f32 lanes: f32 as they are, int8 sign-extended, bf16 shifted into the high half.
+template <typename T>
+inline T load_raw(const void* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+inline vf widen(const float* p) { return load_raw<vf>(p); }
+inline vf widen(const int8_t* p) { return __builtin_convertvector(__builtin_convertvector(load_raw<vi8>(p), vi32), vf); }
+inline vf widen(const uint16_t* p) {
+  return (vf)(__builtin_convertvector(load_raw<vu16>(p), vu32) << 16);
+}
+// The first n < kLanes elements, the rest zero (tails: at most once per row).
+template <typename T>
+inline vf widen_part(const T* p, int64_t n) {
+  T buf[kLanes] = {};
+  std::memcpy(buf, p, sizeof(T) * n);
+  return widen(buf);
+}
+inline void store_part(float* p, vf v, int64_t n) {
+  float buf[kLanes];
+  std::memcpy(buf, &v, sizeof buf);
+  std::memcpy(p, buf, sizeof(float) * n);
+}
+
+// The sum of v's lanes by halving (a loop over lanes read them back through memory, where partial
+// store forwarding stalled: ~200 cycles a column on Zen 3, half the 8-row product's time).
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX__)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+}
+
+#if defined(__AVX512F__)
 // Lane i of the result = the sum of v[i]'s 16 lanes (16 horizontal sums in 15 adds: a transpose
 // tree, instead of 16 separate reductions, ~20% of the 8-row loop's instructions at K = 576;
 // measured 4-10% less time for SmolLM2's weights at 8 rows).
@@ -64,83 +136,119 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#endif
+
+#if defined(__AVX__) && !defined(__AVX512F__)
+// Lane i of the result = the sum of v[i]'s 8 lanes: AVX2's transpose tree, 7 instructions for 8 sums.
+inline __m256 sum8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// out[i] = the sum of v[i]'s lanes for C accumulators: whole vectors of sums by a transpose tree
+// where C fills them (AVX-512: 16, AVX2: 8), else one halving per accumulator.
+template <int C>
+inline void reduce(const vf* v, float* out) {
+#if defined(__AVX512F__)
+  if constexpr (C % 16 == 0) {
+    for (int i = 0; i < C; i += 16) _mm512_storeu_ps(out + i, sum16(reinterpret_cast<const __m512*>(v + i)));
+    return;
+  }
+#elif defined(__AVX__)
+  if constexpr (C % 8 == 0) {
+    for (int i = 0; i < C; i += 8) _mm256_storeu_ps(out + i, sum8(reinterpret_cast<const __m256*>(v + i)));
+    return;
+  }
+#endif
+  for (int i = 0; i < C; ++i) out[i] = hsum(v[i]);
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Pairs = true;
+// bf16 rows times bf16 weights: AVX512-BF16's dot product of pairs does two multiply-adds per lane
+// per instruction with no conversion (bf16 products are exact in f32, sums in f32).
+inline __m512 dot_pairs(__m512 acc, const uint16_t* w, const uint16_t* x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+}
+inline __m512 dot_pairs_part(__m512 acc, const uint16_t* w, const uint16_t* x, int64_t n) {
+  const __mmask32 t = static_cast<__mmask32>((uint64_t{1} << n) - 1);
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(t, w), (__m512bh)_mm512_maskz_loadu_epi16(t, x));
+}
+#else
+constexpr bool kBf16Pairs = false;
+#endif
 
 // Output columns [n0, n1) for MR rows of x (zero-padded to MR), NR weight rows at a time. x is f32,
-// or bf16 (uint16_t bits) with bf16 weights: then AVX512-BF16's dot product of pairs does two
-// multiply-adds per lane per instruction with no conversion (bf16 products are exact in f32, sums
-// in f32). The target attribute only makes those instructions available; the f32 instantiations
-// use none, and the bf16 one runs only where the CPU has them (``bf16_pairs``).
+// or bf16 (uint16_t bits) with bf16 weights where the build has AVX512-BF16 (``kBf16Pairs``).
 template <typename X, typename W, int MR, int NR>
-__attribute__((target("avx512bf16"))) void columns(const X* x, const W* w, float* y, int64_t M, int64_t N,
-                                                   int64_t K, int64_t n0, int64_t n1) {
+void columns(const X* x, const W* w, float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   // x holds MR rows here (zero-padded); only the first M are written to y.
   constexpr bool kPairs = std::is_same_v<X, uint16_t>;
   static_assert(!kPairs || std::is_same_v<W, uint16_t>, "bf16 x goes with bf16 weights");
-  constexpr int64_t kStep = kPairs ? 32 : 16;  // 64 bytes of x per step
+  constexpr int64_t kStep = kPairs ? 2 * kLanes : kLanes;
   const int64_t kfull = K / kStep * kStep;
-  const uint64_t tail = (uint64_t{1} << (K - kfull)) - 1;
   const int64_t pf = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(W));  // weights per cache line
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) {
-    __m512 acc[NR][MR];
+    vf acc[NR][MR];
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < MR; ++m) acc[r][m] = vf{};
     const W* wr = w + n * K;
     for (int64_t k = 0; k < kfull; k += kStep) {
-      if ((k * static_cast<int64_t>(sizeof(W))) % 64 == 0)
-        for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr + r * K + k + pf), _MM_HINT_T1);
+      if (k % kLine < kStep)  // once per cache line of each weight row
+        for (int r = 0; r < NR; ++r) prefetch_l2(wr + r * K + k + pf);
       if constexpr (kPairs) {
-        __m512bh v[NR];
-        for (int r = 0; r < NR; ++r) v[r] = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
-        for (int m = 0; m < MR; ++m) {
-          __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[r], xv);
-        }
+#if defined(__AVX512BF16__)
+        for (int m = 0; m < MR; ++m)
+          for (int r = 0; r < NR; ++r)
+            acc[r][m] = (vf)dot_pairs((__m512)acc[r][m], reinterpret_cast<const uint16_t*>(wr) + r * K + k, x + m * K + k);
+#endif
       } else {
-        __m512 v[NR];
-        for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + k);
+        vf v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = widen(wr + r * K + k);
         for (int m = 0; m < MR; ++m) {
-          __m512 xv = _mm512_loadu_ps(x + m * K + k);
-          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+          const vf xv = load_raw<vf>(x + m * K + k);
+          for (int r = 0; r < NR; ++r) acc[r][m] += v[r] * xv;  // contracted to FMAs (-ffp-contract=fast)
         }
       }
     }
-    if (tail) {
+    if (kfull < K) {
       if constexpr (kPairs) {
-        const __mmask32 t = static_cast<__mmask32>(tail);
-        __m512bh v[NR];
-        for (int r = 0; r < NR; ++r) v[r] = (__m512bh)_mm512_maskz_loadu_epi16(t, wr + r * K + kfull);
-        for (int m = 0; m < MR; ++m) {
-          __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(t, x + m * K + kfull);
-          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[r], xv);
-        }
+#if defined(__AVX512BF16__)
+        for (int m = 0; m < MR; ++m)
+          for (int r = 0; r < NR; ++r)
+            acc[r][m] = (vf)dot_pairs_part((__m512)acc[r][m], reinterpret_cast<const uint16_t*>(wr) + r * K + kfull,
+                                           x + m * K + kfull, K - kfull);
+#endif
       } else {
-        const __mmask16 t = static_cast<__mmask16>(tail);
-        __m512 v[NR];
-        for (int r = 0; r < NR; ++r) v[r] = load16(wr + r * K + kfull, t);
-        for (int m = 0; m < MR; ++m) {
-          __m512 xv = _mm512_maskz_loadu_ps(t, x + m * K + kfull);
-          for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(v[r], xv, acc[r][m]);
+        // The last K % kLanes in pieces of kLanes (x's and w's tails zero-filled).
+        for (int64_t k = kfull; k < K; k += kLanes) {
+          const int64_t left = std::min<int64_t>(kLanes, K - k);
+          vf v[NR];
+          for (int r = 0; r < NR; ++r) v[r] = widen_part(wr + r * K + k, left);
+          for (int m = 0; m < MR; ++m) {
+            const vf xv = widen_part(x + m * K + k, left);
+            for (int r = 0; r < NR; ++r) acc[r][m] += v[r] * xv;
+          }
         }
       }
     }
-    if constexpr (NR * MR == 16) {
-      alignas(64) float sums[16];  // sums[r * MR + m]
-      _mm512_store_ps(sums, sum16(&acc[0][0]));
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < NR; ++r) y[m * N + n + r] = sums[r * MR + m];
-    } else {
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < NR; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
-    }
+    float sums[NR * MR];  // sums[r * MR + m]
+    reduce<NR * MR>(&acc[0][0], sums);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < NR; ++r) y[m * N + n + r] = sums[r * MR + m];
   }
-  if (n < n1) columns<X, W, MR, 1>(x, w, y, M, N, K, n, n1);  // the last NR-1 columns at most
+  if constexpr (NR > 1)
+    if (n < n1) columns<X, W, MR, 1>(x, w, y, M, N, K, n, n1);  // the last NR-1 columns at most
 }
 
-// fn(0..tasks-1) on the calling thread and XLA's pool. Tasks are taken from a shared counter, so
+// fn(0..tasks-1) on the calling thread and XLA's pool (any pool: tests/kernels/portable_check.cc). Tasks are taken from a shared counter, so
 // the caller never waits on a task that has not started (the pool may be busy with other ops).
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
+template <typename Pool, typename F>
+void parallel_for(Pool& pool, int64_t tasks, F fn) {
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -155,13 +263,13 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared, work] { work(shared.get()); });
   work(shared.get());
-  while (shared->done.load(std::memory_order_acquire) < tasks) _mm_pause();
+  while (shared->done.load(std::memory_order_acquire) < tasks) spin_pause();
 }
 
 // y[b] = x[b] @ w[b]^T for `batches` independent products (x [M, K], w [N, K], y [M, N] each); only
 // the first `n_used` columns of y are computed (the rest are left as they are).
-template <typename X, typename W, int MR, int NR>
-void run(ffi::ThreadPool pool, const X* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
+template <typename X, typename W, int MR, int NR, typename Pool>
+void run(Pool pool, const X* x, const W* w, float* y, int64_t M, int64_t N, int64_t K,
          int64_t batches = 1, int64_t n_used = -1) {
   if (n_used < 0) n_used = N;
   // x zero-padded to a multiple of MR rows, so the inner loop has a fixed trip count.
@@ -171,29 +279,31 @@ void run(ffi::ThreadPool pool, const X* x, const W* w, float* y, int64_t M, int6
   for (int64_t b = 0; b < batches; ++b) std::memcpy(xs.get() + b * blocks * MR * K, x + b * M * K, sizeof(X) * M * K);
   const X* xp = xs.get();
   // One contiguous range of output columns per pool thread: longer runs through the weights stream
-  // faster (30 x [1536, 576] at 8 rows: 22.5-23.9 GB/s in halves, 17.5-22.0 in 64-row chunks).
+  // faster (Zen 4, 30 x [1536, 576] at 8 rows: 22.5-23.9 GB/s in halves, 17.5-22.0 in 64-row chunks).
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunk = std::max<int64_t>(2, ((n_used + workers - 1) / workers + 1) / 2 * 2);
   const int64_t chunks = (n_used + chunk - 1) / chunk;
+  // Rows of x beyond one block in further passes over a piece of the weights that stays in L2.
+  const int64_t piece = blocks == 1 ? chunk : std::max<int64_t>(NR, kL2Bytes / (K * int64_t(sizeof(W))) / NR * NR);
   if (chunks == 0) return;
   parallel_for(pool, batches * chunks, [=](int64_t task) {
     const int64_t b = task / chunks, c = task % chunks, end = std::min(n_used, (c + 1) * chunk);
-    // Rows of x beyond MR in further passes over 64 columns at a time, whose weights are then in L2.
-    for (int64_t n0 = c * chunk; n0 < end; n0 += kL2Columns)
+    for (int64_t n0 = c * chunk; n0 < end; n0 += piece)
       for (int64_t blk = 0; blk < blocks; ++blk)
         columns<X, W, MR, NR>(xp + (b * blocks + blk) * MR * K, w + b * N * K, y + b * M * N + blk * MR * N,
-                           std::min<int64_t>(MR, M - blk * MR), N, K, n0, std::min(end, n0 + kL2Columns));
+                              std::min<int64_t>(MR, M - blk * MR), N, K, n0, std::min(end, n0 + piece));
   });
 }
 
 // y[b] = p[b] @ v[b] (p [M, S], v [S, D], y [M, D]): each row of v read once for all M rows of p,
-// 4 rows of p x 64 columns of v in registers. Rows of v past the last column where some row of p is
-// nonzero are not read: in decode those are the cache's not yet written columns, whose
-// probabilities are exactly 0 after the softmax (exact for any p).
-template <typename W>
-void mix(ffi::ThreadPool pool, const float* p, const W* v, float* y, int64_t M, int64_t S, int64_t D,
+// kMixRows rows of p x 4 vectors of v's columns in registers. Rows of v past the last column where
+// some row of p is nonzero are not read: in decode those are the cache's not yet written columns,
+// whose probabilities are exactly 0 after the softmax (exact for any p).
+template <typename W, typename Pool>
+void mix(Pool pool, const float* p, const W* v, float* y, int64_t M, int64_t S, int64_t D,
          int64_t batches) {
-  const int64_t mblocks = (M + 3) / 4, dblocks = (D + 63) / 64;
+  constexpr int64_t kCols = 4 * kLanes;
+  const int64_t mblocks = (M + kMixRows - 1) / kMixRows, dblocks = (D + kCols - 1) / kCols;
   parallel_for(pool, batches, [=](int64_t b) {
     const float* pb = p + b * M * S;
     const W* vb = v + b * S * D;
@@ -207,33 +317,38 @@ void mix(ffi::ThreadPool pool, const float* p, const W* v, float* y, int64_t M, 
         }
     for (int64_t mb = 0; mb < mblocks; ++mb)
       for (int64_t db = 0; db < dblocks; ++db) {
-        const int64_t m0 = mb * 4, rows = std::min<int64_t>(4, M - m0), d0 = db * 64;
-        __mmask16 mask[4];
-        for (int j = 0; j < 4; ++j) {
-          const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, D - d0 - 16 * j));
-          mask[j] = static_cast<__mmask16>((1u << left) - 1);
-        }
-        __m512 acc[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        const int64_t m0 = mb * kMixRows, rows = std::min<int64_t>(kMixRows, M - m0), d0 = db * kCols;
+        int64_t width[4];  // columns of each vector inside D
+        for (int j = 0; j < 4; ++j) width[j] = std::clamp<int64_t>(D - d0 - kLanes * j, 0, kLanes);
+        const bool whole = width[3] == kLanes;
+        vf acc[kMixRows][4];
+        for (int i = 0; i < kMixRows; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = vf{};
         for (int64_t t = 0; t < used; ++t) {
-          __m512 vv[4];
-          for (int j = 0; j < 4; ++j) vv[j] = load16(vb + t * D + d0 + 16 * j, mask[j]);
-          for (int i = 0; i < 4; ++i) {
+          vf vv[4];
+          const W* row = vb + t * D + d0;
+          for (int j = 0; j < 4; ++j)
+            vv[j] = whole ? widen(row + kLanes * j) : width[j] > 0 ? widen_part(row + kLanes * j, width[j]) : vf{};
+          for (int i = 0; i < kMixRows; ++i) {
             if (i >= rows) break;
-            const __m512 pi = _mm512_set1_ps(pb[(m0 + i) * S + t]);
-            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(pi, vv[j], acc[i][j]);
+            const float pi = pb[(m0 + i) * S + t];
+            for (int j = 0; j < 4; ++j) acc[i][j] += pi * vv[j];
           }
         }
         for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(yb + (m0 + i) * D + d0 + 16 * j, mask[j], acc[i][j]);
+          for (int j = 0; j < 4; ++j)
+            if (width[j] > 0) store_part(yb + (m0 + i) * D + d0 + kLanes * j, acc[i][j], width[j]);
       }
   });
 }
 
-bool bf16_pairs() {  // AVX512-BF16 (Zen 4, Sapphire Rapids and later)
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
+// f32 rows times weights W: one or two rows (batch-1 decode, or 2) take more weight rows at a time
+// instead of padding the rows to a block of kRowBlock.
+template <typename W, typename Pool>
+void product(Pool pool, const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M == 1) run<float, W, 1, 4>(pool, x, w, y, M, N, K);
+  else if (M == 2) run<float, W, 2, 4>(pool, x, w, y, M, N, K);
+  else run<float, W, kRowBlock, kColBlock>(pool, x, w, y, M, N, K);
 }
 
 template <typename W>
@@ -242,15 +357,15 @@ ffi::Error dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, const W* w, ffi::Res
   const int64_t K = xd.back();
   const int64_t M = x.element_count() / K;
   float* yp = y->typed_data();
-  // Registers: NR weight rows x MR rows of accumulators stay within the 32 zmm registers.
   if (M > 16) return ffi::Error::InvalidArgument("small_batch_matmul takes at most 16 rows");
   if (x.element_type() == ffi::DataType::F32) {
-    run<float, W, 8, 2>(pool, reinterpret_cast<const float*>(x.untyped_data()), w, yp, M, N, K);
+    product(pool, reinterpret_cast<const float*>(x.untyped_data()), w, yp, M, N, K);
     return ffi::Error::Success();
   }
-  if constexpr (std::is_same_v<W, uint16_t>) {
-    if (x.element_type() == ffi::DataType::BF16 && bf16_pairs()) {
-      run<uint16_t, uint16_t, 8, 2>(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), w, yp, M, N, K);
+  if constexpr (std::is_same_v<W, uint16_t> && kBf16Pairs) {
+    if (x.element_type() == ffi::DataType::BF16) {
+      run<uint16_t, uint16_t, kRowBlock, kColBlock>(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), w, yp,
+                                                    M, N, K);
       return ffi::Error::Success();
     }
   }
@@ -332,7 +447,7 @@ ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBu
     float* yp = y->typed_data();
     if (used < S)
       for (int64_t r = 0; r < k->batches * M; ++r) std::fill(yp + r * S + used, yp + (r + 1) * S, 0.0f);
-    run<float, W, 8, 2>(pool, q.typed_data(), kp, yp, M, S, D, k->batches, used);
+    run<float, W, kRowBlock, kColBlock>(pool, q.typed_data(), kp, yp, M, S, D, k->batches, used);
     return ffi::Error::Success();
   });
 }
@@ -353,6 +468,26 @@ ffi::Error CacheMix(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffe
 }
 
 }  // namespace
+
+// What this build is, for cpu_kernels.isa(): the vector ISA the compiler targeted.
+extern "C" const char* kernel_isa() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "AVX-512+BF16";
+#elif defined(__AVX512F__)
+  return "AVX-512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "AVX2+FMA";
+#elif defined(__AVX__)
+  return "AVX";
+#elif defined(__ARM_NEON)
+  return "NEON";
+#elif defined(__SSE2__)
+  return "SSE2";
+#else
+  return "generic";
+#endif
+}
+extern "C" int kernel_bf16_pairs() { return kBf16Pairs; }
 
 // (rows, a weight or cache of several dtypes, a layer index) -> f32. Rows: f32, or any (the products,
 // which also take bf16 rows).
