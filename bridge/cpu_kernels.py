@@ -9,11 +9,17 @@ all rows of ``x`` and prefetches a few KB ahead into L2: 8 rows at 22-24 GB/s, t
 its intra-op thread pool. It also reads bf16 weights as they are (XLA:CPU converts them to f32
 first).
 
-The kernel is built on first use with the system's C++ compiler (``$CXX``, else ``g++``) against
-jaxlib's FFI headers, into ``$TORCHAX_BRIDGE_CACHE/kernels`` (also with caching off; a temporary
-directory if that is not writable), keyed by its source, the compiler and jaxlib. It applies to programs on one CPU device with
-AVX-512 (``applies``); anywhere else, or with ``TORCHAX_BRIDGE_CPU_KERNELS=0``, or when the build
-fails (``why_unavailable`` says why), the product stays XLA's own dot.
+The kernel is one source for every CPU (GCC/Clang vector extensions at the width of the machine it
+is built for; AVX-512's transpose-tree sums and AVX512-BF16's pair products behind the compiler's
+macros), built on first use with the system's C++ compiler (``$CXX``, else ``g++``) against jaxlib's
+FFI headers, into ``$TORCHAX_BRIDGE_CACHE/kernels`` (also with caching off; a temporary directory if
+that is not writable), keyed by its source, the compiler, the CPU and jaxlib. Two builds
+(``VARIANTS``): ``native`` (``-march=native``: AVX-512, AVX2+FMA, NEON, ...) and ``avx2`` (the same
+with ``-mno-avx512f``, which an AVX-512 machine runs too, so its tests and benchmarks show what a
+machine without AVX-512 gets; ``TORCHAX_BRIDGE_CPU_KERNELS=avx2`` selects it). The kernel applies
+to programs on one CPU device (``applies``); anywhere else, with ``TORCHAX_BRIDGE_CPU_KERNELS=0``,
+or when the build fails (``why_unavailable`` says why, e.g. no compiler), the product stays XLA's
+own dot.
 """
 
 from __future__ import annotations

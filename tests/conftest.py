@@ -2,6 +2,8 @@
 
 import os
 import re
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
@@ -12,12 +14,27 @@ os.environ["XLA_FLAGS"] = (
 # tests/test_compile_cache.py switches them on in a directory of its own.
 os.environ["TORCHAX_BRIDGE_NO_CACHE"] = "1"
 
+# Except XLA's own persistent compilation cache, shared by the suite's workers and the CLI processes
+# they start, for this run only (a fresh directory per run, removed at the end): many tests compile
+# the same programs (the same presets, shapes and meshes), and a hit skips XLA's compile, the larger
+# part of a test's time. Tracing and lowering still run in every test.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+XLA_CACHE = os.path.join(tempfile.gettempdir(), f"torchax-bridge-tests-{_RUN}")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity checks at 1e-4
+
+
+def pytest_sessionfinish(session):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, after every worker is done
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)
+
 
 RTOL = 1e-4  # fp32, relative to the largest logit magnitude
 

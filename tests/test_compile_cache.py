@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def generate(cache: Path, *extra, no_cache: bool = False) -> tuple[dict, str]:
     env = {**os.environ, "TORCHAX_BRIDGE_CACHE": str(cache)}
     env.pop("TORCHAX_BRIDGE_NO_CACHE", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared XLA cache (conftest): not this test's
     if no_cache:
         env["TORCHAX_BRIDGE_NO_CACHE"] = "1"
     argv = [sys.executable, "-m", "bridge", "generate", "--checkpoint", "tiny-llama", "--input-ids", "5,6,7,8",
