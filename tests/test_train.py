@@ -216,11 +216,12 @@ def test_smollm2_finetune_lowers_the_paragraphs_loss(devices):
                  "that no one came ashore.")  # fmt: skip
     windows = pack(loaded.tokenizer.encode(paragraph), 24)
     lifted = lift(loaded.model, sharding.mesh_for("fsdp", 2, devices=devices[:2]), "fsdp")
-    trainer = Trainer(lifted, optax.adamw(5e-5), remat=True)
+    # 8 steps at 2e-4 (20 at 5e-5 before: the same check in 40% of the suite's slowest test)
+    trainer = Trainer(lifted, optax.adamw(2e-4), remat=True)
     state = trainer.init()
     loss_of = jax.jit(trainer.loss)
     before = float(loss_of(state.params, trainer.put_batch(windows)))
-    for step in range(20):
+    for step in range(8):
         state, _ = trainer.step(state, batch_at(windows, step, 2))
     after = float(loss_of(state.params, trainer.put_batch(windows)))
     assert after < 0.5 * before, (before, after)
