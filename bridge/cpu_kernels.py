@@ -48,7 +48,7 @@ CACHE_MIX = "torchax_bridge_cache_mix"  # and probabilities . values
 _SYMBOLS = {TARGET: "small_batch_matmul", STACKED_TARGET: "small_batch_matmul_stacked",
             CACHE_SCORES: "cache_scores", CACHE_MIX: "cache_mix"}  # fmt: skip
 MAX_ROWS = 16  # the kernel's limit; past it XLA's GEMM is compute-bound anyway
-MIN_ROWS = int(os.environ.get("TORCHAX_BRIDGE_KERNEL_MIN_ROWS", "2"))  # measured below
+MIN_ROWS = 2  # 1 row stays XLA's matrix-vector loop: 19-22 GB/s against the kernel's 17 (Zen 3, AVX2)
 SWITCH = "TORCHAX_BRIDGE_CPU_KERNELS"  # 0: off; native (the default) or avx2: which build
 SOURCE = Path(__file__).resolve().parent / "kernels" / "small_batch_matmul.cc"
 FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from bridge.errors import UsageError
@@ -25,11 +27,33 @@ def normal_mode(path, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
+def interrupts_deferred():
+    """A Ctrl-C inside is held until the block ends, then delivered: a temporary entry is never
+    created without its name being known to the code that removes it (a SIGINT landing inside
+    ``mkdtemp`` left one behind under load). Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        if callable(old):
+            old(signal.SIGINT, None)
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def atomic_write(path, mode: str = "w"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        with interrupts_deferred():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -37,7 +61,7 @@ def atomic_write(path, mode: str = "w"):
         normal_mode(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -48,8 +72,14 @@ def atomic_directory(dst: Path):
     class _Tmp:
         def __enter__(self):
             dst.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-            return self
+            self.path = None
+            try:
+                with interrupts_deferred():
+                    self.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+                return self
+            except BaseException:  # __exit__ is not called when __enter__ raises
+                self.__exit__()
+                raise
 
         def commit(self):
             normal_mode(self.path, directory=True)  # mkdtemp's 0700 would hide it from other users
@@ -58,8 +88,9 @@ def atomic_directory(dst: Path):
             os.replace(self.path, dst) if not dst.exists() else shutil.rmtree(self.path)
 
         def __exit__(self, *exc):
-            if self.path.exists():
-                shutil.rmtree(self.path, ignore_errors=True)
+            if self.path is not None and self.path.exists():
+                with interrupts_deferred():
+                    shutil.rmtree(self.path, ignore_errors=True)
 
     return _Tmp()
 
