@@ -73,15 +73,14 @@ def _host_ranges(arrays) -> list[tuple[int, int]]:
     return ranges
 
 
-# The errno of each range the kernel refused in the last collapse (a best effort: EAGAIN/ENOMEM
-# when memory is too fragmented to find free 2 MiB pages at that moment).
-refusals: list[int] = []
-
-
-def back_with_huge_pages(arrays, background: bool = False) -> int | threading.Thread | None:
+def back_with_huge_pages(arrays, background: bool = False, refusals: list | None = None) -> int | threading.Thread | None:
     """Backs the CPU buffers of ``arrays`` (any pytree of jax arrays) with 2 MiB pages where the
     system allows. Returns the bytes collapsed, or with ``background`` the thread doing it (it holds
-    the arrays until done, so none is freed under it); None when unavailable."""
+    the arrays until done, so none is freed under it); None when unavailable. ``refusals`` (a list)
+    collects (advice, errno) for each range the kernel refused: collapsing is a best effort (EAGAIN /
+    ENOMEM when memory is too fragmented for free 2 MiB pages at that moment; EINVAL, seen 1 run in
+    7 here, when the process's mappings changed under it, as XLA allocates on other threads)."""
+    refusals = [] if refusals is None else refusals
     if why_unavailable() is not None:
         return None
     ranges = _host_ranges(arrays)
@@ -90,17 +89,16 @@ def back_with_huge_pages(arrays, background: bool = False) -> int | threading.Th
 
     def collapse(keep=arrays) -> int:  # ``keep``: the arrays stay alive while their pages move
         madvise, done = _madvise(), 0
-        refusals.clear()
         for lo, hi in ranges:
             if madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
-                refusals.append(ctypes.get_errno())
+                refusals.append(("MADV_HUGEPAGE", ctypes.get_errno()))
                 continue
             # EINVAL before Linux 6.1: khugepaged collapses the marked range later, in the background.
             # EAGAIN / ENOMEM: no free 2 MiB page right now (fragmented memory); the range stays marked.
             if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
                 done += hi - lo
             else:
-                refusals.append(ctypes.get_errno())
+                refusals.append(("MADV_COLLAPSE", ctypes.get_errno()))
         return done
 
     if not background:

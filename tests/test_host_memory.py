@@ -32,8 +32,9 @@ def test_collapses_a_weight_into_huge_pages_and_keeps_its_values(monkeypatch):
     address = weight.unsafe_buffer_pointer()
     product = jax.jit(lambda w: w @ jnp.ones(1024))
     before = np.asarray(product(weight))
-    done = host_memory.back_with_huge_pages({"w": weight, "small": jnp.ones(3)})
-    assert_collapsed_or_refused_for_memory(done, 7)  # every whole 2 MiB page inside the 16 MiB buffer
+    refusals = []
+    done = host_memory.back_with_huge_pages({"w": weight, "small": jnp.ones(3)}, refusals=refusals)
+    assert_collapsed_or_refused_for_memory(done, 7, refusals)  # every whole 2 MiB page inside the 16 MiB buffer
     assert huge_bytes_at(address + host_memory.HUGE_PAGE) >= done
     np.testing.assert_array_equal(np.asarray(weight), values)
     np.testing.assert_array_equal(np.asarray(product(weight)), before)  # the same program reads the same
@@ -47,13 +48,14 @@ def test_switched_off_or_small_does_nothing(monkeypatch):
     assert host_memory.back_with_huge_pages([jnp.ones((16, 16))]) == 0  # no whole 2 MiB page inside
 
 
-def assert_collapsed_or_refused_for_memory(done: int, pages: int) -> None:
-    """All ``pages`` collapsed, or the kernel refused the rest for want of free 2 MiB pages at that
-    moment (EAGAIN/ENOMEM: memory too fragmented; seen on a busy 24 GiB machine), never for a bad
-    range or flag."""
-    refused = set(host_memory.refusals)
-    assert refused <= {errno.EAGAIN, errno.ENOMEM}, refused
-    assert done >= pages * host_memory.HUGE_PAGE or refused, (done, refused)
+def assert_collapsed_or_refused_for_memory(done: int, pages: int, refusals: list) -> None:
+    """All ``pages`` collapsed, or the kernel refused the collapse itself, which is a best effort
+    (EAGAIN/ENOMEM: no free 2 MiB pages at that moment; EINVAL: the process's mappings changed under
+    it, seen 1 run in 7 on a busy machine); marking a range MADV_HUGEPAGE must never fail (it does
+    for a misaligned or foreign range)."""
+    assert not [r for r in refusals if r[0] != "MADV_COLLAPSE"], refusals
+    assert {e for _, e in refusals} <= {errno.EAGAIN, errno.ENOMEM, errno.EINVAL}, refusals
+    assert done >= pages * host_memory.HUGE_PAGE or refusals, (done, refusals)
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -67,12 +69,13 @@ def test_sharded_weights_on_eight_devices(devices, background, monkeypatch):
     mesh = Mesh(np.array(devices[:8]), ("x",))
     values = np.arange(8 * 1024 * 1024, dtype=np.float32).reshape(8 * 1024, 1024)  # 4 MiB per device
     weight = jax.device_put(values, NamedSharding(mesh, P("x")))
-    out = host_memory.back_with_huge_pages([weight], background=background)
+    refusals = []
+    out = host_memory.back_with_huge_pages([weight], background=background, refusals=refusals)
     if background:
         out.join()
         out = sum(huge_bytes_at(s.data.unsafe_buffer_pointer() + host_memory.HUGE_PAGE) > 0
                   for s in weight.addressable_shards) * host_memory.HUGE_PAGE  # fmt: skip
-    assert_collapsed_or_refused_for_memory(out, 8)  # at least one whole page per shard
+    assert_collapsed_or_refused_for_memory(out, 8, refusals)  # at least one whole page per shard
     np.testing.assert_array_equal(np.asarray(weight), values)
 
 
