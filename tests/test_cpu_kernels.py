@@ -21,13 +21,18 @@ from tests.test_generate import hf_twin
 RTOL = 1e-5  # fp32 accumulation in another order than numpy's float64 reference
 
 
-@pytest.fixture(params=cpu_kernels.runnable_variants())
+NO_COMPILER = cpu_kernels._compiler() is None
+needs_compiler = pytest.mark.skipif(NO_COMPILER, reason="no C++ compiler: the kernels cannot be built here "
+                                    "(test_without_a_compiler_... covers that machine)")  # fmt: skip
+HAS_BF16_PAIRS = "avx512_bf16" in cpu_kernels._cpu_flags()
+
+
+@pytest.fixture(params=[pytest.param(v, marks=needs_compiler) for v in cpu_kernels.runnable_variants()])
 def kernel(request):
     """Each build of the kernel this machine executes (``native``, and ``avx2`` on an AVX-512 CPU),
-    selected for the test; skipped with the reason where it cannot be built (no C++ compiler)."""
+    selected for the test; skipped with the reason where no compiler can build it."""
     with cpu_kernels.using(request.param):
-        if not cpu_kernels.available():
-            pytest.skip(f"the {request.param} CPU kernel is unavailable: {cpu_kernels.why_unavailable()}")
+        assert cpu_kernels.available(), cpu_kernels.why_unavailable()
         yield request.param
 
 
@@ -65,13 +70,15 @@ def test_kernel_equals_numpy(kernel, dtype, m, n, k):
     assert np.abs(np.asarray(got, np.float64) - want).max() <= RTOL * np.abs(want).max()
 
 
+@needs_compiler
+@pytest.mark.skipif(not HAS_BF16_PAIRS, reason=f"this CPU ({cpu_kernels.cpu_name()}, {cpu_kernels.cpu_isa()}) has no "
+                    "AVX512-BF16; bf16 weights with f32 rows are tested in test_kernel_equals_numpy")  # fmt: skip
 @pytest.mark.parametrize("m,n,k", [(2, 130, 576), (8, 5, 37), (9, 64, 16), (16, 1, 100), (3, 67, 1), (8, 33, 1536)])
-def test_bf16_rows_times_bf16_weights(kernel, m, n, k):
-    """bf16 rows with bf16 weights enter the kernel as bf16 (AVX512-BF16 dot products of pairs, f32
-    sums; K tails past a multiple of 32 masked) and equal the float64 product of the same values."""
-    if not cpu_kernels.bf16_pairs():
-        pytest.skip(f"the {kernel} build has no AVX512-BF16 dot products of pairs ({cpu_kernels.isa()} on "
-                    f"{cpu_kernels.cpu_name()}); bf16 weights with f32 rows are tested in test_kernel_equals_numpy")
+def test_bf16_rows_times_bf16_weights(m, n, k):
+    """bf16 rows with bf16 weights enter the native build as bf16 (AVX512-BF16 dot products of
+    pairs, f32 sums; K tails past a multiple of 32 masked) and equal the float64 product of the same
+    values."""
+    assert cpu_kernels.bf16_pairs()  # the native build on an AVX512-BF16 CPU
     rng = np.random.default_rng(m * 1000 + n + k)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     w = weights(rng, (n, k), "bfloat16")
@@ -296,7 +303,18 @@ def _cross_tools() -> tuple[list[str], list[str]] | str:
     return ["aarch64-linux-gnu-g++"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
 
 
-@pytest.mark.parametrize("build", ["x86-64 baseline", "aarch64"])
+def _x86_with_gxx() -> bool:
+    import platform
+    import shutil
+
+    return platform.machine() in ("x86_64", "AMD64") and shutil.which("g++") is not None
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param("x86-64 baseline", marks=pytest.mark.skipif(not _x86_with_gxx(), reason="needs an x86-64 machine with g++")),
+    pytest.param("aarch64", marks=pytest.mark.skipif(isinstance(_cross_tools(), str),
+                                                     reason=f"the aarch64 check needs a cross compiler and qemu: {_cross_tools()}")),
+])  # fmt: skip
 def test_the_kernel_source_is_correct_at_other_vector_widths(build, tmp_path):
     """The same source built for the ISAs this machine cannot load into jaxlib: the x86-64 baseline
     (SSE2, 4 lanes: the code a NEON build runs) natively, and aarch64 (NEON) under qemu, each checked
@@ -308,14 +326,10 @@ def test_the_kernel_source_is_correct_at_other_vector_widths(build, tmp_path):
     from pathlib import Path
 
     if build == "x86-64 baseline":
-        if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"):
-            pytest.skip(f"needs an x86-64 machine with g++ (this is {platform.machine()})")
         cxx, runner, flags = ["g++"], [], ["-march=x86-64"]
     else:
-        tools = _cross_tools()
-        if isinstance(tools, str):
-            pytest.skip(f"the aarch64 check needs a cross compiler and qemu: {tools}")
-        cxx, runner, flags = *tools, []
+        cxx, runner = _cross_tools()
+        flags = []
     src = Path(__file__).parent / "kernels" / "portable_check.cc"
     exe = tmp_path / "check"
     subprocess.run([*cxx, "-O2", "-std=c++17", "-ffp-contract=fast", "-pthread", *flags, "-w",

@@ -23,10 +23,13 @@ def huge_bytes_at(address: int) -> int:
     return 0
 
 
+# THP never, or not Linux: test_thp_never_leaves_weights_alone_and_generation_works covers that machine
+needs_thp = pytest.mark.skipif(host_memory.why_unavailable() is not None, reason=str(host_memory.why_unavailable()))
+
+
+@needs_thp
 def test_collapses_a_weight_into_huge_pages_and_keeps_its_values(monkeypatch):
     monkeypatch.delenv(host_memory.SWITCH, raising=False)
-    if host_memory.why_unavailable():  # THP never, or not Linux: test_thp_never_... covers that machine
-        pytest.skip(host_memory.why_unavailable())
     values = np.random.default_rng(0).standard_normal((4096, 1024)).astype(np.float32)  # 16 MiB
     weight = jax.device_put(values, jax.devices("cpu")[0])
     address = weight.unsafe_buffer_pointer()
@@ -58,12 +61,11 @@ def assert_collapsed_or_refused_for_memory(done: int, pages: int, refusals: list
     assert done >= pages * host_memory.HUGE_PAGE or refusals, (done, refusals)
 
 
+@needs_thp
 @pytest.mark.parametrize("background", [False, True])
 def test_sharded_weights_on_eight_devices(devices, background, monkeypatch):
     """Each device's shard is its own host buffer; the background thread holds the arrays until done."""
     monkeypatch.delenv(host_memory.SWITCH, raising=False)
-    if host_memory.why_unavailable():
-        pytest.skip(host_memory.why_unavailable())
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     mesh = Mesh(np.array(devices[:8]), ("x",))
