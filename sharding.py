@@ -595,34 +595,6 @@ def _head_counts(shapes, head_layout) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # Placing arrays
 # ---------------------------------------------------------------------------------------------------
-def _shape_dtype(x) -> tuple[tuple[int, ...], Any]:
-    return tuple(x.shape), x.dtype
-
-
-def shard(
-    weights: Mapping[str, Any],
-    mesh: Mesh,
-    scheme: Scheme | str,
-    *,
-    head_layout: Sequence[tuple[str, int, int]] = (),
-    fallback: str = "error",
-) -> tuple[dict[str, jax.Array], dict[str, Placement]]:
-    """Validates every placement first, then device_puts each weight by its spec."""
-    placements = resolve_placements(
-        {k: _shape_dtype(v) for k, v in weights.items()},
-        scheme,
-        dict(mesh.shape),
-        head_layout=head_layout,
-        fallback=fallback,
-    )
-    return place(weights, mesh, placements), placements
-
-
-def place(weights: Mapping[str, Any], mesh: Mesh, placements: Mapping[str, Placement]) -> dict[str, jax.Array]:
-    """Each weight put on the mesh by its (resolved) placement, padded rows included."""
-    return {k: put_global(pad_rows(v, placements[k]), NamedSharding(mesh, placements[k].spec)) for k, v in weights.items()}
-
-
 def pad_rows(value, p: Placement):
     """``value`` with dim 0 zero-padded to the placement's shape (a vocab that does not divide)."""
     if p.padded_from is None:
@@ -664,18 +636,6 @@ def batch_spec(scheme: Scheme | str, mesh: Mesh, batch: int, rank: int = 2) -> P
     if not axes or batch % math.prod(mesh.shape[a] for a in axes):
         return P()
     return P(axes if len(axes) > 1 else axes[0], *([None] * (rank - 1)))
-
-
-def kv_cache_spec(scheme: Scheme | str, mesh: Mesh, batch: int, kv_heads: int) -> P:
-    """KV cache ``[batch, kv_heads, seq, head_dim]``: batch like inputs, kv heads on the head axis
-    when they divide it (else replicated: each device then holds every kv head)."""
-    scheme = get_scheme(scheme)
-    b = batch_spec(scheme, mesh, batch, 1)
-    b = b[0] if len(b) else None
-    h = scheme.head_axis
-    if h is None or h not in mesh.shape or kv_heads % mesh.shape[h]:
-        h = None
-    return P(b, h, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch.utils import _pytree as torch_pytree
 import sharding
 from bridge import scan
 from bridge.lift import LiftedModule, as_scheme, extract_fn, is_causal_lm, jax_dtype, lift
-from bridge.torchax_compat import import_torchax
+from bridge.extract import torchax_with_lowerings
 
 # Max relative error (max |lifted - eager| / max |eager|) above which a module diverges.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -49,7 +49,7 @@ def missing_lowerings(model: torch.nn.Module, args: Sequence = (), kwargs: Optio
     An aten op with no lowering is recorded and replaced by zeros shaped by its meta kernel, so one
     pass finds every missing op; ``stopped`` is set when tracing could not go on (an op whose output
     shape depends on data, a Python branch on a traced value)."""
-    tx = import_torchax()
+    tx = torchax_with_lowerings()
     from torchax.ops import ops_registry
     from torchax.tensor import OperatorNotFound
 
@@ -171,7 +171,7 @@ class Taps:
         return out, dict(zip(self.order, captured))
 
     def lifted(self, lifted: LiftedModule, args, kwargs) -> tuple[Any, dict[str, list[np.ndarray]]]:
-        env = import_torchax().default_env()
+        env = torchax_with_lowerings().default_env()
         inner = lifted.fn
 
         def fn(weights, a, k=None):
@@ -283,8 +283,9 @@ def check_module(
     fallback: str = "error",
     scan_layers: bool | None = None,
     progress=None,
+    one_device: Optional[LiftedModule] = None,
 ) -> CheckReport:
-    """``model`` run eagerly, lifted on one device, and (when ``mesh`` is given) lifted on ``mesh``
+    """``model`` run eagerly, lifted on one device (``one_device``: already lifted there, replicated), and (when ``mesh`` is given) lifted on ``mesh``
     under ``scheme`` (a scheme, name, rules file or list of ``(regex, spec)`` rows), with every
     submodule's outputs compared against eager torch (``scan_layers``: both lifted runs scan the
     decoder stack, and every layer is still compared). Runs one after the other: a causal LM lifted
@@ -310,7 +311,8 @@ def check_module(
     output_errors = {}
     for label, (m, s) in zip(runs, [(one_device_mesh(), "replicated"), (mesh, scheme)]):
         say(f"running lifted: {label}")
-        lifted = lift(model, m, s, fallback=fallback, scan_layers=scan_layers)
+        lifted, one_device = (one_device, None) if one_device is not None else (
+            lift(model, m, s, fallback=fallback, scan_layers=scan_layers), None)  # fmt: skip
         out, captured = taps.lifted(lifted, args, kwargs)
         output_errors[label] = module_error(_lifted_leaves(out), eager_out, vocab)
         for name, want in eager.items():
@@ -377,17 +379,19 @@ def check_checkpoint(
 ) -> CheckReport:
     """``check_module`` for a checkpoint (anything ``open_model`` takes) on token ids (default: 16
     fixed pseudo-random ids), under ``scheme`` on ``devices``."""
-    from bridge import checkpoints
     from bridge.generate import check_token_ids
+    from bridge.models import open_model
 
     scheme = sharding.get_scheme(scheme)
     mesh = sharding.mesh_for(scheme, len(devices), mesh_overrides or {}, list(devices))
-    loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=False, quantize=quantize, implementation=implementation)
-    vocab = loaded.model.config.vocab_size
+    one_device = open_model(checkpoint, devices=list(devices)[:1], scheme="replicated", dtype=dtype, quantize=quantize,
+                            with_tokenizer=False, implementation=implementation, scan_layers=scan_layers)  # fmt: skip
+    model = one_device.model
+    vocab = model.config.vocab_size
     if input_ids is None:
         input_ids = np.random.default_rng(0).integers(0, vocab, 16).tolist()
     check_token_ids([input_ids], vocab)
     ids = torch.tensor([list(input_ids)], dtype=torch.long)
     tol = tolerance if tolerance is not None else TOLERANCE[dtype]
-    return check_module(loaded.model, (ids,), mesh=mesh, scheme=scheme, tolerance=tol, fallback=fallback,
-                        scan_layers=scan_layers, progress=progress)  # fmt: skip
+    return check_module(model, (ids,), mesh=mesh, scheme=scheme, tolerance=tol, fallback=fallback,
+                        scan_layers=scan_layers, progress=progress, one_device=one_device)  # fmt: skip

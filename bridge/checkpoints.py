@@ -500,6 +500,29 @@ def _transformers_model(path: Path, torch_dtype, hf_config):
         raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {msg})") from None
 
 
+def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = None) -> HFCausalLMAdapter:
+    """transformers' own class for ``hf_config`` on the meta device, behind the adapter (as ``load``
+    builds it, with no weights): what ``plan`` compiles for a family without a model_torch rewrite.
+    ``num_layers``: that many decoder layers instead of the config's."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from model_torch.hf_adapter import UnsupportedArchitecture, attention_implementation, check_architecture
+
+    try:
+        check_architecture(hf_config)
+    except UnsupportedArchitecture as e:
+        raise CheckpointError(str(e)) from None
+    if num_layers is not None:
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.get_text_config(decoder=True).num_hidden_layers = num_layers
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype, attn_implementation=attention_implementation(hf_config),
+                                              experts_implementation="batched_mm")  # fmt: skip
+    return HFCausalLMAdapter(hf.eval())
+
+
 def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
     """``torchax-bridge convert``: any supported checkpoint -> a plain safetensors directory."""
     from bridge.files import check_output

@@ -331,6 +331,8 @@ def cmd_generate(args) -> int:
     if not args.json and len(id_rows) == 1:
         stream = lambda row, piece: print(piece, end="", flush=True)  # noqa: E731
     results = run(stream)
+    if results[0].truncated_to is not None:
+        print(f"note: prompt left-truncated to its last {results[0].truncated_to} tokens", file=sys.stderr)
     for r in results:
         if args.json:
             print(json.dumps(r.to_json()))
@@ -454,9 +456,8 @@ def cmd_plan(args) -> int:
             raise UsageError("plan --checkpoint needs a HF checkpoint directory (or use --preset)")
         import model_torch
 
-        what = model_torch.config_from_hf(checkpoints.load_config(path))
-        if what is None:
-            raise UsageError(f"{path}: no model_torch model for this model_type")
+        hf_config = checkpoints.load_config(path)
+        what = model_torch.config_from_hf(hf_config) or hf_config  # else transformers' own class
     result = planner.plan(what, mesh, scheme, dtype=args.dtype, mode=args.mode, batch=args.batch, seq=args.seq,
                           fallback=args.fallback, device_memory=memory, scan_layers=args.scan_layers)  # fmt: skip
     print(json.dumps(result, indent=2, default=str) if args.json else planner.format_plan(result))

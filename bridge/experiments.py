@@ -50,16 +50,14 @@ DEFAULT_SCHEMES = ("replicated", "tp", "fsdp", "dp", "dp_tp")
 def fit_problem(model, scheme, devices, mesh=None, fallback="error") -> Optional[str]:
     """Why ``scheme`` cannot place ``model`` on these devices (None if it can), checked on names
     and shapes alone: nothing is placed."""
-    from bridge.lift import planned_shapes
+    from bridge.weight_plan import plan_weights
 
     scheme = sharding.get_scheme(scheme)
-    head_layout = model.head_layout()
     try:
         sizes = scheme.mesh_shape(len(devices), {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names})
-        scheme, shapes = planned_shapes(model, sizes, scheme)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sharding.resolve_placements(shapes, scheme, sizes, head_layout=head_layout, fallback=fallback)
+            plan_weights(model, sizes, scheme, fallback=fallback)
     except sharding.ShardingError as e:
         return str(e)
     return None

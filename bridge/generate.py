@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bridge import host_memory, programs
+from bridge import host_memory, kv_cache, programs
 from bridge.errors import GenerationError
 from bridge.lift import Lifted
 from bridge.prompts import BUCKETS, NEW_TOKEN_BUCKET, cache_length, left_pad
@@ -101,6 +101,7 @@ class Result:
     decode_seconds: float
     decode_tokens_per_second: float
     compile_detail: str = ""  # trace / lower / compile seconds and what came from a cache
+    truncated_to: Optional[int] = None  # the prompt was left-truncated to its last this many tokens
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,7 +163,7 @@ class Generator:
         """Runs the prompts, samples the first token, and returns the whole decode state (built
         inside the jitted program, so every piece of it lives on the mesh)."""
         batch, plen = ids.shape
-        cache = programs.empty_kv_cache(self.lifted, batch, cache_len)
+        cache = kv_cache.empty(self.lifted, batch, cache_len)
         logits, cache = programs.prefill(self.lifted, weights, ids, cache, positions, key_mask)
         key = jax.random.key(seed)
         token = sample_logits(logits, key, sampling, knobs)
@@ -258,7 +259,9 @@ class Generator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _prepare(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool):
-        """Left-pads the prompts to one bucket; returns (prompts, ids, positions, key_mask, pads, cache_len)."""
+        """Left-pads the prompts to one bucket; returns (prompts, ids, positions, key_mask, pads, cache_len,
+        the length prompts were left-truncated to or None). Library code never prints: a truncation is
+        part of the result, for the caller to report."""
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_new_tokens >= self.context:
@@ -278,13 +281,14 @@ class Generator:
                     f"to keep its last {keep} tokens"
                 )
             prompt_ids = [p[-keep:] for p in prompt_ids]
-            print(f"note: prompt left-truncated to its last {keep} tokens", flush=True)
-            longest = keep
+            longest = truncated = keep
+        else:
+            truncated = None
         bucket = next(b for b in BUCKETS if b >= longest)
         # Cache columns may run past the context (padding); RoPE positions never do.
         cache_len = cache_length(bucket, max_new_tokens)
         ids, positions, key_mask, pads = left_pad(prompt_ids, bucket, cache_len, self.pad_id)
-        return prompt_ids, ids, positions, key_mask, pads, cache_len
+        return prompt_ids, ids, positions, key_mask, pads, cache_len, truncated
 
     def generate_ids(
         self,
@@ -301,7 +305,7 @@ class Generator:
 
         self.last_compile_seconds = 0.0
         self.last_compile = CompileStats()
-        prompt_ids, ids, positions, key_mask, pads, cache_len = self._prepare(prompt_ids, max_new_tokens, truncate)
+        prompt_ids, ids, positions, key_mask, pads, cache_len, truncated = self._prepare(prompt_ids, max_new_tokens, truncate)
         batch, plen = ids.shape
         in_shard = self.lifted.input_sharding(batch)
         from sharding import put_global, to_host
@@ -370,6 +374,7 @@ class Generator:
             decode_seconds=decode_s,
             decode_tokens_per_second=decoded / decode_s if decode_s > 0 and decoded else 0.0,
             steps=steps,
+            truncated_to=truncated,
         )
 
     def generate(
@@ -431,6 +436,7 @@ class Generator:
                 decode_seconds=out["decode_seconds"],
                 decode_tokens_per_second=out["decode_tokens_per_second"],
                 compile_detail=out["compile_detail"],
+                truncated_to=out["truncated_to"],
             )
             for p, pi, t in zip(prompts, out["prompt_ids"], out["token_ids"])
         ]

@@ -13,55 +13,18 @@ else (generation, profiling, checking, exporting, comparisons) is built on it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from jax.sharding import Mesh, NamedSharding
 
 import sharding
-from bridge import scan
-from bridge.torchax_compat import import_torchax
-
-
-def jax_dtype(torch_dtype: torch.dtype):
-    """The JAX dtype of a torch dtype (torch.bfloat16 -> jnp.bfloat16, ...)."""
-    return jnp.dtype(str(torch_dtype).removeprefix("torch."))
-
-
-def extract(model: torch.nn.Module):
-    """(weights, fn) of ``model`` through torchax. Tied weights are kept once."""
-    tx = import_torchax()
-    model.eval()
-    with torch.no_grad():
-        return tx.extract_jax(model)
-
-
-def extract_fn(model: torch.nn.Module):
-    """(names -> (shape, torch dtype), fn): ``extract`` without converting any weight, so ``model``
-    may live on the meta device; the weights come from elsewhere (a checkpoint, abstract shapes)."""
-    tx = import_torchax()
-    from torchax.interop import JittableModule
-
-    model.eval()
-    jm = JittableModule(model, dedup_parameters=True)
-    env = tx.default_env()
-    names = {**{k: (tuple(v.shape), v.dtype) for k, v in jm.buffers.items()},
-             **{k: (tuple(v.shape), v.dtype) for k, v in jm.params.items()}}  # fmt: skip
-
-    def fn(states, args, kwargs=None):  # as torchax.extract_jax's jax_func
-        params = {k: states[k] for k in jm.params}
-        buffers = {k: states[k] for k in jm.buffers}
-        params, buffers, args, kwargs = env.j2t_iso((params, buffers, args, kwargs or {}))
-        with env:
-            out = jm.functional_call("forward", params, buffers, *args, **kwargs)
-        return env.t2j_iso(out)
-
-    return names, fn
+from bridge import scan, weight_plan
+from bridge.extract import extract, extract_fn, jax_dtype  # noqa: F401 (the lifting API)
+from bridge.weight_plan import as_scheme, is_causal_lm  # noqa: F401
 
 
 def constrain(fn, model: torch.nn.Module, mesh: Mesh, scheme: sharding.Scheme):
@@ -112,14 +75,6 @@ def cut_padded_vocab(fn, model, placements):
         return (logits[..., :vocab], *rest)
 
     return cut
-
-
-def as_scheme(table) -> sharding.Scheme:
-    """A ``Scheme`` from a scheme, a built-in name or rules file, or a list of ``(regex, spec)`` rows
-    (a table written in a script: its mesh axes are taken from the specs, in order)."""
-    if isinstance(table, (list, tuple)):
-        return sharding.scheme_from_rows("custom", table)
-    return sharding.get_scheme(table)
 
 
 @dataclasses.dataclass
@@ -190,20 +145,15 @@ class Lifted(LiftedModule):
     tokenizer: Any = None  # set by bridge.models.open_model when the checkpoint has one
     source: str = ""  # what it was opened from
     # Each kv head repeated this many times in the k/v weights and the cache, so a tensor-parallel
-    # axis wider than the kv head count still splits them (see ``replicate_kv_heads``).
+    # axis wider than the kv head count still splits them (``weight_plan.repeat_heads``).
     kv_head_copies: int = 1
     scan_layers: bool = False  # the decoder stack is one scan over stacked weights (bridge.scan)
+    plan: Any = None  # the bridge.weight_plan.WeightPlan its weights were placed by
+    hf_config: Any = None  # the transformers config it was opened with (bridge.models.open_model), to save with
 
     def __post_init__(self):
         super().__post_init__()
         self._forward = {}
-
-    # -- specs ----------------------------------------------------------------------------------
-    def kv_sharding(self, batch: int) -> NamedSharding:
-        spec = sharding.kv_cache_spec(self.scheme, self.mesh, batch, self.model.kv_cache_heads * self.kv_head_copies)
-        if self.scan_layers:  # one stacked cache: a leading (unsharded) layer dim
-            spec = sharding.P(None, *spec)
-        return NamedSharding(self.mesh, spec)
 
     # -- weights by state-dict name, in either layout ---------------------------------------------
     def placement(self, name: str) -> sharding.Placement:
@@ -265,13 +215,6 @@ class Lifted(LiftedModule):
         return self.forward_jit(ids.shape[0]).lower(self.weights, ids).compile()
 
 
-def is_causal_lm(model) -> bool:
-    """Whether ``model`` states the causal-LM contract (KV cache, heads, plans) to the bridge."""
-    from model_torch.contract import CausalLMContract
-
-    return isinstance(model, CausalLMContract)
-
-
 def lift(
     model: torch.nn.Module,
     mesh: Mesh,
@@ -293,31 +236,24 @@ def lift(
     leading layer dim (``bridge.scan``), so it compiles one layer, not all. None (default): scanned
     whenever the model can be (model_torch families); False unrolls every layer.
     """
-    scheme = as_scheme(scheme)
     scan_layers = scan.scans(model, scan_layers)
-    if not is_causal_lm(model):
-        weights, fn = extract(model)
-        placed, placements = sharding.shard(weights, mesh, scheme, fallback=fallback)
-        return LiftedModule(model, fn, placed, mesh, scheme, placements)
-    if scheme.head_axis and mesh.shape.get(scheme.head_axis, 1) > 1:
-        model.split_fused_projections()
+    plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
     weights, fn = extract(model)
-    scheme = scheme.with_model_plan(model.parallel_plan())
-    copies = kv_head_copies(model, dict(mesh.shape), scheme)
-    if copies > 1:
-        weights = replicate_kv_heads(weights, model, copies)
-    if scan_layers:
-        weights = scan.stack_weights(model, weights)
-        shapes = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
-        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
-                                             fallback=fallback)  # fmt: skip
-        placed = sharding.place(weights, mesh, placements)
-        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
-    else:
-        placed, placements = sharding.shard(weights, mesh, scheme, head_layout=model.head_layout(), fallback=fallback)
+    placed = weight_plan.place_weights(plan, weights, mesh)
     del weights
-    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements, copies), placed, mesh, scheme, placements,
-                  kv_head_copies=copies, scan_layers=scan_layers)  # fmt: skip
+    return lifted_from_plan(model, fn, placed, mesh, plan)
+
+
+def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.WeightPlan) -> LiftedModule:
+    """The ``LiftedModule`` (a ``Lifted`` for a causal LM) of ``model``'s extracted ``fn`` and
+    ``weights`` placed by ``plan`` (real arrays, or ``ShapeDtypeStruct``s for an abstract plan)."""
+    if not is_causal_lm(model):
+        return LiftedModule(model, fn, weights, mesh, plan.scheme, plan.placements)
+    if plan.scan_layers:
+        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
+    return Lifted(model, lifted_fn(fn, model, mesh, plan.scheme, plan.placements, plan.kv_head_copies), weights, mesh,
+                  plan.scheme, plan.placements, kv_head_copies=plan.kv_head_copies, scan_layers=plan.scan_layers,
+                  plan=plan)  # fmt: skip
 
 
 def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies: int = 1):
@@ -332,65 +268,6 @@ def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies
                 return inner(weights, args, kwargs)
 
     return cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
-
-
-def kv_head_copies(model, mesh_shape, scheme: sharding.Scheme) -> int:
-    """How many times to repeat each kv head so the scheme's head axis splits them: 1 unless the
-    axis is wider than the kv heads, divisible by them, the query heads still split, and the model
-    says which weights hold its kv heads (``kv_projections``)."""
-    n = mesh_shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
-    kv = model.kv_cache_heads
-    if n <= kv or n % kv or not model.kv_projections() or model.query_heads % n:
-        return 1
-    return n // kv
-
-
-def kv_head_dim(model):
-    """name -> head_dim for the weights holding kv heads on dim 0 (``kv_projections``), else None."""
-    import re
-
-    rules = [(re.compile(rx), d) for rx, d in model.kv_projections()]
-    return lambda name: next((d for rx, d in rules if rx.search(name)), None)
-
-
-def planned_shapes(model, mesh_shape, scheme: sharding.Scheme):
-    """(the scheme with the model's own plan, name -> (shape, dtype) as ``lift`` will place them):
-    for checking whether a scheme fits before lifting anything."""
-    import numpy as np
-
-    scheme = sharding.get_scheme(scheme).with_model_plan(model.parallel_plan())
-    copies = kv_head_copies(model, mesh_shape, scheme)
-    head_dim = kv_head_dim(model)
-    shapes = {}
-    for name, t in model.state_dict().items():
-        shape = tuple(t.shape)
-        if copies > 1 and head_dim(name):
-            shape = (shape[0] * copies, *shape[1:])
-        shapes[name] = (shape, np.float32)
-    return scheme, shapes
-
-
-def replicate_kv_heads(weights: dict, model, copies: int) -> dict:
-    """Each kv head's rows repeated ``copies`` times in place (head j -> j, j, ..., j), as vLLM does
-    for tp > kv heads: query heads group under their kv head by position, so group i of the wider
-    layout reads a copy of the same head as before, and every device holds only the copy its query
-    heads use instead of the whole projection."""
-    head_dim = kv_head_dim(model)
-    out = dict(weights)
-    for name, w in weights.items():
-        d = head_dim(name)
-        if d is not None:
-            heads = w.shape[0] // d
-            out[name] = jnp.repeat(jnp.asarray(w).reshape(heads, d, *w.shape[1:]), copies, axis=0).reshape(
-                heads * copies * d, *w.shape[1:]
-            )
-    return out
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked: jax.Array, layer: jax.Array, i) -> jax.Array:
-    """``stacked[i] = layer``, in place."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
 def lift_checkpoint(
@@ -415,7 +292,6 @@ def lift_checkpoint(
     from bridge import checkpoints
 
     path = Path(path)
-    scheme = sharding.get_scheme(scheme)
     found = model_torch.config_from_hf(checkpoints.load_config(path))
     if found is None:
         raise checkpoints.CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
@@ -423,61 +299,13 @@ def lift_checkpoint(
     with torch.device("meta"):
         model = cls(config).to(checkpoints.DTYPES[dtype])  # the dtype it is placed in (free on meta)
     scan_layers = scan.scans(model, scan_layers)
+    plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
     names, fn = extract_fn(model)
     source = checkpoints.TensorSource(checkpoints.checkpoint_files(path))
     renamed = checkpoints.rename_keys({k: k for k in source.keys()}, model.CHECKPOINT_RENAMES)  # new -> stored
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = set(expected) - set(names)  # extract_fn keeps a tied weight once
     checkpoints.check_keys(expected, {k: source.shape(v) for k, v in renamed.items()}, tied)
-    np_dtype = jax_dtype(checkpoints.DTYPES[dtype])
-    scheme = scheme.with_model_plan(model.parallel_plan())
-    shapes = {k: (shape, np_dtype) for k, (shape, _) in names.items()}
-    layer_names: dict[str, list[str]] = {}  # stacked name -> its per-layer names, in layer order
-    if scan_layers:
-        shapes, layer_names = scan.stack_layout(model, shapes)
-        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
-                                             fallback=fallback)  # fmt: skip
-    else:
-        placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
-                                                 fallback=fallback)  # fmt: skip
-
-    def place(name: str) -> jax.Array:
-        p = placements[name]
-        if name in layer_names:
-            # Stacked: the tensor is allocated on the mesh, then each layer's slice is read and
-            # written into it in place (donated), so at most one layer is in flight besides the
-            # placed weights. Stacking whole tensors on the host first peaked at 1.89x SmolLM2's
-            # checkpoint (1.5x is the bound tested); layer by layer it stays at the unrolled peak.
-            layer_sharding = NamedSharding(mesh, scan.layer_placement(p).spec)
-            out = jax.jit(lambda: jnp.zeros(p.shape, np_dtype), out_shardings=NamedSharding(mesh, p.spec))()
-            for i, k in enumerate(layer_names[name]):
-                piece = jax.make_array_from_callback(
-                    p.shape[1:], layer_sharding,
-                    lambda index, k=k: source.read(renamed[k], tuple(index)).astype(np_dtype, copy=False))  # fmt: skip
-                out = _write_layer(out, piece, i)
-            return out
-        src = renamed[name]
-
-        def callback(index):
-            if p.padded_from is not None:  # vocab rows past the checkpoint's are zeros
-                index = tuple(index) + (slice(None),) * (len(p.shape) - len(index))
-                rows = range(p.shape[0])[index[0]]  # a contiguous block of rows (a shard)
-                out = np.zeros([len(range(d)[i]) for d, i in zip(p.shape, index)], np_dtype)
-                real = range(rows.start, min(rows.stop, p.padded_from))
-                if len(real):
-                    out[: len(real)] = source.read(src, (slice(real.start, real.stop), *index[1:]))
-                return out
-            shard = source.read(src, index)
-            return shard if shard.dtype == np_dtype else shard.astype(np_dtype)
-
-        return jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), callback)
-
-    # Two tensors in flight: reading one overlaps placing the other. Measured on SmolLM2: 1 worker
-    # 0.9 s / 1.23x the checkpoint at peak, 2 workers 0.5-0.8 s / 1.26x, 4 workers 0.75 s / 1.37-1.41x.
-    weights = checkpoints.map_tensors(place, placements, f"placing {path.name}", workers=2)
-    if scan_layers:
-        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
-    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements,
-                  scan_layers=scan_layers)  # fmt: skip
-
-
+    weights = weight_plan.load_weights(plan, lambda name, index: source.read(name, tuple(index)), renamed, mesh,
+                                       jax_dtype(checkpoints.DTYPES[dtype]), f"placing {path.name}")  # fmt: skip
+    return lifted_from_plan(model, fn, weights, mesh, plan)

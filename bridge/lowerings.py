@@ -14,8 +14,8 @@ Batched decode (2-16 rows) on one CPU device goes to ``cpu_kernels.small_batch_m
 XLA's GEMM (see there: 8 rows stream weights at 22-24 GB/s against 9-12).
 
 Numerics are unchanged: the same fp32 products and sums (parity tests hold at 1e-4 and greedy
-tokens equal HF's). ``install`` is idempotent and runs from ``torchax_compat.import_torchax``, so every
-torchax user in this repository lowers the same way.
+tokens equal HF's). ``install`` is idempotent and runs from ``bridge.extract.torchax_with_lowerings``, so every
+torchax user in the bridge lowers the same way (the torchax shim only makes torchax importable).
 """
 
 from __future__ import annotations

@@ -56,10 +56,11 @@ def open_model(
         if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
             lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback, scan_layers=scan_layers)
             lifted.tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
+            lifted.hf_config = checkpoints.load_config(path)
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
                                       implementation=implementation)  # fmt: skip
             lifted = lift(loaded.model, jax_mesh, scheme, fallback=fallback, scan_layers=scan_layers)
-            lifted.tokenizer = loaded.tokenizer
+            lifted.tokenizer, lifted.hf_config = loaded.tokenizer, loaded.hf_config
     lifted.source = str(path) if path is not None else checkpoint
     return lifted

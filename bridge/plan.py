@@ -16,18 +16,15 @@ output says which figures are extrapolated.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import torch
-from jax.sharding import NamedSharding
 
 import model_torch
 import sharding
-from bridge import hlo, programs, scan
-from bridge.lift import Lifted, extract_fn, jax_dtype, lifted_fn
+from bridge import hlo, kv_cache, programs, scan, weight_plan
+from bridge.extract import extract_fn
+from bridge.lift import Lifted, lifted_from_plan
 
 # Published figures, per chip (approximate; dense bf16). The estimate is a roofline, not a benchmark.
 ACCELERATORS = {
@@ -40,16 +37,23 @@ ACCELERATORS = {
 
 
 def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[int] = None):
-    """A model_torch model on the meta device: a preset name, or (module class, config)."""
+    """A model on the meta device: a preset name, (model_torch class, config), or a transformers
+    config (a family without a model_torch rewrite: transformers' own class behind the adapter)."""
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     if isinstance(preset_or_config, str):
         cls, config = model_torch.PRESETS[preset_or_config]
-    else:
+    elif isinstance(preset_or_config, tuple):
         cls, config = preset_or_config
-    if num_layers is not None:
-        config = dataclasses.replace(config, num_layers=num_layers)
-    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    with torch.device("meta"):
-        model = cls(config).to(torch_dtype)
+    else:
+        from bridge import checkpoints
+
+        model = checkpoints.meta_transformers_model(preset_or_config, torch_dtype, num_layers)
+        cls = None
+    if cls is not None:
+        if num_layers is not None:
+            config = dataclasses.replace(config, num_layers=num_layers)
+        with torch.device("meta"):
+            model = cls(config).to(torch_dtype)
     if dtype == "int8":
         model_torch.common.quantize_int8(model)
     return model.eval()
@@ -60,21 +64,9 @@ def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool | None
     carrying its placement, validated by the scheme like a real one. Nothing is allocated.
     ``scan_layers``: the stacked layout of ``bridge.scan`` (one scan over the layers)."""
     scan_layers = scan.scans(model, scan_layers, runs_here=False)
-    names, fn = extract_fn(model)
-    shapes = {k: (shape, jax_dtype(dt)) for k, (shape, dt) in names.items()}
-    if scan_layers:
-        shapes, _ = scan.stack_layout(model, shapes)
-        placements = scan.stacked_placements(model, shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
-                                             fallback=fallback)  # fmt: skip
-        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
-    else:
-        placements = sharding.resolve_placements(shapes, scheme, dict(mesh.shape), head_layout=model.head_layout(),
-                                                 fallback=fallback)  # fmt: skip
-    weights = {
-        k: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, p.spec)) for k, p in placements.items()
-    }
-    return Lifted(model, lifted_fn(fn, model, mesh, scheme, placements), weights, mesh, scheme, placements,
-                  scan_layers=scan_layers)  # fmt: skip
+    plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
+    _, fn = extract_fn(model)
+    return lifted_from_plan(model, fn, weight_plan.abstract_weights(plan, mesh), mesh, plan)
 
 
 def abstract_program(model, mesh, scheme, mode: str, batch: int, seq: int, fallback: str,
@@ -114,19 +106,16 @@ def plan(
     scheme = sharding.get_scheme(scheme)
     full = meta_model(preset_or_config, dtype)
     scan_layers = scan.scans(full, scan_layers, runs_here=False)
-    c = full.config
+    num_layers = len(full.decoder_layers())
     mesh_shape = dict(mesh.shape)
     lifted = abstract_lifted(full, mesh, scheme, fallback, scan_layers)
     placements = lifted.placements
     rep = lifted.report()
     # The cache's bytes per device, from the same layout the decode program uses.
-    kv_bytes = 0
-    if mode == "decode":
-        for s in jax.tree.leaves(programs.kv_cache_layout(lifted, batch, seq)):
-            kv_bytes += math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
+    kv_bytes = kv_cache.bytes_per_device(lifted, batch, seq) if mode == "decode" else 0
 
-    exact = scan_layers or c.num_layers <= max(probe_layers)
-    probes = (c.num_layers,) if exact else probe_layers
+    exact = scan_layers or num_layers <= max(probe_layers)
+    probes = (num_layers,) if exact else probe_layers
     measured = {}
     for n in probes:
         model = full if scan_layers else meta_model(preset_or_config, dtype, n)
@@ -138,21 +127,21 @@ def plan(
             "flops": _flops(compiled),
         }
     flops_note = None
-    if scan_layers and c.num_layers > 1:
+    if scan_layers and num_layers > 1:
         # XLA's cost analysis counts a loop body once: FLOPs come from 1- and 2-layer unrolled
         # compiles, scaled (the lowered, unoptimized programs count converts and layout ops as well,
         # 6x more for grok-1).
         f1, f2 = (_flops(abstract_program(meta_model(preset_or_config, dtype, n), mesh, scheme, mode, batch, seq,
                                           fallback, scan_layers=False)[1]) for n in (1, 2))  # fmt: skip
-        measured[c.num_layers]["flops"] = f1 + (f2 - f1) * (c.num_layers - 1)
+        measured[num_layers]["flops"] = f1 + (f2 - f1) * (num_layers - 1)
         flops_note = "FLOPs extrapolated from 1- and 2-layer compiles"
 
     def scaled(get):
         if exact:
-            return get(measured[c.num_layers])
+            return get(measured[num_layers])
         (l1, l2) = probes
         per_layer = (get(measured[l2]) - get(measured[l1])) / (l2 - l1)
-        return get(measured[l1]) + per_layer * (c.num_layers - l1)
+        return get(measured[l1]) + per_layer * (num_layers - l1)
 
     collectives = {
         kind: {
@@ -179,7 +168,7 @@ def plan(
             "fits": total <= (device_memory or acc["memory"]),
         }
     return {
-        "model": preset_or_config if isinstance(preset_or_config, str) else type(full).__name__,
+        "model": preset_or_config if isinstance(preset_or_config, str) else type(getattr(full, "hf", full)).__name__,  # the adapter: the class it wraps
         "parameters": model_torch.common.count_parameters(full),
         "scheme": scheme.name,
         "mesh": mesh_shape,
@@ -198,10 +187,10 @@ def plan(
         "fits_device_memory": None if device_memory is None else total <= device_memory,
         "fits_without_temporaries": None if device_memory is None else param + kv_bytes <= device_memory,
         "estimates": estimates,
-        "extrapolated": None if exact else f"compiled {probes[0]} and {probes[1]} layers, scaled to {c.num_layers}",
+        "extrapolated": None if exact else f"compiled {probes[0]} and {probes[1]} layers, scaled to {num_layers}",
         "scan_layers": scan_layers,
-        "compiled": f"the whole model once ({c.num_layers} layers, scanned)" if scan_layers else (
-            f"the whole model ({c.num_layers} layers)" if exact else f"{probes[0]} and {probes[1]} layers"),
+        "compiled": f"the whole model once ({num_layers} layers, scanned)" if scan_layers else (
+            f"the whole model ({num_layers} layers)" if exact else f"{probes[0]} and {probes[1]} layers"),
         "flops_note": flops_note,
         "fallbacks": sharding.fallback_summary(placements),
     }

@@ -1,5 +1,5 @@
-"""The programs every command runs over a lifted causal LM, written once: the KV cache on the mesh,
-the prefill, and the decode step. Generation, ``compare --mode decode``, ``profile --mode decode``
+"""The programs every command runs over a lifted causal LM, written once: the prefill and the decode
+step over the KV cache (``bridge.kv_cache``). Generation, ``compare --mode decode``, ``profile --mode decode``
 and ``plan`` all call these, with concrete arrays or with abstract ``jax.ShapeDtypeStruct``s.
 """
 
@@ -10,39 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bridge import cpu_kernels
-from bridge.lift import Lifted, jax_dtype
-
-
-def kv_cache_layout(lifted: Lifted, batch: int, seq: int) -> list:
-    """The cache as ``ShapeDtypeStruct``s with their shardings: shapes from the model's own
-    ``init_kv_cache`` (built on the meta device: no memory), kv heads on the scheme's head axis."""
-    shard = lifted.kv_sharding(batch)
-    copies = lifted.kv_head_copies  # kv heads repeated to fill a wide head axis
-    layers = lifted.model.init_kv_cache(batch, seq, device="meta")
-    # A scanned stack keeps one (keys, values) pair with a leading layer dim.
-    lead = (len(layers),) if lifted.scan_layers else ()
-    out = [
-        tuple(
-            jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
-            for t in layer
-        )
-        for layer in layers
-    ]
-    return out[:1] if lifted.scan_layers else out
-
-
-def empty_kv_cache(lifted: Lifted, batch: int, seq: int) -> list:
-    """Zeros of the cache layout, placed on the mesh. Usable inside jit (then no host copy exists)."""
-    return jax.tree.map(
-        lambda s: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), s.sharding),
-        kv_cache_layout(lifted, batch, seq),
-    )
-
-
-def fresh_kv_cache(cache) -> list:
-    """A zeroed copy of ``cache`` with the same shardings (to run a donating step again)."""
-    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
+from bridge import cpu_kernels, kv_cache
+from bridge.lift import Lifted
 
 
 def prefill(lifted: Lifted, weights, ids, cache, positions=None, key_mask=None):
@@ -92,10 +61,10 @@ def step_program(lifted: Lifted, mode: str, batch: int, seq: int, *, abstract: b
         return program, (lifted.weights, ids)
     replicated = NamedSharding(lifted.mesh, P())
     if abstract:
-        cache = kv_cache_layout(lifted, batch, seq)
+        cache = kv_cache.layout(lifted, batch, seq)
         column = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     else:
-        cache = jax.jit(lambda: empty_kv_cache(lifted, batch, seq))()
+        cache = jax.jit(lambda: kv_cache.empty(lifted, batch, seq))()
         column = jnp.asarray(seq // 2, jnp.int32)
     program = jax.jit(lambda w, i, c, col: decode_step(lifted, w, i[:, 0], c, col), donate_argnums=(2,))
     return program, (lifted.weights, ids, cache, column)
@@ -103,4 +72,4 @@ def step_program(lifted: Lifted, mode: str, batch: int, seq: int, *, abstract: b
 
 def rerun_args(mode: str, args):
     """The arguments to run a ``step_program`` again: a decode step donated its cache."""
-    return args if mode == "forward" else (*args[:2], fresh_kv_cache(args[2]), args[3])
+    return args if mode == "forward" else (*args[:2], kv_cache.fresh(args[2]), args[3])

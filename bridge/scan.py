@@ -126,31 +126,6 @@ def stack_weights(model, weights: dict) -> dict:
     return out
 
 
-def stacked_placements(model, shapes: dict, scheme, mesh_shape, *, head_layout=(), fallback="error") -> dict:
-    """Placements of the stacked layout: each stacked tensor placed as its layer-0 slice would be,
-    with an unsharded layer dim in front."""
-    import dataclasses
-
-    from jax.sharding import PartitionSpec as P
-
-    n = len(model.decoder_layers())
-    per_layer = {}
-    for name, (shape, dtype) in shapes.items():
-        if "*." in name:
-            per_layer[layer0_name(name)] = (tuple(shape[1:]), dtype)
-        else:
-            per_layer[name] = (tuple(shape), dtype)
-    resolved = sharding.resolve_placements(per_layer, scheme, mesh_shape, head_layout=head_layout, fallback=fallback)
-    out = {}
-    for name in shapes:
-        if "*." in name:
-            p = resolved[layer0_name(name)]
-            out[name] = dataclasses.replace(p, name=name, shape=(n, *p.shape), spec=P(None, *p.spec))
-        else:
-            out[name] = resolved[name]
-    return out
-
-
 def layer_placement(stacked, name: str | None = None):
     """One layer's slice of a stacked tensor's placement: the (unsharded) layer dim dropped."""
     import dataclasses
@@ -216,17 +191,18 @@ class StackRunner:
     def __call__(self, layers, x, cos, sin, mask, kv_cache, cache_position):
         from torch.nn.utils.stateless import _reparametrize_module
 
-        from bridge.torchax_compat import import_torchax
+        from bridge import kv_cache as kv_cache_layout
+        from bridge.extract import torchax_with_lowerings
 
-        env = import_torchax().default_env()
+        env = torchax_with_lowerings().default_env()
         first = layers[0]
         prefix = f"{layer_prefix(self.model)}*."
         params = {name[len(prefix) :]: w for name, w in self.stacked.items() if name.startswith(prefix)}
         cache, stacked_cache = None, False
         if kv_cache is not None:
-            # The bridge's own cache for a scanned model is stacked already (one [L, B, H, S, D]
-            # pair: ``programs.kv_cache_layout``); a per-layer list is stacked here.
-            stacked_cache = len(kv_cache) == 1 and kv_cache[0][0].ndim == 5
+            # The bridge's own cache for a scanned model is stacked already (``kv_cache.layout``);
+            # a per-layer list is stacked here.
+            stacked_cache = kv_cache_layout.is_stacked(kv_cache)
             if stacked_cache:
                 cache = env.t2j_iso(tuple(kv_cache[0]))
             else:

@@ -87,17 +87,15 @@ PLACEHOLDERS: list[str] = []
 
 
 def import_torchax() -> ModuleType:
-    """Imports torchax and builds its default environment, with the shim active during both, then
-    installs our lowerings (``bridge.lowerings``; not part of the shim, they stay when it goes)."""
+    """Imports torchax and builds its default environment, with the shim active during both. Only
+    that: the bridge's lowerings are installed by ``bridge.extract.torchax_with_lowerings``, so this
+    module can go when a torchax release supports torch 2.13."""
     global _torchax
     with _lock:
         if _torchax is None:
             with named_tensor_placeholders(PLACEHOLDERS):
                 import torchax
 
-                env = torchax.default_env()
-            from bridge import lowerings
-
-            lowerings.install(env)
+                torchax.default_env()
             _torchax = torchax
     return _torchax

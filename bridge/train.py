@@ -67,9 +67,9 @@ def remat_layers(model):
     checkpoint through torchax, and only the layer's inputs are kept for the backward pass."""
     from torch.nn.utils.stateless import _reparametrize_module
 
-    from bridge.torchax_compat import import_torchax
+    from bridge.extract import torchax_with_lowerings
 
-    env = import_torchax().default_env()
+    env = torchax_with_lowerings().default_env()
     patched = []
     for _, layer in model.decoder_layers():
         original = layer.forward
@@ -394,7 +394,7 @@ def run(
     import optax
 
     from bridge import checkpoints
-    from bridge.lift import lift
+    from bridge.models import open_model
 
     out = Path(out) if out else None
     resume = out is not None and (out / STATE_FILE).is_file()
@@ -409,23 +409,20 @@ def run(
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --data {data}: {e}") from None
     scheme = sharding.get_scheme(scheme)
-    mesh = sharding.mesh_for(scheme, len(devices), mesh_overrides or {}, list(devices))
     source = str(out) if resume else checkpoint
     if out is not None and checkpoints.resolve(source)[0] == "preset":
         raise UsageError(f"{source} is a preset with no transformers config to save with the weights; drop --out "
                          f"or train a checkpoint directory")  # fmt: skip
-    loaded = checkpoints.load(source, dtype, with_tokenizer=True, implementation=implementation)
-    if loaded.tokenizer is None:
+    lifted = open_model(source, devices=list(devices), scheme=scheme, mesh=mesh_overrides, dtype=dtype,
+                        fallback=fallback, implementation=implementation, scan_layers=scan_layers)  # fmt: skip
+    mesh, tokenizer = lifted.mesh, lifted.tokenizer
+    if tokenizer is None:
         raise UsageError(f"{source} has no tokenizer, so the text of --data cannot be tokenized; use a checkpoint "
                          f"saved with its tokenizer")  # fmt: skip
-    names_before = set(loaded.model.state_dict())
-    lifted = lift(loaded.model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
-    from bridge.scan import layer0_name
-
-    if out is not None and not {layer0_name(k) for k in lifted.weights} <= names_before:
+    if out is not None and lifted.plan.split_projections:
         raise UsageError(f"under {scheme.name} this model's fused projections are split, so the trained weights "
                          f"would not load as the original architecture; train with fsdp or dp")  # fmt: skip
-    windows = pack(loaded.tokenizer.encode(text), seq)
+    windows = pack(tokenizer.encode(text), seq)
     trainer = Trainer(lifted, optax.adamw(lr, weight_decay=weight_decay), remat=remat)
     state, losses = load_resume(out, trainer) if resume else (trainer.init(), [])
     first = int(sharding.to_host(state.step))
@@ -447,6 +444,6 @@ def run(
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
     bytes_per_device = trainer.state_bytes_per_device(state)
     if out is not None:
-        config = loaded.hf_config.to_dict() if hasattr(loaded.hf_config, "to_dict") else dict(loaded.hf_config)
-        save(out, trainer, state, config, loaded.tokenizer, losses, f"{Path(checkpoint).name}: {scheme.name}")
+        config = lifted.hf_config.to_dict() if hasattr(lifted.hf_config, "to_dict") else dict(lifted.hf_config)
+        save(out, trainer, state, config, tokenizer, losses, f"{Path(checkpoint).name}: {scheme.name}")
     return {"losses": losses, "first_step": first, "bytes_per_device": bytes_per_device, "out": out}

@@ -22,8 +22,7 @@ import numpy as np  # noqa: E402
 
 import sharding  # noqa: E402
 from bridge import hlo  # noqa: E402
-from bridge import checkpoints  # noqa: E402
-from bridge.lift import lift  # noqa: E402
+from bridge.models import open_model  # noqa: E402
 
 MLP_ONLY = sharding.Scheme(
     "mlp_only",
@@ -36,14 +35,12 @@ MLP_ONLY = sharding.Scheme(
     description="MLPs tensor-parallel, attention and embeddings replicated",
 )
 
-loaded = checkpoints.load(args.checkpoint, with_tokenizer=False)
 ids = np.arange(1, 33, dtype=np.int32)[None]
 results = {}
 for scheme in (MLP_ONLY, sharding.get_scheme("tp")):
-    mesh = sharding.mesh_for(scheme, len(devs), devices=devs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lifted = lift(loaded.model, mesh, scheme, fallback="replicate")
+        lifted = open_model(args.checkpoint, devices=devs, scheme=scheme, fallback="replicate", with_tokenizer=False)
     stats = hlo.compiled_stats(lifted.compiled_forward(ids))
     rep = lifted.report()
     results[scheme.name] = np.asarray(lifted.forward(ids))

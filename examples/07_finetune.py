@@ -32,20 +32,15 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import sharding  # noqa: E402
-from bridge import checkpoints  # noqa: E402
 from bridge.generate import Generator  # noqa: E402
-from bridge.lift import lift  # noqa: E402
+from bridge.models import open_model  # noqa: E402
 from bridge.train import Trainer, batch_at, pack  # noqa: E402
 
 ZEN = codecs.decode(this.s, "rot13")
 
-loaded = checkpoints.load("smollm2")
-mesh = sharding.mesh_for(args.scheme, len(devs), devices=devs)
-lifted = lift(loaded.model, mesh, args.scheme)
-lifted.tokenizer = loaded.tokenizer
-windows = pack(loaded.tokenizer.encode(ZEN), 64)
-print(f"the Zen of Python: {len(windows)} windows of 64 tokens; {args.scheme} on {dict(mesh.shape)}")
+lifted = open_model("smollm2", devices=devs, scheme=args.scheme)
+windows = pack(lifted.tokenizer.encode(ZEN), 64)
+print(f"the Zen of Python: {len(windows)} windows of 64 tokens; {args.scheme} on {dict(lifted.mesh.shape)}")
 
 trainer = Trainer(lifted, optax.adamw(args.lr), remat=args.remat)
 state = trainer.init()
@@ -63,8 +58,8 @@ print(f"per device: parameters {b['params']:,} B, gradients {b['grads']:,} B, op
 # The trained weights drive generation as they are (the same lifted model, new weights).
 lifted.weights = {**lifted.weights, **state.params}
 prompt = "Beautiful is better than"
-ids = loaded.tokenizer.encode(prompt)
+ids = lifted.tokenizer.encode(prompt)
 out = Generator(lifted).generate_ids([ids], 24)["token_ids"][0]
-print(f"{prompt}{loaded.tokenizer.decode(out, skip_special_tokens=True)}")
+print(f"{prompt}{lifted.tokenizer.decode(out, skip_special_tokens=True)}")
 assert after < before, "fine-tuning did not lower the loss"
 print(f"loss fell by {np.log(before / after):.2f} in log space")

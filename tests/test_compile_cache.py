@@ -4,7 +4,6 @@ cache off traces again."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

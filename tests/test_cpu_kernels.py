@@ -10,7 +10,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import sharding
 from bridge import cpu_kernels
@@ -320,8 +319,6 @@ def test_the_kernel_source_is_correct_at_other_vector_widths(build, tmp_path):
     (SSE2, 4 lanes: the code a NEON build runs) natively, and aarch64 (NEON) under qemu, each checked
     against a float64 reference by tests/kernels/portable_check.cc (products in f32, int8, bf16;
     the cache mix; tails of every size)."""
-    import platform
-    import shutil
     import subprocess
     from pathlib import Path
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bridge import lowerings
-from bridge.torchax_compat import import_torchax
+from bridge.extract import torchax_with_lowerings
 from conftest import RTOL, max_rel
 
 
@@ -27,7 +27,7 @@ def test_linear_equals_torch(shape, bias):
 
 
 def test_installed_once_in_the_default_env_and_used_by_lifted_modules():
-    tx = import_torchax()
+    tx = torchax_with_lowerings()
     env = tx.default_env()
     op = env._ops[F.linear]  # the torchax registry entry our install() wrote
     lowerings.install(env)  # idempotent: the same entry stays

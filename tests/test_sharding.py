@@ -206,8 +206,11 @@ def test_collective_parser_counts_kinds_and_bytes():
 
 def test_kv_cache_spec_follows_heads(devices):
     mesh = sharding.mesh_for("dp_tp", 8, devices=devices)  # data=2, model=4
-    assert sharding.kv_cache_spec("dp_tp", mesh, batch=2, kv_heads=8) == P("data", "model", None, None)
-    assert sharding.kv_cache_spec("dp_tp", mesh, batch=1, kv_heads=3) == P(None, None, None, None)
+    from bridge import kv_cache
+
+    assert kv_cache.spec("dp_tp", mesh, batch=2, kv_heads=8) == P("data", "model", None, None)
+    assert kv_cache.spec("dp_tp", mesh, batch=1, kv_heads=3) == P(None, None, None, None)
+    assert kv_cache.spec("dp_tp", mesh, batch=2, kv_heads=8, stacked=True) == P(None, "data", "model", None, None)
 
 
 def test_shardings_cli_prints_report_and_collectives():
@@ -238,4 +241,6 @@ def test_fewer_kv_heads_than_the_model_axis_are_repeated_not_replicated(devices)
     a = Generator(tp, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
     b = Generator(one, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
     assert a == b
-    assert tp.kv_sharding(2).spec[1 + tp.scan_layers] == "model"  # scanned: a leading layer dim
+    from bridge import kv_cache
+
+    assert kv_cache.placement(tp, 2).spec[1 + tp.scan_layers] == "model"  # scanned: a leading layer dim

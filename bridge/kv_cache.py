@@ -1,0 +1,85 @@
+"""The KV cache's one home on the bridge side (gpt-fast keeps one ``KVCache`` module; here the model
+states its cache and the bridge decides the rest):
+
+  * the model's part (``model_torch.contract``): ``init_kv_cache`` gives per-layer (keys, values)
+    of ``[batch, kv_heads, max_seq, head_dim]``, which ``forward`` takes and returns updated;
+  * layout: per layer, or for a scanned stack one (keys, values) pair with a leading layer dim
+    (``STACKED_RANK``), written in place after the scan (``scan.StackRunner``);
+  * placement: batch like the inputs, kv heads on the scheme's head axis, repeated as the weight plan
+    repeats the kv heads of the weights; the layer dim unsharded;
+  * allocation: zeros on the mesh inside jit (no host copy), and a fresh copy to rerun a donating step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sharding
+from bridge.extract import jax_dtype
+
+STACKED_RANK = 5  # [layers, batch, kv_heads, seq, head_dim]: a scanned stack's one pair
+
+
+def spec(scheme, mesh: Mesh, batch: int, kv_heads: int, stacked: bool = False) -> P:
+    """``[batch, kv_heads, seq, head_dim]`` (``stacked``: a leading layer dim): batch like the
+    inputs, kv heads on the head axis when they divide it (else replicated: each device then holds
+    every kv head)."""
+    scheme = sharding.get_scheme(scheme)
+    b = sharding.batch_spec(scheme, mesh, batch, 1)
+    b = b[0] if len(b) else None
+    h = scheme.head_axis
+    if h is None or h not in mesh.shape or kv_heads % mesh.shape[h]:
+        h = None
+    return P(None, b, h, None, None) if stacked else P(b, h, None, None)
+
+
+def kv_heads(lifted) -> int:
+    """The kv heads the cache holds: the model's, times the copies the weight plan made."""
+    return lifted.model.kv_cache_heads * lifted.kv_head_copies
+
+
+def placement(lifted, batch: int) -> NamedSharding:
+    return NamedSharding(lifted.mesh, spec(lifted.scheme, lifted.mesh, batch, kv_heads(lifted), lifted.scan_layers))
+
+
+def layout(lifted, batch: int, seq: int) -> list:
+    """The cache as ``ShapeDtypeStruct``s with their shardings: shapes from the model's own
+    ``init_kv_cache`` (built on the meta device: no memory), kv heads repeated as the plan says."""
+    shard = placement(lifted, batch)
+    copies = lifted.kv_head_copies
+    layers = lifted.model.init_kv_cache(batch, seq, device="meta")
+    lead = (len(layers),) if lifted.scan_layers else ()
+    out = [
+        tuple(
+            jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
+            for t in layer
+        )
+        for layer in layers
+    ]
+    return out[:1] if lifted.scan_layers else out
+
+
+def empty(lifted, batch: int, seq: int) -> list:
+    """Zeros of the cache layout, placed on the mesh. Usable inside jit (then no host copy exists)."""
+    return jax.tree.map(lambda s: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), s.sharding),
+                        layout(lifted, batch, seq))  # fmt: skip
+
+
+def fresh(cache) -> list:
+    """A zeroed copy of ``cache`` with the same shardings (to run a donating step again)."""
+    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
+
+
+def is_stacked(cache) -> bool:
+    """Whether ``cache`` (as a model's forward receives it) is the stacked layout of ``layout``: one
+    pair whose tensors carry the layer dim. A per-layer list (a user's ``init_kv_cache``) is not."""
+    return len(cache) == 1 and cache[0][0].ndim == STACKED_RANK
+
+
+def bytes_per_device(lifted, batch: int, seq: int) -> int:
+    return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
+               for s in jax.tree.leaves(layout(lifted, batch, seq)))  # fmt: skip
