@@ -44,8 +44,8 @@ def main() -> int:
             gen = Generator(lift(model, mesh, "replicated", scan_layers=scan), stop_at_eos=False)
             r = gen.generate_ids([ids], 16)
             rows.append({"model": f"tiny-llama, {layers} layers", "layers": layers, "scan_layers": scan,
-                         "compile_seconds": r["compile_seconds"], "detail": gen.last_compile.describe()})  # fmt: skip
-            print(f"tiny-llama {layers:>3} layers, {'scanned ' if scan else 'unrolled'}: compile {r['compile_seconds']:.2f} s "
+                         "compile_seconds": r.compile_seconds, "detail": gen.last_compile.describe()})  # fmt: skip
+            print(f"tiny-llama {layers:>3} layers, {'scanned ' if scan else 'unrolled'}: compile {r.compile_seconds:.2f} s "
                   f"({gen.last_compile.describe()})", flush=True)  # fmt: skip
     # SmolLM2 both ways, decode measured in alternating rounds (the machine's bandwidth drifts).
     smol = list(range(100, 132))
@@ -56,11 +56,11 @@ def main() -> int:
     best = {False: 0.0, True: 0.0}
     for _ in range(3):
         for scan, gen in gens.items():
-            best[scan] = max(best[scan], gen.generate_ids([smol], args.new_tokens)["decode_tokens_per_second"])
+            best[scan] = max(best[scan], gen.generate_ids([smol], args.new_tokens).decode_tokens_per_second)
     for scan in (False, True):
-        rows.append({"model": "smollm2", "layers": 30, "scan_layers": scan, "compile_seconds": firsts[scan]["compile_seconds"],
-                     "decode_tokens_per_second": best[scan], "token_ids": firsts[scan]["token_ids"][0]})  # fmt: skip
-        print(f"smollm2 {'scanned ' if scan else 'unrolled'}: compile {firsts[scan]['compile_seconds']:.2f} s, "
+        rows.append({"model": "smollm2", "layers": 30, "scan_layers": scan, "compile_seconds": firsts[scan].compile_seconds,
+                     "decode_tokens_per_second": best[scan], "token_ids": firsts[scan].token_ids[0]})  # fmt: skip
+        print(f"smollm2 {'scanned ' if scan else 'unrolled'}: compile {firsts[scan].compile_seconds:.2f} s, "
               f"decode {best[scan]:.1f} tokens/s (best of 3 alternating rounds)", flush=True)  # fmt: skip
     by = {(r["model"], r["scan_layers"]): r for r in rows}
     small, big = min(int(n) for n in args.layers.split(",")), max(int(n) for n in args.layers.split(","))

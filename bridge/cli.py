@@ -330,22 +330,21 @@ def cmd_generate(args) -> int:
     stream = None
     if not args.json and len(id_rows) == 1:
         stream = lambda row, piece: print(piece, end="", flush=True)  # noqa: E731
-    results = run(stream)
-    if results[0].truncated_to is not None:
-        print(f"note: prompt left-truncated to its last {results[0].truncated_to} tokens", file=sys.stderr)
-    for r in results:
+    result = run(stream)
+    if result.truncated_to is not None:
+        print(f"note: prompt left-truncated to its last {result.truncated_to} tokens", file=sys.stderr)
+    for row in result.rows():
         if args.json:
-            print(json.dumps(r.to_json()))
+            print(json.dumps(row))
         elif stream is not None:
             print()
         else:
-            print(f"### {r.prompt}\n{r.text}\n")
+            print(f"### {row['prompt']}\n{row['text']}\n")
     if not args.json:
-        r = results[0]
         print(
-            f"[mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: compile {r.compile_seconds:.2f} s "
-            f"({r.compile_detail}), "
-            f"prefill {r.prefill_seconds * 1000:.1f} ms, decode {r.decode_tokens_per_second:.1f} tokens/s]",
+            f"[mesh {dict(lifted.mesh.shape)} scheme {lifted.scheme.name}: compile {result.compile_seconds:.2f} s "
+            f"({result.compile_detail}), "
+            f"prefill {result.prefill_seconds * 1000:.1f} ms, decode {result.decode_tokens_per_second:.1f} tokens/s]",
             file=sys.stderr,
         )
     return 0

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from bridge.prompts import left_pad
+from bridge.prompts import cut_at_eos, left_pad
 
 
 def _spec(entries) -> P:
@@ -92,14 +92,7 @@ class ExportedLM(Exported):
         while steps < limit and not bool(np.all(np.asarray(state["done"]))):
             state = self.call("decode_step", state, donate=(1,))
             steps += 1
-        out = np.asarray(state["out"])[:, :steps]
-        eos = set(m["eos_token_ids"])
-        result = []
-        for r in range(len(prompt_ids)):
-            toks = out[r].tolist()
-            stop = next((i + 1 for i, t in enumerate(toks) if t in eos), len(toks))
-            result.append(toks[:stop])
-        return result
+        return cut_at_eos(np.asarray(state["out"]), steps, m["eos_token_ids"], len(prompt_ids))
 
 
 def load(path, devices: Sequence | None = None) -> Exported:

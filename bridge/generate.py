@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bridge import host_memory, kv_cache, programs
 from bridge.errors import GenerationError
 from bridge.lift import Lifted
-from bridge.prompts import BUCKETS, NEW_TOKEN_BUCKET, cache_length, left_pad
+from bridge.prompts import NEW_TOKEN_BUCKET, ChatTokenizer, cut_at_eos, pad_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +91,29 @@ def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling, knobs: Optiona
 
 
 @dataclasses.dataclass
-class Result:
-    prompt: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
+class Generation:
+    """What a request returns, token ids in or text in: each row's prompt ids and new tokens (cut
+    after EOS), their text, and the request's timings (one batch, one set of timings)."""
+
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]
+    texts: list[str]  # decoded new tokens (the ids joined by spaces without a tokenizer)
+    prompts: list[str]  # the prompts as text (decoded, or the ids joined, when ids came in)
     prefill_seconds: float
     compile_seconds: float
     decode_seconds: float
     decode_tokens_per_second: float
+    steps: int
     compile_detail: str = ""  # trace / lower / compile seconds and what came from a cache
-    truncated_to: Optional[int] = None  # the prompt was left-truncated to its last this many tokens
+    truncated_to: Optional[int] = None  # the prompts were left-truncated to at most this many tokens
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-
-NO_TOKENIZER = "this checkpoint has no tokenizer; pass --input-ids (token ids) instead of text"
+    def rows(self) -> list[dict]:
+        """One JSON-ready dict per row: its prompt, ids, new tokens and text, with the timings."""
+        timings = dict(prefill_seconds=self.prefill_seconds, compile_seconds=self.compile_seconds,
+                       decode_seconds=self.decode_seconds, decode_tokens_per_second=self.decode_tokens_per_second,
+                       compile_detail=self.compile_detail, truncated_to=self.truncated_to)  # fmt: skip
+        return [dict(prompt=p, prompt_ids=pi, token_ids=t, text=x, **timings)
+                for p, pi, t, x in zip(self.prompts, self.prompt_ids, self.token_ids, self.texts)]  # fmt: skip
 
 
 def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -137,6 +142,8 @@ class Generator:
         self.lifted = lifted
         self.tokenizer = tokenizer if tokenizer is not None else lifted.tokenizer
         tokenizer = self.tokenizer
+        self.text = ChatTokenizer(tokenizer)  # prompts to ids and back: not the generator's job
+        self.encode, self.decode = self.text.encode, self.text.decode
         self.model = lifted.model
         if not self.model.HAS_KV_CACHE:
             raise GenerationError(
@@ -236,60 +243,6 @@ class Generator:
         return self._compiled[key]
 
     # -- public API -----------------------------------------------------------------------------
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if self.tokenizer is None:
-            raise GenerationError(NO_TOKENIZER)
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise GenerationError("this tokenizer has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = self.tokenizer.encode(prompt)
-        ids = list(ids)
-        if not ids:
-            raise GenerationError(f"prompt {prompt!r} tokenizes to no tokens; give a non-empty prompt")
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            return " ".join(map(str, ids))
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def _prepare(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool):
-        """Left-pads the prompts to one bucket; returns (prompts, ids, positions, key_mask, pads, cache_len,
-        the length prompts were left-truncated to or None). Library code never prints: a truncation is
-        part of the result, for the caller to report."""
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if max_new_tokens >= self.context:
-            raise GenerationError(
-                f"max_new_tokens {max_new_tokens} overflows the model context ({self.context} tokens); "
-                f"ask for at most {self.context - 1}"
-            )
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise GenerationError("a prompt has no tokens; give a non-empty prompt")
-        keep = min(self.context - max_new_tokens, BUCKETS[-1])  # RoPE positions stay within the context
-        longest = max(len(p) for p in prompt_ids)
-        if longest > keep:
-            if not truncate:
-                raise GenerationError(
-                    f"prompt is {longest} tokens; with max_new_tokens {max_new_tokens} at most {keep} fit the "
-                    f"model context ({self.context}): shorten it, lower max_new_tokens, or pass --truncate "
-                    f"to keep its last {keep} tokens"
-                )
-            prompt_ids = [p[-keep:] for p in prompt_ids]
-            longest = truncated = keep
-        else:
-            truncated = None
-        bucket = next(b for b in BUCKETS if b >= longest)
-        # Cache columns may run past the context (padding); RoPE positions never do.
-        cache_len = cache_length(bucket, max_new_tokens)
-        ids, positions, key_mask, pads = left_pad(prompt_ids, bucket, cache_len, self.pad_id)
-        return prompt_ids, ids, positions, key_mask, pads, cache_len, truncated
-
     def generate_ids(
         self,
         prompt_ids: Sequence[Sequence[int]],
@@ -298,14 +251,16 @@ class Generator:
         seed: int = 0,
         on_token: Optional[Callable[[np.ndarray], None]] = None,
         truncate: bool = False,
-    ) -> dict:
+        prompts: Optional[Sequence[str]] = None,
+    ) -> Generation:
         """Generates for a batch of token-id prompts. ``on_token(tokens[B])`` streams each step
         (then the loop runs from Python); otherwise the decode loop runs on device."""
         from bridge.compile_cache import CompileStats
 
         self.last_compile_seconds = 0.0
         self.last_compile = CompileStats()
-        prompt_ids, ids, positions, key_mask, pads, cache_len, truncated = self._prepare(prompt_ids, max_new_tokens, truncate)
+        padded = pad_prompts(prompt_ids, max_new_tokens, self.context, self.pad_id, truncate)
+        ids, positions, key_mask, pads, cache_len = padded.ids, padded.positions, padded.key_mask, padded.pads, padded.cache_len
         batch, plen = ids.shape
         in_shard = self.lifted.input_sharding(batch)
         from sharding import put_global, to_host
@@ -355,26 +310,20 @@ class Generator:
             # them holds the process's memory map: beside the first compile it took a cached
             # compile from 0.26 to 1.9-2.6 s, so it starts once the first request is done.
             self.huge_pages = host_memory.back_with_huge_pages(w, background=True) or False
-        results = []
-        eos = set(np.asarray(self.eos).tolist())
-        for r in range(batch):
-            toks = out[r, :steps].tolist()
-            for i, t in enumerate(toks):
-                if t in eos:
-                    toks = toks[: i + 1]
-                    break
-            results.append(toks)
+        tokens = cut_at_eos(out, steps, np.asarray(self.eos).tolist())
         decoded = (steps - 1) * batch
-        return dict(
-            prompt_ids=[list(p) for p in prompt_ids],
-            token_ids=results,
+        return Generation(
+            prompt_ids=padded.prompt_ids,
+            token_ids=tokens,
+            texts=[self.decode(t) for t in tokens],
+            prompts=list(prompts) if prompts is not None else [self.decode(p) for p in padded.prompt_ids],
             prefill_seconds=prefill_s,
             compile_seconds=self.last_compile_seconds,
             compile_detail=self.last_compile.describe(),
             decode_seconds=decode_s,
             decode_tokens_per_second=decoded / decode_s if decode_s > 0 and decoded else 0.0,
             steps=steps,
-            truncated_to=truncated,
+            truncated_to=padded.truncated_to,
         )
 
     def generate(
@@ -386,7 +335,7 @@ class Generator:
         chat: bool = False,
         stream: Optional[Callable[[int, str], None]] = None,
         truncate: bool = False,
-    ) -> list[Result]:
+    ) -> Generation:
         """Text in, text out. ``stream(row, text_piece)`` is called as tokens arrive."""
         prompt_ids = [self.encode(p, chat) for p in prompts]
         return self.generate_from_ids(prompt_ids, max_new_tokens, sampling, seed, stream, truncate, prompts)
@@ -400,17 +349,16 @@ class Generator:
         stream: Optional[Callable[[int, str], None]] = None,
         truncate: bool = False,
         prompts: Optional[Sequence[str]] = None,
-    ) -> list[Result]:
-        """Token ids in (no tokenizer needed), ``Result`` out; ``text`` is decoded when the model has
-        a tokenizer and the ids joined by spaces when it has none."""
+    ) -> Generation:
+        """Token ids in (no tokenizer needed), with ``stream(row, text_piece)`` called as tokens
+        arrive; texts are decoded when the model has a tokenizer and the ids joined by spaces when
+        it has none."""
         check_token_ids(prompt_ids, self.model.config.vocab_size)
-        if prompts is None:
-            prompts = [self.decode(p) if self.tokenizer is not None else " ".join(map(str, p)) for p in prompt_ids]
         on_token = None
         if stream is not None:
-            so_far: list[list[int]] = [[] for _ in prompts]
-            printed = [""] * len(prompts)
-            finished = [False] * len(prompts)
+            so_far: list[list[int]] = [[] for _ in prompt_ids]
+            printed = [""] * len(prompt_ids)
+            finished = [False] * len(prompt_ids)
             eos = set(np.asarray(self.eos).tolist())
 
             def on_token(tokens: np.ndarray):
@@ -424,22 +372,7 @@ class Generator:
                         stream(r, text[len(printed[r]) :])
                         printed[r] = text
 
-        out = self.generate_ids(prompt_ids, max_new_tokens, sampling, seed, on_token, truncate)
-        return [
-            Result(
-                prompt=p,
-                prompt_ids=pi,
-                token_ids=t,
-                text=self.decode(t),
-                prefill_seconds=out["prefill_seconds"],
-                compile_seconds=out["compile_seconds"],
-                decode_seconds=out["decode_seconds"],
-                decode_tokens_per_second=out["decode_tokens_per_second"],
-                compile_detail=out["compile_detail"],
-                truncated_to=out["truncated_to"],
-            )
-            for p, pi, t in zip(prompts, out["prompt_ids"], out["token_ids"])
-        ]
+        return self.generate_ids(prompt_ids, max_new_tokens, sampling, seed, on_token, truncate, prompts)
 
     def stream(self, prompt: str, **kw) -> Iterator[str]:
         """Iterator over text pieces of one prompt as they are generated (runs in a worker thread)."""

@@ -25,7 +25,7 @@ from bridge.models import open_model  # noqa: E402
 gen = Generator(open_model(args.checkpoint, devices=devs, scheme=args.scheme))
 chat = gen.tokenizer is not None and bool(gen.tokenizer.chat_template)
 print(f"> {args.prompt}")
-[result] = gen.generate([args.prompt], args.max_new_tokens, Sampling(args.temperature), args.seed, chat=chat,
+result = gen.generate([args.prompt], args.max_new_tokens, Sampling(args.temperature), args.seed, chat=chat,
                         stream=lambda row, piece: print(piece, end="", flush=True))  # fmt: skip
 print(f"\n[compile {result.compile_seconds:.1f} s, prefill {result.prefill_seconds * 1000:.0f} ms, "
       f"decode {result.decode_tokens_per_second:.1f} tokens/s]")  # fmt: skip

@@ -59,7 +59,7 @@ print(f"per device: parameters {b['params']:,} B, gradients {b['grads']:,} B, op
 lifted.weights = {**lifted.weights, **state.params}
 prompt = "Beautiful is better than"
 ids = lifted.tokenizer.encode(prompt)
-out = Generator(lifted).generate_ids([ids], 24)["token_ids"][0]
+out = Generator(lifted).generate_ids([ids], 24).token_ids[0]
 print(f"{prompt}{lifted.tokenizer.decode(out, skip_special_tokens=True)}")
 assert after < before, "fine-tuning did not lower the loss"
 print(f"loss fell by {np.log(before / after):.2f} in log space")

@@ -80,10 +80,10 @@ def test_greedy_equals_transformers(family, devices_n, scheme, checkpoints_dir):
     assert type(lifted.model).__name__ == "HFCausalLMAdapter"
     gen = Generator(lifted, stop_at_eos=False)
     out = gen.generate_ids([PROMPT], 32)
-    assert out["token_ids"][0] == ref.tolist()
+    assert out.token_ids[0] == ref.tolist()
     assert max_rel(np.asarray(lifted.forward([PROMPT])), ref_logits) < RTOL
     again = gen.generate_ids([PROMPT], 32)  # same bucket: compiled once
-    assert again["compile_seconds"] == 0.0 and again["token_ids"] == out["token_ids"]
+    assert again.compile_seconds == 0.0 and again.token_ids == out.token_ids
 
 
 def test_llama_runs_through_the_adapter_not_model_torch(checkpoints_dir):
@@ -101,8 +101,8 @@ def test_left_padded_batch_rows_equal_alone(family, checkpoints_dir):
                         with_tokenizer=False)  # fmt: skip
     gen = Generator(lifted, stop_at_eos=False)
     rows = [PROMPT, PROMPT[:5], PROMPT[3:10]]
-    batch = gen.generate_ids(rows, 12)["token_ids"]
-    alone = [gen.generate_ids([r], 12)["token_ids"][0] for r in rows]
+    batch = gen.generate_ids(rows, 12).token_ids
+    alone = [gen.generate_ids([r], 12).token_ids[0] for r in rows]
     assert batch == alone
     logits = np.asarray(lifted.fn(lifted.weights, (jax.numpy.asarray([PROMPT]),), {})[0])
     assert not np.isnan(logits).any()
@@ -170,7 +170,7 @@ def test_vocab_that_does_not_divide_is_padded(vocab, n, tmp_path, devices):
     assert out.shape[-1] == vocab
     assert max_rel(out, ref) < RTOL
     gen_ref = Generator(open_model(path, devices=1, scheme="replicated", with_tokenizer=False), stop_at_eos=False)
-    assert Generator(lifted, stop_at_eos=False).generate_ids(ids, 8)["token_ids"] == gen_ref.generate_ids(ids, 8)["token_ids"]
+    assert Generator(lifted, stop_at_eos=False).generate_ids(ids, 8).token_ids == gen_ref.generate_ids(ids, 8).token_ids
 
 
 def test_int8_runs_through_the_adapter(checkpoints_dir):
@@ -209,7 +209,7 @@ def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
     prompt = [t % 256 for t in PROMPT]
     ids = [prompt[:9], prompt[2:12]]
     assert max_rel(np.asarray(tp.forward([prompt])), np.asarray(one.forward([prompt]))) < RTOL
-    a = Generator(tp, stop_at_eos=False).generate_ids(ids, 10)["token_ids"]
-    assert a == Generator(one, stop_at_eos=False).generate_ids(ids, 10)["token_ids"]
+    a = Generator(tp, stop_at_eos=False).generate_ids(ids, 10).token_ids
+    assert a == Generator(one, stop_at_eos=False).generate_ids(ids, 10).token_ids
     attn = tp.model.get_submodule("model.layers.0.self_attn")
     assert attn.num_key_value_groups == 4  # restored after tracing

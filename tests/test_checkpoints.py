@@ -258,8 +258,8 @@ def test_int8_smollm2_bytes_and_greedy_tokens(devices):
 
     gf, gq = Generator(lf, fp.tokenizer), Generator(lq, q.tokenizer)
     ids = gf.encode("What is the capital of France?", chat=True)
-    a = gf.generate_ids([ids], 16)["token_ids"][0]
-    b = gq.generate_ids([ids], 16)["token_ids"][0]
+    a = gf.generate_ids([ids], 16).token_ids[0]
+    b = gq.generate_ids([ids], 16).token_ids[0]
     assert a[:16] == b[:16]
 
 

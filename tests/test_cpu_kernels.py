@@ -165,7 +165,7 @@ def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, pres
                            pad_token_id=0)[:, 12:].tolist()  # fmt: skip
     gen = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers),
                     eos_token_ids=[])  # fmt: skip
-    got = gen.generate_ids(prompts, 24)["token_ids"]
+    got = gen.generate_ids(prompts, 24).token_ids
     assert got == want
     text = compiled_text(gen)
     assert (cpu_kernels.target(cpu_kernels.STACKED_TARGET) if scan_layers else f'"{cpu_kernels.target(cpu_kernels.TARGET)}"') in text
@@ -178,14 +178,14 @@ def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkey
     hf, ours = hf_twin("tiny-llama")
     prompts = [[3, 4, 5, 6]] * 4
     on = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
-    tokens = on.generate_ids(prompts, 8)["token_ids"]
+    tokens = on.generate_ids(prompts, 8).token_ids
     assert cpu_kernels.target(cpu_kernels.TARGET) in compiled_text(on)
     sharded = Generator(lift(ours, sharding.mesh_for("tp", 8, devices=devices), "tp"), eos_token_ids=[])
-    assert sharded.generate_ids(prompts, 8)["token_ids"] == tokens
+    assert sharded.generate_ids(prompts, 8).token_ids == tokens
     assert not any(t in compiled_text(sharded) for t in cpu_kernels.TARGETS)
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     off = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
-    assert off.generate_ids(prompts, 8)["token_ids"] == tokens
+    assert off.generate_ids(prompts, 8).token_ids == tokens
     assert not any(t in compiled_text(off) for t in cpu_kernels.TARGETS)
     assert cpu_kernels.why_unavailable() == f"{cpu_kernels.SWITCH}=0"
 
@@ -237,7 +237,7 @@ def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dt
     prompts = [[(5 * r + j) % 90 + 3 for j in range(10)] for r in range(8)]
     mesh = sharding.mesh_for("tp", 1, devices=devices)
     on = Generator(lift(ours, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[])
-    tokens = on.generate_ids(prompts, 16)["token_ids"]
+    tokens = on.generate_ids(prompts, 16).token_ids
     loop = next(c for k, c in on._compiled.items() if k[0].startswith("loop/")).as_text()
     calls = [line for line in loop.splitlines() if 'custom_call_target="torchax_bridge_small_batch_matmul' in line]
     operands = [re.search(r"custom-call\((%[^,)]+), (%[^,)]+)", line).groups() for line in calls]
@@ -250,7 +250,7 @@ def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dt
     assert (rows, weight) == (({"f32"}, {"s8"}) if dtype == "int8" else ({bf16_rows}, {"bf16"})), (rows, weight)
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     off = Generator(lift(ours, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[])
-    want = off.generate_ids(prompts, 16)["token_ids"]
+    want = off.generate_ids(prompts, 16).token_ids
     if dtype == "int8":
         assert want == tokens
     else:  # bf16: the two paths round differently (XLA's bf16 einsums over the cache round their
@@ -261,7 +261,7 @@ def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dt
         _, f32 = hf_twin("tiny-llama")
         f32.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in f32.state_dict().items()})
         ref = Generator(lift(f32, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[]).generate_ids(prompts, 16)
-        agree = lambda got: sum(a == b for r, q in zip(got, ref["token_ids"]) for a, b in zip(r, q))  # noqa: E731
+        agree = lambda got: sum(a == b for r, q in zip(got, ref.token_ids) for a, b in zip(r, q))  # noqa: E731
         assert [row[0] for row in want] == [row[0] for row in tokens]  # the prefill: one XLA program
         assert agree(tokens) >= agree(want), (agree(tokens), agree(want))
 
@@ -285,7 +285,7 @@ def test_without_a_compiler_batched_decode_runs_on_xla_and_equals_hf(devices, mo
                            max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, 6:].tolist()  # fmt: skip
     gen = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
-    assert gen.generate_ids(prompts, 8)["token_ids"] == want
+    assert gen.generate_ids(prompts, 8).token_ids == want
     assert not any(t in compiled_text(gen) for t in cpu_kernels.TARGETS)
 
 

@@ -55,7 +55,7 @@ def test_greedy_matches_hf_generate(preset, n_devices, devices):
     want = hf_greedy(hf, prompt, 64)
     gen = Generator(lift(ours, sharding.mesh_for("tp", n_devices, devices=devices), "tp"), eos_token_ids=[])
     gen.eos = gen.eos[:0] - 1
-    got = gen.generate_ids([prompt], 64)["token_ids"][0]
+    got = gen.generate_ids([prompt], 64).token_ids[0]
     assert got == want
 
 
@@ -68,8 +68,8 @@ def test_smollm2_greedy_matches_hf_generate_and_says_paris(smollm2, devices):
     with torch.no_grad():
         want = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :].tolist()
     out = gen.generate_ids([ids], 64)
-    assert out["token_ids"][0] == want
-    assert "Paris" in gen.decode(out["token_ids"][0])
+    assert out.token_ids[0] == want
+    assert "Paris" in gen.decode(out.token_ids[0])
 
 
 def tiny_generator(devices, n=1, scheme="tp"):
@@ -85,15 +85,15 @@ def test_sampling_seeds_topk_and_temperature_zero(devices):
     gen = tiny_generator(devices)
     prompt = [[5, 6, 7, 8]]
     hot = Sampling(temperature=1.0)
-    a = gen.generate_ids(prompt, 32, hot, seed=1)["token_ids"]
-    b = gen.generate_ids(prompt, 32, hot, seed=1)["token_ids"]
-    c = gen.generate_ids(prompt, 32, hot, seed=2)["token_ids"]
+    a = gen.generate_ids(prompt, 32, hot, seed=1).token_ids
+    b = gen.generate_ids(prompt, 32, hot, seed=1).token_ids
+    c = gen.generate_ids(prompt, 32, hot, seed=2).token_ids
     assert a == b and a != c
-    greedy = gen.generate_ids(prompt, 32)["token_ids"]
-    assert gen.generate_ids(prompt, 32, Sampling(temperature=1.0, top_k=1), seed=3)["token_ids"] == greedy
-    assert gen.generate_ids(prompt, 32, Sampling(temperature=0.0, top_p=0.5), seed=4)["token_ids"] == greedy
+    greedy = gen.generate_ids(prompt, 32).token_ids
+    assert gen.generate_ids(prompt, 32, Sampling(temperature=1.0, top_k=1), seed=3).token_ids == greedy
+    assert gen.generate_ids(prompt, 32, Sampling(temperature=0.0, top_p=0.5), seed=4).token_ids == greedy
     # top-p: with a tiny nucleus only the top token survives -> greedy again
-    assert gen.generate_ids(prompt, 32, Sampling(temperature=1.0, top_p=1e-6), seed=5)["token_ids"] == greedy
+    assert gen.generate_ids(prompt, 32, Sampling(temperature=1.0, top_p=1e-6), seed=5).token_ids == greedy
 
 
 def test_top_k_and_top_p_filters_restrict_the_draw():
@@ -116,21 +116,21 @@ def test_top_k_and_top_p_filters_restrict_the_draw():
 def test_batch_of_different_lengths_equals_one_by_one(devices):
     gen = tiny_generator(devices, 8, "dp_tp")
     prompts = [[1, 2, 3], list(range(10, 30)), [7], list(range(40, 49))]
-    batch = gen.generate_ids(prompts, 16)["token_ids"]
+    batch = gen.generate_ids(prompts, 16).token_ids
     for p, got in zip(prompts, batch):
-        assert got == gen.generate_ids([p], 16)["token_ids"][0]
+        assert got == gen.generate_ids([p], 16).token_ids[0]
 
 
 def test_each_row_stops_at_its_own_eos(devices):
     gen = tiny_generator(devices)
     prompts = [[1, 2, 3], [9, 8, 7, 6]]
-    free = gen.generate_ids(prompts, 16)["token_ids"]
+    free = gen.generate_ids(prompts, 16).token_ids
     eos = free[0][4]  # make row 0's fifth token an end-of-sequence token
     gen.eos = np.asarray([eos])
     import jax.numpy as jnp
 
     gen.eos = jnp.asarray([eos], jnp.int32)
-    stopped = gen.generate_ids(prompts, 16)["token_ids"]
+    stopped = gen.generate_ids(prompts, 16).token_ids
     assert stopped[0] == free[0][: free[0].index(eos) + 1]
     assert stopped[1] == (free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1])
 
@@ -139,7 +139,7 @@ def test_streaming_yields_the_same_tokens(devices):
     gen = tiny_generator(devices)
     seen = []
     out = gen.generate_ids([[4, 5, 6]], 12, on_token=lambda t: seen.append(int(t[0])))
-    assert seen == out["token_ids"][0] == gen.generate_ids([[4, 5, 6]], 12)["token_ids"][0]
+    assert seen == out.token_ids[0] == gen.generate_ids([[4, 5, 6]], 12).token_ids[0]
 
 
 def test_compiles_are_cached_per_bucket(devices):
@@ -160,7 +160,7 @@ def test_sharded_generation_equals_unsharded_for_every_scheme(devices, scheme):
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]]
     ref = Generator(lift(model, sharding.mesh_for("replicated", 1, devices=devices), "replicated"), eos_token_ids=[])
     gen = Generator(lift(model, sharding.mesh_for(scheme, 8, devices=devices), scheme), eos_token_ids=[])
-    assert gen.generate_ids(prompts, 12)["token_ids"] == ref.generate_ids(prompts, 12)["token_ids"]
+    assert gen.generate_ids(prompts, 12).token_ids == ref.generate_ids(prompts, 12).token_ids
 
 
 def test_kv_cache_lives_on_the_mesh_with_heads_split(devices):
@@ -177,7 +177,7 @@ def test_too_long_prompt_and_cache_overflow_are_clear_errors(devices, capsys):
     with pytest.raises(GenerationError, match="--truncate"):
         gen.generate_ids([list(range(250))], 16)
     out = gen.generate_ids([[i % 200 for i in range(250)]], 16, truncate=True)
-    assert len(out["prompt_ids"][0]) == 240 and out["truncated_to"] == 240
+    assert len(out.prompt_ids[0]) == 240 and out.truncated_to == 240
     assert capsys.readouterr().out == ""  # library code never prints: the truncation is in the result
     with pytest.raises(GenerationError, match="overflows the model context"):
         gen.generate_ids([[1, 2]], 300)
@@ -191,8 +191,23 @@ def test_new_sampling_values_compile_nothing(devices):
     gen = tiny_generator(devices)
     prompt = [[1, 2, 3, 4, 5]]
     first = gen.generate_ids(prompt, 16, Sampling(temperature=0.7, top_k=40, top_p=0.9), seed=3)
-    assert first["compile_seconds"] > 0
+    assert first.compile_seconds > 0
     again = gen.generate_ids(prompt, 16, Sampling(temperature=1.3, top_k=7, top_p=0.95), seed=3)
-    assert again["compile_seconds"] == 0.0
+    assert again.compile_seconds == 0.0
     fresh = tiny_generator(devices).generate_ids(prompt, 16, Sampling(temperature=1.3, top_k=7, top_p=0.95), seed=3)
-    assert again["token_ids"] == fresh["token_ids"]
+    assert again.token_ids == fresh.token_ids
+
+
+def test_every_way_in_returns_one_generation(devices):
+    """Token ids in or text in, one result type: the same rows and timings, JSON rows as the CLI prints."""
+    from bridge.generate import Generation
+
+    gen = tiny_generator(devices)
+    by_ids = gen.generate_ids([[5, 6, 7], [8, 9]], 4)
+    by_rows = gen.generate_from_ids([[5, 6, 7], [8, 9]], 4)
+    assert isinstance(by_ids, Generation) and isinstance(by_rows, Generation)
+    assert by_rows.token_ids == by_ids.token_ids and by_rows.prompt_ids == [[5, 6, 7], [8, 9]]
+    rows = by_rows.rows()
+    assert [r["token_ids"] for r in rows] == by_ids.token_ids
+    assert rows[0]["text"] == " ".join(map(str, by_ids.token_ids[0]))  # no tokenizer: the ids joined
+    assert rows[0]["prompt"] == "5 6 7" and rows[1]["decode_seconds"] == by_rows.decode_seconds

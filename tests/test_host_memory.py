@@ -116,5 +116,5 @@ def test_thp_never_leaves_weights_alone_and_generation_works(devices, monkeypatc
     assert host_memory.back_with_huge_pages([jnp.ones((4096, 1024))]) is None
     lifted = lift(model_torch.from_preset("tiny-llama").eval(), sharding.mesh_for("tp", 1, devices=devices), "tp")
     gen = Generator(lifted, eos_token_ids=[])
-    assert len(gen.generate_ids([[3, 4, 5]], 4)["token_ids"][0]) == 4
+    assert len(gen.generate_ids([[3, 4, 5]], 4).token_ids[0]) == 4
     assert gen.huge_pages is False

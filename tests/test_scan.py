@@ -25,8 +25,8 @@ def test_scanned_stack_equals_unrolled(preset, scheme, n, devices):
     unrolled, scanned = lift(model, mesh, scheme), lift(model, mesh, scheme, scan_layers=True)
     assert max_rel(scanned.forward(ids), unrolled.forward(ids)) < RTOL
     prompt = [list(ids[0]), list(ids[1][:7])]  # a left-padded batch through the cache
-    want = Generator(unrolled, stop_at_eos=False).generate_ids(prompt, 8)["token_ids"]
-    got = Generator(scanned, stop_at_eos=False).generate_ids(prompt, 8)["token_ids"]
+    want = Generator(unrolled, stop_at_eos=False).generate_ids(prompt, 8).token_ids
+    got = Generator(scanned, stop_at_eos=False).generate_ids(prompt, 8).token_ids
     assert got == want
 
 
@@ -112,9 +112,9 @@ def test_scanned_int8_and_export_give_the_unrolled_tokens(tmp_path, devices):
     want = Generator(open_model("tiny-llama", devices=2, scheme="tp"), stop_at_eos=False).generate_ids([prompt], 6)
     scanned = open_model("tiny-llama", devices=2, scheme="tp", scan_layers=True)
     export_causal_lm(scanned, tmp_path / "exp", prompt_len=16, max_new_tokens=8)
-    assert exported.load(tmp_path / "exp", devices[:2]).generate([prompt], 6) == want["token_ids"]
+    assert exported.load(tmp_path / "exp", devices[:2]).generate([prompt], 6) == want.token_ids
     q = [Generator(open_model("tiny-llama", devices=2, scheme="tp", quantize="int8", scan_layers=s),
-                   stop_at_eos=False).generate_ids([prompt], 6)["token_ids"] for s in (False, True)]  # fmt: skip
+                   stop_at_eos=False).generate_ids([prompt], 6).token_ids for s in (False, True)]  # fmt: skip
     assert q[0] == q[1]
 
 

@@ -238,8 +238,8 @@ def test_fewer_kv_heads_than_the_model_axis_are_repeated_not_replicated(devices)
     assert k.spec == P("model") and k.bytes_per_device({"model": 8}) * 2 == full.numel() * full.element_size()
     assert max_rel(np.asarray(tp.forward(ids.numpy())), np.asarray(one.forward(ids.numpy()))) < RTOL
     rows = ids.tolist()
-    a = Generator(tp, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
-    b = Generator(one, stop_at_eos=False).generate_ids(rows, 10)["token_ids"]
+    a = Generator(tp, stop_at_eos=False).generate_ids(rows, 10).token_ids
+    b = Generator(one, stop_at_eos=False).generate_ids(rows, 10).token_ids
     assert a == b
     from bridge import kv_cache
 

@@ -47,7 +47,7 @@ def gpt2(tmp_path_factory):
 def tokens(lifted) -> list[int]:
     from bridge.generate import Generator
 
-    return Generator(lifted, stop_at_eos=False).generate_ids([IDS], NEW)["token_ids"][0]
+    return Generator(lifted, stop_at_eos=False).generate_ids([IDS], NEW).token_ids[0]
 
 
 @pytest.fixture(scope="module")
