@@ -33,6 +33,10 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+
+#if defined(__linux__)
+#include <pthread.h>
+#endif
 #include <optional>
 #include <type_traits>
 
@@ -327,7 +331,13 @@ class Helpers {
  private:
   static constexpr std::chrono::microseconds kSpin{2000};  // > the gaps between a step's products
   Helpers() : threads_(std::min<int64_t>(15, std::max<int64_t>(1, std::thread::hardware_concurrency()) - 1)) {
-    for (int64_t i = 0; i < threads_; ++i) std::thread([this] { loop(); }).detach();
+    for (int64_t i = 0; i < threads_; ++i)
+      std::thread([this] {
+#if defined(__linux__)
+        pthread_setname_np(pthread_self(), "tb-kernel-help");  // named in top -H and in profiles
+#endif
+        loop();
+      }).detach();
   }
   void loop() {
     for (;;) {
