@@ -189,7 +189,7 @@ def main() -> int:
         if done.returncode != 0:
             raise SystemExit(f"the CLI row failed: {done.stderr.strip()[-500:]}")
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        return r.decode_tokens_per_second, r.token_ids, {}
+        return r["decode_tokens_per_second"], r["token_ids"], {}
 
     run_cli()  # fills the compile cache
     runners[("ours fp32, CLI (fresh process)", 1)] = (run_cli, runners[("ours fp32", 1)][1])
@@ -257,7 +257,7 @@ def main() -> int:
         r["kernel"] = builds.get(r["engine"], "-")
         base = by.get(("ours fp32", r["batch"]))
         r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
-        r["same_greedy_tokens_as_hf"] = r.token_ids == hf_tokens
+        r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
     peer = by.get(("llama.cpp F32", 1))
     # The same ratio round by round (runs a minute apart at most), median: steadier than best / best.
     per_round = [ours / theirs for (ours, _), (theirs, _) in
