@@ -460,7 +460,7 @@ def _suggest_sizes(dims: Iterable[int], limit: int) -> list[int]:
 
 def resolve_placements(
     shapes: Mapping[str, tuple[tuple[int, ...], Any]],
-    scheme: Scheme | str,
+    scheme: Scheme,
     mesh_shape: Mapping[str, int],
     *,
     head_layout: Sequence[tuple[str, int, int]] = (),
@@ -471,9 +471,9 @@ def resolve_placements(
     ``shapes`` maps name -> (shape, dtype). ``head_layout`` lists (regex, dim, unit): a tensor whose
     name matches must be split on ``dim`` only in multiples of ``unit`` (the head size), so no device
     holds part of a head. ``fallback="replicate"`` replicates a tensor whose rule does not fit, with a
-    warning, instead of raising.
+    warning, instead of raising. ``scheme`` is a ``Scheme``: names and files are read once, at the
+    edge (``get_scheme``), not again at every step inside.
     """
-    scheme = get_scheme(scheme)
     if fallback not in ("error", "replicate"):
         raise ShardingError(f"fallback must be 'error' or 'replicate', got {fallback!r}")
     for a in scheme.axis_names:
@@ -629,9 +629,8 @@ def shardings_of(placements: Mapping[str, Placement], mesh: Mesh) -> dict[str, N
     return {k: NamedSharding(mesh, p.spec) for k, p in placements.items()}
 
 
-def batch_spec(scheme: Scheme | str, mesh: Mesh, batch: int, rank: int = 2) -> P:
+def batch_spec(scheme: Scheme, mesh: Mesh, batch: int, rank: int = 2) -> P:
     """Inputs: batch dim over the scheme's batch axes when they divide it, else replicated."""
-    scheme = get_scheme(scheme)
     axes = tuple(a for a in scheme.batch_axes if a in mesh.shape)
     if not axes or batch % math.prod(mesh.shape[a] for a in axes):
         return P()

@@ -394,19 +394,21 @@ def cmd_compare(args) -> int:
         schemes = None
     devs = device_setup.setup(args.devices)
     import sharding
-    from bridge import checkpoints
+    from bridge.models import open_model
 
     overrides = sharding.parse_mesh(args.mesh)
     for name in schemes or ():
         sharding.get_scheme(name)  # unknown names fail before any work
-    loaded = checkpoints.load(args.checkpoint, args.dtype, with_tokenizer=False, quantize=args.quantize,
-                              implementation=args.implementation)  # fmt: skip
+    # Opened as every command opens a checkpoint: on one device, replicated, which is compare's
+    # reference run; each scheme then lifts the same module onto the whole mesh.
+    reference = open_model(args.checkpoint, devices=devs[:1], scheme="replicated", dtype=args.dtype,
+                           quantize=args.quantize, with_tokenizer=False, implementation=args.implementation)  # fmt: skip
     if schemes is None:
-        schemes, left_out = experiments.default_schemes(loaded.model, devs, overrides, args.fallback)
+        schemes, left_out = experiments.default_schemes(reference.model, devs, overrides, args.fallback)
         for name, why in left_out:
             print(f"note: default scheme {name} left out: {why}", file=sys.stderr)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    rows = experiments.compare(loaded.model, schemes, devs, args.mode, args.batch, args.seq, args.repeats,
+    rows = experiments.compare(reference, schemes, devs, args.mode, args.batch, args.seq, args.repeats,
                                args.fallback, mesh=overrides, progress=progress,
                                scan_layers=args.scan_layers)  # fmt: skip
     title = f"{args.checkpoint}: {args.mode}, batch {args.batch}, seq {args.seq}, {len(devs)} devices"

@@ -18,7 +18,7 @@ from bridge import hlo
 from bridge import programs
 from bridge.errors import UsageError
 from bridge.files import atomic_write
-from bridge.lift import lift
+from bridge.lift import LiftedModule, lift
 
 
 @dataclasses.dataclass
@@ -73,14 +73,17 @@ def default_schemes(model, devices, mesh=None, fallback="error") -> tuple[list[s
 
 
 def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None,
-               scan_layers: bool | None = None) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
+               scan_layers: bool | None = None, lifted=None) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
+    """One row: ``model`` lifted under ``scheme_name`` on ``devices`` (``lifted``: already lifted so)."""
     scheme = sharding.get_scheme(scheme_name)
     try:
         overrides = {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names}
         mesh = sharding.mesh_for(scheme, len(devices), overrides, devices=devices)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lifted = lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
+            if lifted is None:
+                lifted = lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
+            mesh = lifted.mesh
     except sharding.ShardingError as e:
         return Row(scheme.name, "-", status=f"does not fit: {e}"), None
     state_bytes = {}
@@ -150,13 +153,17 @@ def compare(
     scan_layers: bool | None = None,
 ) -> list[Row]:
     """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
-    against the unsharded, unrolled run on one device. ``progress(line)`` hears of each scheme as it
+    against the unsharded run on one device. ``model``: a module, or a ``Lifted`` on one device,
+    replicated (``open_model(..., devices=1, scheme="replicated")``), then that is the reference. ``progress(line)`` hears of each scheme as it
     goes: a scheme can take minutes to compile on a real model. ``scan_layers``: each scheme runs the
     scanned decoder stack (the reference stays unrolled)."""
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     say(f"[reference] replicated on 1 device: compiling and running {mode} ...")
-    ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1)
+    opened = model if isinstance(model, LiftedModule) else None
+    model = opened.model if opened is not None else model
+    ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1, lifted=opened)
+    del opened
     say(f"[reference] done in {time.perf_counter() - t0:.1f} s")
     rows = []
     for i, name in enumerate(schemes, 1):

@@ -24,11 +24,10 @@ from bridge.extract import jax_dtype
 STACKED_RANK = 5  # [layers, batch, kv_heads, seq, head_dim]: a scanned stack's one pair
 
 
-def spec(scheme, mesh: Mesh, batch: int, kv_heads: int, stacked: bool = False) -> P:
+def spec(scheme: sharding.Scheme, mesh: Mesh, batch: int, kv_heads: int, stacked: bool = False) -> P:
     """``[batch, kv_heads, seq, head_dim]`` (``stacked``: a leading layer dim): batch like the
     inputs, kv heads on the head axis when they divide it (else replicated: each device then holds
     every kv head)."""
-    scheme = sharding.get_scheme(scheme)
     b = sharding.batch_spec(scheme, mesh, batch, 1)
     b = b[0] if len(b) else None
     h = scheme.head_axis

@@ -149,12 +149,12 @@ def test_smollm2_tp3_splits_heads_cleanly(smollm2, devices):
 def test_indivisible_dim_error_names_everything():
     shapes = {"layer.mlp.up_proj.weight": ((100, 64), np.float32)}
     with pytest.raises(sharding.ShardingError) as e:
-        sharding.resolve_placements(shapes, "tp", {"model": 8})
+        sharding.resolve_placements(shapes, sharding.get_scheme("tp"), {"model": 8})
     msg = str(e.value)
     for needle in ["layer.mlp.up_proj.weight", "[100, 64]", "up_proj", "size 8", "4"]:
         assert needle in msg, (needle, msg)
     with pytest.warns(UserWarning, match="replicated"):
-        placed = sharding.resolve_placements(shapes, "tp", {"model": 8}, fallback="replicate")
+        placed = sharding.resolve_placements(shapes, sharding.get_scheme("tp"), {"model": 8}, fallback="replicate")
     assert placed["layer.mlp.up_proj.weight"].spec == P() and placed["layer.mlp.up_proj.weight"].fallback
 
 
@@ -208,9 +208,9 @@ def test_kv_cache_spec_follows_heads(devices):
     mesh = sharding.mesh_for("dp_tp", 8, devices=devices)  # data=2, model=4
     from bridge import kv_cache
 
-    assert kv_cache.spec("dp_tp", mesh, batch=2, kv_heads=8) == P("data", "model", None, None)
-    assert kv_cache.spec("dp_tp", mesh, batch=1, kv_heads=3) == P(None, None, None, None)
-    assert kv_cache.spec("dp_tp", mesh, batch=2, kv_heads=8, stacked=True) == P(None, "data", "model", None, None)
+    assert kv_cache.spec(sharding.get_scheme("dp_tp"), mesh, batch=2, kv_heads=8) == P("data", "model", None, None)
+    assert kv_cache.spec(sharding.get_scheme("dp_tp"), mesh, batch=1, kv_heads=3) == P(None, None, None, None)
+    assert kv_cache.spec(sharding.get_scheme("dp_tp"), mesh, batch=2, kv_heads=8, stacked=True) == P(None, "data", "model", None, None)
 
 
 def test_shardings_cli_prints_report_and_collectives():

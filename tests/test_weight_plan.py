@@ -51,7 +51,7 @@ def tokens(lifted) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def one_device(llama82, gpt2):
+def one_device(llama82, gpt2, devices):  # devices first: jax starts with all 8
     """Greedy tokens of every case on one device: the reference."""
     return {
         "llama82": tokens(open_model(str(llama82), devices=1, with_tokenizer=False, scan_layers=False)),
