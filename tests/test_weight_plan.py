@@ -120,15 +120,19 @@ def test_two_processes_match_one_device(llama82, one_device):
     assert json.loads(out.strip().splitlines()[-1])["token_ids"] == one_device["llama82"]
 
 
-@pytest.mark.parametrize("case,devices_n", [("llama82", 8), ("gpt2", 4)])
-def test_plan_accepts_what_generate_accepts(case, devices_n, llama82, gpt2, capsys):
+@pytest.mark.parametrize("case,devices_n,extra,scanned", [
+    ("llama82", 8, ["--dtype", "float32", "--no-scan-layers"], False), ("llama82", 8, ["--dtype", "int8"], True),
+    ("llama82", 8, ["--dtype", "float32", "--scan-layers"], True), ("gpt2", 4, ["--dtype", "float32"], False)])  # fmt: skip
+def test_plan_accepts_what_generate_accepts(case, devices_n, extra, scanned, llama82, gpt2, capsys):
+    """Scanned is plan's default where the model can scan; GPT-2 runs through transformers' class."""
     from bridge import cli
 
     path = {"llama82": llama82, "gpt2": gpt2}[case]
-    assert cli.main(["plan", "--checkpoint", str(path), "--devices", str(devices_n), "--scheme", "tp", "--dtype",
-                     "float32", "--json"]) == 0  # fmt: skip
+    assert cli.main(["plan", "--checkpoint", str(path), "--devices", str(devices_n), "--scheme", "tp", *extra,
+                     "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    assert result["param_bytes_per_device"] > 0
+    assert result["param_bytes_per_device"] > 0 and not result["fallbacks"]  # every tensor split as planned
+    assert result["scan_layers"] == scanned
 
 
 def test_compare_runs_the_planned_model(llama82, devices):
