@@ -5,8 +5,9 @@ rows XLA:CPU calls a library GEMM that streams the weights at 9-12 GB/s, where i
 matrix-vector loop reaches 25-28 GB/s; torch (oneDNN) and numpy reach 9 and 6 GB/s. It is not the
 arithmetic (the same product on weights resident in L3 runs at 110-130 GFLOP/s): the loads of the
 next weight rows start too late. ``kernels/small_batch_matmul.cc`` reads each weight row once for
-all rows of ``x`` and prefetches a few KB ahead into L2: 8 rows at 22-24 GB/s, through XLA's FFI on
-its intra-op thread pool. It also reads bf16 weights as they are (XLA:CPU converts them to f32
+all rows of ``x`` and prefetches a few KB ahead into L2: 8 rows at 22-24 GB/s, through XLA's FFI,
+split over helper threads of the kernel's own (XLA's intra-op pool slept between a step's small ops
+and woke too late; see ``Helpers`` in the source). It also reads bf16 weights as they are (XLA:CPU converts them to f32
 first).
 
 The kernel is one source for every CPU (GCC/Clang vector extensions at the width of the machine it
