@@ -285,7 +285,8 @@ def check_module(
     progress=None,
     one_device: Optional[LiftedModule] = None,
 ) -> CheckReport:
-    """``model`` run eagerly, lifted on one device (``one_device``: already lifted there, replicated), and (when ``mesh`` is given) lifted on ``mesh``
+    """``model`` run eagerly, lifted on one device (``one_device``: already lifted there, replicated;
+    consumed: its weights are released after its run), and (when ``mesh`` is given) lifted on ``mesh``
     under ``scheme`` (a scheme, name, rules file or list of ``(regex, spec)`` rows), with every
     submodule's outputs compared against eager torch (``scan_layers``: both lifted runs scan the
     decoder stack, and every layer is still compared). Runs one after the other: a causal LM lifted
@@ -311,13 +312,14 @@ def check_module(
     output_errors = {}
     for label, (m, s) in zip(runs, [(one_device_mesh(), "replicated"), (mesh, scheme)]):
         say(f"running lifted: {label}")
-        lifted, one_device = (one_device, None) if one_device is not None else (
-            lift(model, m, s, fallback=fallback, scan_layers=scan_layers), None)  # fmt: skip
+        lifted = one_device if one_device is not None else lift(model, m, s, fallback=fallback, scan_layers=scan_layers)
+        one_device = None
         out, captured = taps.lifted(lifted, args, kwargs)
         output_errors[label] = module_error(_lifted_leaves(out), eager_out, vocab)
         for name, want in eager.items():
             got = captured.get(name)
             rows[name].errors[label] = None if got is None else module_error(got, want, vocab)
+        lifted.weights = {}  # released now, also when the caller still holds ``one_device``
         del lifted, out, captured
     return CheckReport(runs, tolerance, [], None, list(rows.values()), output_errors)
 

@@ -154,7 +154,8 @@ def compare(
 ) -> list[Row]:
     """One row per scheme (a scheme that does not fit is a row that says why); max_rel_diff is
     against the unsharded run on one device. ``model``: a module, or a ``Lifted`` on one device,
-    replicated (``open_model(..., devices=1, scheme="replicated")``), then that is the reference. ``progress(line)`` hears of each scheme as it
+    replicated (``open_model(..., devices=1, scheme="replicated")``), then that is the reference run
+    and its weights are released after it. ``progress(line)`` hears of each scheme as it
     goes: a scheme can take minutes to compile on a real model. ``scan_layers``: each scheme runs the
     scanned decoder stack (the reference stays unrolled)."""
     say = progress or (lambda line: None)
@@ -163,7 +164,8 @@ def compare(
     opened = model if isinstance(model, LiftedModule) else None
     model = opened.model if opened is not None else model
     ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1, lifted=opened)
-    del opened
+    if opened is not None:
+        opened.weights = {}  # consumed: the one-device copy is not held while the schemes run
     say(f"[reference] done in {time.perf_counter() - t0:.1f} s")
     rows = []
     for i, name in enumerate(schemes, 1):

@@ -117,15 +117,6 @@ def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
     return layout, layers
 
 
-def stack_weights(model, weights: dict) -> dict:
-    """Per-layer tensors stacked under their ``*`` names; the rest as they are."""
-    _, layers = stack_layout(model, {k: (tuple(w.shape), w.dtype) for k, w in weights.items()})
-    stacked = {k for names in layers.values() for k in names}
-    out = {k: w for k, w in weights.items() if k not in stacked}
-    out.update({s: jnp.stack([jnp.asarray(weights[k]) for k in names]) for s, names in layers.items()})
-    return out
-
-
 def layer_placement(stacked, name: str | None = None):
     """One layer's slice of a stacked tensor's placement: the (unsharded) layer dim dropped."""
     import dataclasses

@@ -105,11 +105,11 @@ def kv_head_dim(model) -> Callable[[str], int | None]:
 
 
 def plan_weights(model, mesh_shape: Mapping[str, int], scheme, *, fallback: str = "error",
-                 scan_layers: bool = False, shapes: Mapping | None = None) -> WeightPlan:  # fmt: skip
+                 scan_layers: bool = False) -> WeightPlan:  # fmt: skip
     """The plan of ``model`` (any ``nn.Module``; a causal LM's contract adds its own tensor-parallel
     plan, head layout and kv heads) on a mesh of ``mesh_shape`` by ``scheme`` (a ``Scheme``, a
-    built-in name or rules file, or ``(regex, spec)`` rows). ``shapes``: the extracted names and
-    shapes when the caller has them already (else read from the module, data untouched).
+    built-in name or rules file, or ``(regex, spec)`` rows). Names and shapes are read from the
+    module after any split, data untouched.
 
     A causal LM's fused projections are split first when the head axis is wider than 1: that
     rewrites the module (idempotent), as a tensor-parallel load must. Raises ``ShardingError`` when
@@ -124,11 +124,10 @@ def plan_weights(model, mesh_shape: Mapping[str, int], scheme, *, fallback: str 
             before = set(model.state_dict())
             model.split_fused_projections()
             split = set(model.state_dict()) != before
-            shapes = None if split else shapes
         scheme = scheme.with_model_plan(model.parallel_plan())
         head_layout = model.head_layout()
         copies = kv_head_copies(model, mesh_shape, scheme)
-    shapes = dict(shapes) if shapes is not None else module_shapes(model)
+    shapes = module_shapes(model)
     head_dim = kv_head_dim(model) if copies > 1 else (lambda name: None)
     transforms: dict[str, tuple[str, ...]] = {}
     for name, (shape, dtype) in list(shapes.items()):

@@ -32,13 +32,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <pthread.h>
 #endif
-#include <optional>
-#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
