@@ -329,6 +329,57 @@ class TensorSource:
         return out[index] if index else out
 
 
+class StoredWeights:
+    """Weights a checkpoint stores, by the model's parameter names, read a slice at a time: what
+    ``lift(..., stored=...)`` places straight onto a mesh (``weight_plan.load_weights``), each
+    device's slice read on its own. A layout (safetensors, NeoX partitions, Grok-1's ckpt-0)
+    subclasses it with the renaming table between its stored names and the model's."""
+
+    label = "placing weights"  # the progress bar's
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """model name -> stored shape, for every tensor stored."""
+        raise NotImplementedError
+
+    def read(self, name: str, index: tuple = ()):
+        """``tensor[index]`` of the model's weight ``name`` as a numpy array (``index``: a tuple of
+        slices, as ``jax.make_array_from_callback`` passes them)."""
+        raise NotImplementedError
+
+    def check(self, model: nn.Module, names) -> None:
+        """The stored names and shapes against ``model``'s state dict (``names``: the ones the
+        lifted program reads; a tied weight stored once may be missing)."""
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_keys(expected, self.shapes(), set(expected) - set(names))
+
+
+class SafetensorsWeights(StoredWeights):
+    """A HF directory's tensor files (safetensors, or a torch state dict), renamed into the model's
+    names by its ``CHECKPOINT_RENAMES``."""
+
+    def __init__(self, path: Path, renames=()):
+        self.source = TensorSource(checkpoint_files(Path(path)))
+        self.label = f"placing {Path(path).name}"
+        self.stored = rename_keys({k: k for k in self.source.keys()}, renames)  # model name -> stored name
+
+    def shapes(self):
+        return {k: self.source.shape(v) for k, v in self.stored.items()}
+
+    def read(self, name, index=()):
+        return self.source.read(self.stored[name], tuple(index))
+
+
+def meta_model(path: Path, dtype: str = "float32") -> nn.Module:
+    """The model_torch model of a HF directory on the meta device (no memory), in the dtype it is
+    placed in."""
+    found = model_torch.config_from_hf(load_config(path))
+    if found is None:
+        raise CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
+    cls, config = found
+    with torch.device("meta"):
+        return cls(config).to(DTYPES[dtype]).eval()
+
+
 def map_tensors(fn, names, desc: str, workers: int, progress: bool = True) -> dict:
     """``{name: fn(name)}`` over a thread pool, with a progress bar when it takes over a second."""
     from concurrent.futures import ThreadPoolExecutor

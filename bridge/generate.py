@@ -136,9 +136,12 @@ class Generator:
         eos_token_ids: Sequence[int] = (),
         pad_id: int = 0,
         stop_at_eos: bool = True,
+        after_request: Optional[Sequence[Callable[[Generation], None]]] = None,
     ):
         """``tokenizer`` defaults to the one ``lifted`` was opened with. ``stop_at_eos=False`` decodes
-        exactly ``max_new_tokens`` for every row (benchmarks)."""
+        exactly ``max_new_tokens`` for every row (benchmarks). ``after_request``: hooks called with
+        each finished ``Generation``; by default one that moves the weights to huge pages after the
+        first request (``host_memory.HugePagesAfterFirstRequest``); ``()`` for none."""
         self.lifted = lifted
         self.tokenizer = tokenizer if tokenizer is not None else lifted.tokenizer
         tokenizer = self.tokenizer
@@ -161,7 +164,9 @@ class Generator:
         self.eos = jnp.asarray(sorted(eos) or [-1], dtype=jnp.int32)
         self.pad_id = pad_id if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self._compiled: dict = {}
-        self.huge_pages = None  # ``host_memory``: set up after the first request
+        self.after_request = (
+            [host_memory.HugePagesAfterFirstRequest(lifted.weights)] if after_request is None else list(after_request)
+        )
         self.last_compile_seconds = 0.0
         self.last_compile = None  # compile_cache.CompileStats of the last request
 
@@ -305,14 +310,9 @@ class Generator:
                 on_token(to_host(state["token"]))
             out = to_host(state["out"])
         decode_s = time.perf_counter() - t0
-        if self.huge_pages is None:
-            # Decode streams every weight once per token, and 2 MiB pages read faster. Collapsing
-            # them holds the process's memory map: beside the first compile it took a cached
-            # compile from 0.26 to 1.9-2.6 s, so it starts once the first request is done.
-            self.huge_pages = host_memory.back_with_huge_pages(w, background=True) or False
         tokens = cut_at_eos(out, steps, np.asarray(self.eos).tolist())
         decoded = (steps - 1) * batch
-        return Generation(
+        result = Generation(
             prompt_ids=padded.prompt_ids,
             token_ids=tokens,
             texts=[self.decode(t) for t in tokens],
@@ -325,6 +325,9 @@ class Generator:
             steps=steps,
             truncated_to=padded.truncated_to,
         )
+        for hook in self.after_request:
+            hook(result)
+        return result
 
     def generate(
         self,

@@ -10,8 +10,9 @@ XLA's CPU client allocates with ``malloc``, which hands out 4 KiB pages unless t
 ``always`` (here: ``madvise``). ``back_with_huge_pages`` marks each placed weight's 2 MiB-aligned
 interior ``MADV_HUGEPAGE`` and asks the kernel to ``MADV_COLLAPSE`` it (Linux >= 6.1) now: its
 contents do not change, only the page tables. 538 MB take 0.8-1.9 s and hold the process's memory
-map meanwhile (beside a cached compile it took that from 0.26 s to 1.9-2.6 s), so ``Generator`` runs
-it on a background thread once its first request is done. Off with ``TORCHAX_BRIDGE_HUGE_PAGES=0``; a no-op off
+map meanwhile (beside a cached compile it took that from 0.26 s to 1.9-2.6 s), so it runs on a
+background thread once the first request is done: ``HugePagesAfterFirstRequest``, which a ``Generator``
+calls after each request by default (its ``after_request`` hooks). Off with ``TORCHAX_BRIDGE_HUGE_PAGES=0``; a no-op off
 Linux, on other platforms than CPU, and when THP is ``never`` (``why_unavailable`` says which).
 """
 
@@ -106,3 +107,19 @@ def back_with_huge_pages(arrays, background: bool = False, refusals: list | None
     thread = threading.Thread(target=collapse, name="huge-pages", daemon=True)
     thread.start()
     return thread
+
+
+class HugePagesAfterFirstRequest:
+    """An after-request hook: the first call backs ``arrays`` with huge pages on a background thread
+    (after the first request's compile, not beside it); later calls do nothing. ``state``: None
+    before the first call, then what ``back_with_huge_pages`` returned (False: unavailable or
+    nothing to move)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.state = None
+
+    def __call__(self, *_):
+        if self.state is None:
+            self.state = back_with_huge_pages(self.arrays, background=True) or False
+            self.arrays = None  # the thread holds them while it works; this hook need not

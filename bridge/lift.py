@@ -222,6 +222,7 @@ def lift(
     *,
     fallback: str = "error",
     scan_layers: bool | None = None,
+    stored=None,
 ) -> LiftedModule:
     """Lifts ``model`` with torchax and places its weights on ``mesh`` by a rule table: a
     ``sharding.Scheme``, a built-in scheme name or rules file, or a list of ``(regex, spec)`` rows.
@@ -235,12 +236,21 @@ def lift(
     ``scan_layers``: the decoder stack runs as one ``jax.lax.scan`` over weights stacked on a
     leading layer dim (``bridge.scan``), so it compiles one layer, not all. None (default): scanned
     whenever the model can be (model_torch families); False unrolls every layer.
+
+    ``stored``: a ``checkpoints.StoredWeights`` to read the weights from instead of the module's
+    own tensors (the module may then live on the meta device): each device's slice is read
+    straight into place, so no full host copy of the model is ever made.
     """
     scan_layers = scan.scans(model, scan_layers)
     plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
-    weights, fn = extract(model)
-    placed = weight_plan.place_weights(plan, weights, mesh)
-    del weights
+    if stored is None:
+        weights, fn = extract(model)
+        placed = weight_plan.place_weights(plan, weights, mesh)
+        del weights
+    else:
+        names, fn = extract_fn(model)
+        stored.check(model, names)
+        placed = weight_plan.load_weights(plan, stored.read, mesh, stored.label)
     return lifted_from_plan(model, fn, placed, mesh, plan)
 
 
@@ -279,33 +289,12 @@ def lift_checkpoint(
     fallback: str = "error",
     scan_layers: bool | None = None,
 ) -> Lifted:
-    """Loads a HF checkpoint directory straight onto the mesh.
-
-    The model is built on the meta device (no memory); every placement is validated first; then each
-    device's slice of each tensor is read straight from the safetensors file into a buffer and
-    placed (``jax.make_array_from_callback``, two tensors at a time), so no full copy of the model
-    is ever held besides the placed weights.
-    """
-    from pathlib import Path
-
-    import model_torch
+    """Loads a HF checkpoint directory of a model_torch family straight onto the mesh: the model
+    is built on the meta device (no memory), every placement is validated first, then each
+    device's slice of each tensor is read from the safetensors files into place
+    (``lift(..., stored=...)``)."""
     from bridge import checkpoints
 
-    path = Path(path)
-    found = model_torch.config_from_hf(checkpoints.load_config(path))
-    if found is None:
-        raise checkpoints.CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
-    cls, config = found
-    with torch.device("meta"):
-        model = cls(config).to(checkpoints.DTYPES[dtype])  # the dtype it is placed in (free on meta)
-    scan_layers = scan.scans(model, scan_layers)
-    plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
-    names, fn = extract_fn(model)
-    source = checkpoints.TensorSource(checkpoints.checkpoint_files(path))
-    renamed = checkpoints.rename_keys({k: k for k in source.keys()}, model.CHECKPOINT_RENAMES)  # new -> stored
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = set(expected) - set(names)  # extract_fn keeps a tied weight once
-    checkpoints.check_keys(expected, {k: source.shape(v) for k, v in renamed.items()}, tied)
-    weights = weight_plan.load_weights(plan, lambda name, index: source.read(name, tuple(index)), renamed, mesh,
-                                       jax_dtype(checkpoints.DTYPES[dtype]), f"placing {path.name}")  # fmt: skip
-    return lifted_from_plan(model, fn, weights, mesh, plan)
+    model = checkpoints.meta_model(path, dtype)
+    return lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers,
+                stored=checkpoints.SafetensorsWeights(path, model.CHECKPOINT_RENAMES))  # fmt: skip

@@ -6,7 +6,7 @@
 
 ``open_model`` owns the choice between the two ways of getting weights onto the mesh:
   * direct-to-mesh: each device's slice is read from the safetensors files straight into place
-    (``lift.lift_checkpoint``; no full host copy). Used when several processes share the mesh
+    (``lift(..., stored=checkpoints.SafetensorsWeights)``; no full host copy). Used when several processes share the mesh
     (each reads only its own slices), for a model_torch family without quantization;
   * load, then lift: the torch module is built and loaded on the host (``checkpoints.load``: any
     checkpoint kind, int8 quantization, transformers' own classes), then lifted and placed.
@@ -19,7 +19,7 @@ import warnings
 from typing import Optional, Sequence
 
 from bridge import checkpoints, devices as device_setup, distributed
-from bridge.lift import Lifted, lift, lift_checkpoint
+from bridge.lift import Lifted, lift
 
 
 def open_model(
@@ -54,13 +54,15 @@ def open_model(
         kind, path = checkpoints.resolve(checkpoint)
         direct = implementation != "transformers" and quantize == "none"
         if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
-            lifted = lift_checkpoint(path, jax_mesh, scheme, dtype=dtype, fallback=fallback, scan_layers=scan_layers)
-            lifted.tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
-            lifted.hf_config = checkpoints.load_config(path)
+            model = checkpoints.meta_model(path, dtype)
+            stored = checkpoints.SafetensorsWeights(path, model.CHECKPOINT_RENAMES)
+            tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
+            hf_config = checkpoints.load_config(path)
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
                                       implementation=implementation)  # fmt: skip
-            lifted = lift(loaded.model, jax_mesh, scheme, fallback=fallback, scan_layers=scan_layers)
-            lifted.tokenizer, lifted.hf_config = loaded.tokenizer, loaded.hf_config
+            model, stored, tokenizer, hf_config = loaded.model, None, loaded.tokenizer, loaded.hf_config
+        lifted = lift(model, jax_mesh, scheme, fallback=fallback, scan_layers=scan_layers, stored=stored)
+        lifted.tokenizer, lifted.hf_config = tokenizer, hf_config
     lifted.source = str(path) if path is not None else checkpoint
     return lifted

@@ -208,17 +208,16 @@ def read_slice(w: PlannedWeight, copies: int, read: Callable, source: str, index
         block = np.repeat(block.reshape(last + 1 - first, d, *block.shape[1:]), copies, axis=0).reshape(-1, *block.shape[1:])
         start = rows.start - first * d * copies
         return block[start : start + len(rows)].astype(dtype, copy=False)
-    shard = read(source, index)
+    shard = np.asarray(read(source, index))
     return shard if shard.dtype == dtype else shard.astype(dtype)
 
 
-def load_weights(plan: WeightPlan, read: Callable, renamed: Mapping[str, str], mesh: Mesh, dtype,
-                 label: str = "placing") -> dict[str, jax.Array]:  # fmt: skip
-    """Each device's slice of every planned weight read from the checkpoint (``read(stored name,
-    index)`` -> numpy) straight into place (``jax.make_array_from_callback``), transformed as
-    planned; ``renamed`` maps the module's names to the stored ones. In one process or many: each
-    process reads only its own devices' slices. No full copy of the model is held besides the
-    placed weights."""
+def load_weights(plan: WeightPlan, read: Callable, mesh: Mesh, label: str = "placing") -> dict[str, jax.Array]:
+    """Each device's slice of every planned weight read from stored weights (``read(name, index)``
+    -> numpy, by the module's names: ``checkpoints.StoredWeights.read``) straight into place
+    (``jax.make_array_from_callback``), transformed as planned, in the dtype the plan places it
+    in. In one process or many: each process reads only its own devices' slices. No full copy of
+    the model is held besides the placed weights."""
     from bridge import checkpoints
 
     def place(name: str) -> jax.Array:
@@ -230,14 +229,14 @@ def load_weights(plan: WeightPlan, read: Callable, renamed: Mapping[str, str], m
             # tensors on the host first peaked at 1.89x SmolLM2's checkpoint; layer by layer it stays
             # at the unrolled peak.
             layer_spec = NamedSharding(mesh, scan.layer_placement(p).spec)
-            out = jax.jit(lambda: jnp.zeros(p.shape, dtype), out_shardings=NamedSharding(mesh, p.spec))()
+            out = jax.jit(lambda: jnp.zeros(p.shape, p.dtype), out_shardings=NamedSharding(mesh, p.spec))()
             for i, k in enumerate(w.sources):
                 piece = jax.make_array_from_callback(p.shape[1:], layer_spec, lambda index, k=k: read_slice(
-                    w, plan.kv_head_copies, read, renamed[k], index, p.shape[1:], dtype))  # fmt: skip
+                    w, plan.kv_head_copies, read, k, index, p.shape[1:], p.dtype))  # fmt: skip
                 out = _write_layer(out, piece, i)
             return out
         return jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), lambda index: read_slice(
-            w, plan.kv_head_copies, read, renamed[w.sources[0]], index, p.shape, dtype))  # fmt: skip
+            w, plan.kv_head_copies, read, w.sources[0], index, p.shape, p.dtype))  # fmt: skip
 
     # Two tensors in flight: reading one overlaps placing the other. Measured on SmolLM2: 1 worker
     # 0.9 s / 1.23x the checkpoint at peak, 2 workers 0.5-0.8 s / 1.26x, 4 workers 0.75 s / 1.37-1.41x.

@@ -94,15 +94,17 @@ def test_generator_collapses_its_weights_once_after_its_first_request(devices, m
         (set(arrays), background)) or 0)  # fmt: skip
     lifted = lift(model_torch.from_preset("tiny-llama").eval(), sharding.mesh_for("tp", 1, devices=devices), "tp")
     gen = Generator(lifted, eos_token_ids=[])
-    assert calls == [] and gen.huge_pages is None
+    (hook,) = gen.after_request  # the default: generation itself does not touch host memory
+    assert calls == [] and hook.state is None
     gen.generate_ids([[3, 4, 5]], 4)
     gen.generate_ids([[3, 4, 5, 6]], 4)
-    assert calls == [(set(lifted.weights), True)] and gen.huge_pages is False  # nothing to move: tiny
+    assert calls == [(set(lifted.weights), True)] and hook.state is False  # nothing to move: tiny
+    assert Generator(lifted, after_request=()).after_request == []  # a caller can opt out
 
 
 def test_thp_never_leaves_weights_alone_and_generation_works(devices, monkeypatch, tmp_path):
     """A machine with THP switched off: nothing is collapsed, the reason is stated, and a Generator
-    still generates (its ``huge_pages`` stays unset: False)."""
+    still generates (its huge-pages hook ends as False: nothing done)."""
     import model_torch
     import sharding
     from bridge.generate import Generator
@@ -117,4 +119,4 @@ def test_thp_never_leaves_weights_alone_and_generation_works(devices, monkeypatc
     lifted = lift(model_torch.from_preset("tiny-llama").eval(), sharding.mesh_for("tp", 1, devices=devices), "tp")
     gen = Generator(lifted, eos_token_ids=[])
     assert len(gen.generate_ids([[3, 4, 5]], 4).token_ids[0]) == 4
-    assert gen.huge_pages is False
+    assert gen.after_request[0].state is False

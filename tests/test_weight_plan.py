@@ -40,7 +40,10 @@ def gpt2(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "gpt2"
-    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=509, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(path)
+    # initializer_range 0.2: at GPT-2's 0.02 a model this small answers one token over and over,
+    # which would hide a wrong placement.
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=509, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                   initializer_range=0.2)).save_pretrained(path)
     return path
 
 
@@ -111,13 +114,18 @@ def bridge_cli(*args):
     return proc.stdout
 
 
-def test_two_processes_match_one_device(llama82, one_device):
-    """The issue's example: ``launch`` refused this model (the per-process loader did not repeat kv
-    heads); scanned, as ``generate`` runs it by default."""
-    out = bridge_cli("launch", "--processes", "2", "--devices-per-process", "4", "--", "generate", "--checkpoint",
-                     str(llama82), "--input-ids", ",".join(map(str, IDS)), "--max-new-tokens", str(NEW), "--scheme",
-                     "tp", "--json")  # fmt: skip
-    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == one_device["llama82"]
+@pytest.mark.parametrize("case,devices_n,extra", [
+    ("llama82", 4, []), ("llama82-int8", 4, ["--quantize", "int8"]), ("gpt2", 2, [])])  # fmt: skip
+def test_two_processes_match_one_device(case, devices_n, extra, llama82, gpt2, one_device):
+    """The issue's example: ``launch`` refused the Llama (the per-process loader did not repeat kv
+    heads); scanned, as ``generate`` runs it by default. The int8 Llama and GPT-2 (transformers'
+    class, fused ``c_attn`` split, vocab padded) load on the host in each process and are placed
+    by the same plan."""
+    path = {"llama82": llama82, "llama82-int8": llama82, "gpt2": gpt2}[case]
+    out = bridge_cli("launch", "--processes", "2", "--devices-per-process", str(devices_n), "--", "generate",
+                     "--checkpoint", str(path), "--input-ids", ",".join(map(str, IDS)), "--max-new-tokens", str(NEW),
+                     "--scheme", "tp", "--json", *extra)  # fmt: skip
+    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == one_device[case]
 
 
 @pytest.mark.parametrize("case,devices_n,extra,scanned", [
