@@ -165,10 +165,30 @@ def load_config(path: Path):
 
     try:
         return AutoConfig.from_pretrained(path)
-    except Exception as e:  # JSONDecodeError, ValueError (unknown model_type), OSError, KeyError
+    except ValueError:  # a model_type transformers lacks but model_torch has (grok): a plain config
+        own = _own_config(path)
+        if own is not None:
+            return own
+        raise CheckpointError(f"{path / 'config.json'}: transformers does not know its model_type and model_torch "
+                              f"has no such family") from None  # fmt: skip
+    except Exception as e:  # JSONDecodeError, OSError, KeyError
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path / 'config.json'} is not a usable transformers config ({msg}); "
                               f"write it with save_pretrained") from None  # fmt: skip
+
+
+def _own_config(path: Path):
+    from transformers import PretrainedConfig
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("model_type") not in model_torch.MODEL_TYPES:
+        return None
+    hf = PretrainedConfig.from_dict(data)
+    hf.model_type = data["model_type"]
+    return hf
 
 
 def smollm2_dir() -> Path:
@@ -181,16 +201,21 @@ def smollm2_dir() -> Path:
 
 
 def resolve(checkpoint: str) -> tuple[str, Optional[Path]]:
-    """('smollm2'|'dir'|'gguf'|'preset', path)."""
+    """('dir'|'gguf'|'preset'|'neox'|'grok', path): 'neox' is GPT-NeoX slim weights, 'grok' Grok-1's
+    ckpt-0 (``stored_layout``)."""
     if checkpoint == SMOLLM2:
         return "dir", smollm2_dir()
     if checkpoint in model_torch.PRESETS:
         return "preset", None
     path = Path(checkpoint).expanduser()
     if path.is_dir():
+        layout = stored_layout(path)
+        if layout is not None:
+            return layout, path
         if not (path / "config.json").is_file():
             raise CheckpointError(f"checkpoint directory {path} has no config.json; a HF checkpoint directory "
-                                  f"(save_pretrained) holds config.json and the weights")  # fmt: skip
+                                  f"(save_pretrained) holds config.json and the weights (Grok-1's ckpt-0 and "
+                                  f"GPT-NeoX slim weights are recognised by their files)")  # fmt: skip
         return "dir", path
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -207,6 +232,90 @@ def resolve(checkpoint: str) -> tuple[str, Optional[Path]]:
         f"checkpoint {checkpoint!r} not found: pass 'smollm2', a HF checkpoint directory, a .gguf file, "
         f"or a preset ({', '.join(sorted(model_torch.PRESETS))})"
     )
+
+
+# Published layouts that are opened as they are (read slice by slice onto the mesh), by their files.
+STORED_LAYOUTS = ("neox", "grok")
+
+
+def stored_layout(path: Path) -> Optional[str]:
+    """'grok' for a directory holding Grok-1's ``ckpt-0/tensor00000_000``, 'neox' for GPT-NeoX slim
+    weights (``layer_XX-model_PP-model_states.pt``, here or in the step directory), else None."""
+    from bridge import grok_checkpoint, partitions
+
+    if (path / "config.json").is_file():
+        return None
+    if grok_checkpoint.find_ckpt(path) is not None:
+        return "grok"
+    if partitions.find_neox(path) is not None:
+        return "neox"
+    return None
+
+
+def open_stored(kind: str, path: Path, dtype: str = "float32"):
+    """(model on the meta device in ``dtype``, its ``StoredWeights``, the transformers config to
+    save it with) for a HF directory of a model_torch family or a published layout. Nothing but
+    file headers (NeoX) or the four tensors that size the model (Grok-1) is read."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if kind == "dir":
+        model = meta_model(path, dtype)
+        return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES), load_config(path)
+    if kind == "neox":
+        from bridge.partitions import NeoXSlimWeights
+
+        stored = NeoXSlimWeights(path)
+        cls, config = model_torch.config_from_hf(stored.hf_config)
+        with torch.device("meta"):
+            model = cls(config).to(DTYPES[dtype]).eval()
+        return model, stored, stored.hf_config
+    if kind == "grok":
+        from bridge.grok_checkpoint import GrokCheckpoint
+        from model_torch.common import quantize_int8
+        from model_torch.grok import GrokForCausalLM
+
+        stored = GrokCheckpoint(path)
+        config = stored.config()
+        with torch.device("meta"):
+            model = GrokForCausalLM(config).to(DTYPES[dtype]).eval()
+        quantize_int8(model, embeddings=False)  # as stored: int8 attention and experts, float embedding
+        return model, stored, grok_hf_config(config)
+    raise CheckpointError(f"{path}: {kind} checkpoints are not read slice by slice")
+
+
+INT8_MARK = "torchax_bridge_int8"  # config.json: the weights are int8 + scales (our --quantize int8 layout)
+
+
+def grok_hf_config(config):
+    """A transformers ``PretrainedConfig`` holding a ``GrokConfig`` under the field names
+    ``GrokConfig.from_hf`` reads, marked int8 with a float embedding (grok-1's own layout)."""
+    from transformers import PretrainedConfig
+
+    hf = PretrainedConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+        attn_output_multiplier=config.attn_output_multiplier, max_attn_value=config.attn_softcap,
+        embedding_multiplier_scale=config.embedding_multiplier_scale,
+        output_multiplier_scale=config.output_multiplier_scale,
+        max_position_embeddings=config.max_position_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    hf.model_type = "grok"
+    setattr(hf, INT8_MARK, {"embeddings": False})
+    return hf
+
+
+def stored_state_dict(stored: "StoredWeights") -> dict[str, torch.Tensor]:
+    """Every tensor of ``stored`` read whole into host memory (converting and host loading)."""
+    import numpy as np
+
+    out = {}
+    for name in stored.shapes():
+        a = np.ascontiguousarray(stored.read(name))
+        out[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
+    return out
 
 
 def has_model_torch(path: Path) -> bool:
@@ -372,12 +481,24 @@ class SafetensorsWeights(StoredWeights):
 def meta_model(path: Path, dtype: str = "float32") -> nn.Module:
     """The model_torch model of a HF directory on the meta device (no memory), in the dtype it is
     placed in."""
-    found = model_torch.config_from_hf(load_config(path))
+    hf_config = load_config(path)
+    found = model_torch.config_from_hf(hf_config)
     if found is None:
         raise CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
     cls, config = found
     with torch.device("meta"):
-        return cls(config).to(DTYPES[dtype]).eval()
+        model = cls(config).to(DTYPES[dtype]).eval()
+    return as_stored(model, hf_config)
+
+
+def as_stored(model: nn.Module, hf_config) -> nn.Module:
+    """``model`` in the layout its checkpoint stores: int8 + scales when config.json says so."""
+    mark = getattr(hf_config, INT8_MARK, None)
+    if mark:
+        from model_torch.common import quantize_int8
+
+        quantize_int8(model, embeddings=mark.get("embeddings", True))
+    return model
 
 
 def map_tensors(fn, names, desc: str, workers: int, progress: bool = True) -> dict:
@@ -484,7 +605,7 @@ def load(
     if implementation not in IMPLEMENTATIONS:
         raise CheckpointError(f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     loaded = _load(checkpoint, dtype, with_tokenizer, implementation)
-    if quantize == "int8":
+    if quantize == "int8" and not getattr(loaded.hf_config, INT8_MARK, None):  # else stored int8 already
         from model_torch.common import quantize_int8
 
         quantize_int8(loaded.model)
@@ -501,6 +622,14 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str
         model = model_torch.from_preset(checkpoint).to(torch_dtype).eval()
         init_random(model)
         return Loaded(model, None, checkpoint, model.config.model_type)
+    if kind in STORED_LAYOUTS:
+        if implementation == "transformers":
+            raise CheckpointError(f"{path}: a {kind} checkpoint opens in our model_torch family; drop --implementation transformers")
+        model, stored, hf_config = open_stored(kind, path, dtype)
+        state = stored_state_dict(stored)
+        load_into(model, {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()})
+        tokenizer = load_stored_tokenizer(kind, path) if with_tokenizer else None
+        return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type, hf_config)
     if kind == "gguf":
         hf_model, tokenizer = load_gguf_transformers(path, torch_dtype)
         hf_config = hf_model.config
@@ -526,7 +655,7 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str
         return Loaded(HFCausalLMAdapter(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
     cls, config = found
     with torch.device("meta"):
-        model = cls(config)
+        model = as_stored(cls(config), hf_config)
     state = read_state_dict(path) if state is None else state
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_into(model, state, renames=model.CHECKPOINT_RENAMES)
@@ -574,6 +703,39 @@ def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = 
     return HFCausalLMAdapter(hf.eval())
 
 
+def load_stored_tokenizer(kind: str, path: Path):
+    """The tokenizer a published layout ships beside its weights, or None: NeoX's ``tokenizers`` file
+    (``20B_tokenizer.json``, named by the YAML's ``vocab_file``), Grok-1's SentencePiece
+    ``tokenizer.model``."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        if kind == "neox":
+            from bridge import partitions
+
+            layers = partitions.find_neox(path)
+            found = partitions.find_neox_tokenizer(layers, partitions.neox_yaml(layers))
+            return None if found is None else PreTrainedTokenizerFast(tokenizer_file=str(found), eos_token="<|endoftext|>")
+        from bridge import grok_checkpoint
+
+        found = grok_checkpoint.find_tokenizer(grok_checkpoint.find_ckpt(path))
+        if found is None:
+            return None
+        from transformers.convert_slow_tokenizer import SpmConverter
+
+        class _Spm:  # what SpmConverter reads from a slow tokenizer
+            vocab_file = str(found)
+            legacy = True
+
+        fast = SpmConverter(_Spm()).converted()
+        return PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]")
+    except CheckpointError:
+        raise
+    except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own errors
+        raise CheckpointError(f"the tokenizer beside {path} cannot be loaded ({type(e).__name__}: {e}); "
+                              f"fix or remove it, or pass --input-ids") from None  # fmt: skip
+
+
 def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
     """``torchax-bridge convert``: any supported checkpoint -> a plain safetensors directory."""
     from bridge.files import check_output
@@ -585,9 +747,9 @@ def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
         raise CheckpointError(f"{src} is a preset with random weights; convert a real checkpoint")
     loaded = _load(src, "float32", with_tokenizer=True)
     model = loaded.model.hf if isinstance(loaded.model, HFCausalLMAdapter) else loaded.model
-    return write_checkpoint(
-        hf_state_dict(model, loaded.hf_config), loaded.hf_config.to_dict(), loaded.tokenizer, dst, max_shard_bytes
-    )
+    config = loaded.hf_config.to_dict()
+    config["model_type"] = loaded.hf_config.model_type  # a plain PretrainedConfig (grok) keeps its own
+    return write_checkpoint(hf_state_dict(model, loaded.hf_config), config, loaded.tokenizer, dst, max_shard_bytes)
 
 
 def init_random(model: nn.Module, std: float = 0.02) -> None:

@@ -453,12 +453,17 @@ def cmd_plan(args) -> int:
         from bridge import checkpoints
 
         kind, path = checkpoints.resolve(args.checkpoint)
-        if kind != "dir":
-            raise UsageError("plan --checkpoint needs a HF checkpoint directory (or use --preset)")
-        import model_torch
+        if kind in checkpoints.STORED_LAYOUTS:  # the model as its files size it, on the meta device
+            model, _, hf_config = checkpoints.open_stored(kind, path)
+            what = (type(model), model.config, hf_config)
+        elif kind != "dir":
+            raise UsageError("plan --checkpoint needs a HF checkpoint directory, GPT-NeoX slim weights or Grok-1's "
+                             "ckpt-0 (or use --preset)")  # fmt: skip
+        else:
+            import model_torch
 
-        hf_config = checkpoints.load_config(path)
-        what = model_torch.config_from_hf(hf_config) or hf_config  # else transformers' own class
+            hf_config = checkpoints.load_config(path)
+            what = model_torch.config_from_hf(hf_config) or hf_config  # else transformers' own class
     result = planner.plan(what, mesh, scheme, dtype=args.dtype, mode=args.mode, batch=args.batch, seq=args.seq,
                           fallback=args.fallback, device_memory=memory, scan_layers=args.scan_layers)  # fmt: skip
     print(json.dumps(result, indent=2, default=str) if args.json else planner.format_plan(result))

@@ -5,9 +5,10 @@
     Generator(lifted).generate(["What is the capital of France?"], chat=True)
 
 ``open_model`` owns the choice between the two ways of getting weights onto the mesh:
-  * direct-to-mesh: each device's slice is read from the safetensors files straight into place
-    (``lift(..., stored=checkpoints.SafetensorsWeights)``; no full host copy). Used when several processes share the mesh
-    (each reads only its own slices), for a model_torch family without quantization;
+  * direct-to-mesh: each device's slice is read from the stored files straight into place
+    (``lift(..., stored=checkpoints.open_stored(...))``; no full host copy). Always for the published
+    layouts (GPT-NeoX slim weights, Grok-1's ckpt-0); for a HF directory of a model_torch family
+    without quantization when several processes share the mesh (each reads only its own slices);
   * load, then lift: the torch module is built and loaded on the host (``checkpoints.load``: any
     checkpoint kind, int8 quantization, transformers' own classes), then lifted and placed.
 The CLI, the examples and the benchmarks all open models through it.
@@ -53,11 +54,15 @@ def open_model(
         warnings.simplefilter("ignore")  # the fallback summary is the caller's to print, once
         kind, path = checkpoints.resolve(checkpoint)
         direct = implementation != "transformers" and quantize == "none"
-        if distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path):
-            model = checkpoints.meta_model(path, dtype)
-            stored = checkpoints.SafetensorsWeights(path, model.CHECKPOINT_RENAMES)
-            tokenizer = checkpoints.load_tokenizer(path) if with_tokenizer else None
-            hf_config = checkpoints.load_config(path)
+        if kind == "grok":  # stored int8: --quantize int8 says what it is already
+            direct = implementation != "transformers"
+        if kind in checkpoints.STORED_LAYOUTS and direct or (
+            distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path)
+        ):
+            model, stored, hf_config = checkpoints.open_stored(kind, path, dtype)
+            tokenizer = None
+            if with_tokenizer:
+                tokenizer = checkpoints.load_stored_tokenizer(kind, path) if kind != "dir" else checkpoints.load_tokenizer(path)
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
                                       implementation=implementation)  # fmt: skip

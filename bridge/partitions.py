@@ -1,8 +1,20 @@
-"""Megatron / GPT-NeoX tensor-parallel checkpoints: merge N partitions back into one state dict.
+"""Megatron / GPT-NeoX tensor-parallel checkpoints: GPT-NeoX-20B's "slim weights", opened as they are.
 
-GPT-NeoX-20B's "slim weights" are split 2 ways: ``layer_{i:02d}-model_{p:02d}-model_states.pt`` for
-partitions p, layer 0 the embedding, 2..(L+1) the transformer layers, L+3 the final norm, L+4 the
-readout. How each tensor merges is a table, like the sharding schemes: first matching rule wins.
+The published layout (EleutherAI/gpt-neox: ``tools/ckpts/convert_neox_to_hf.py``, ``merge20b.py``)::
+
+    DIR/latest                       "global_step150000"
+    DIR/configs/20B.yml              the GPT-NeoX YAML config (keys with - or _)
+    DIR/20B_tokenizer.json           a ``tokenizers`` file
+    DIR/global_step150000/layer_{i:02d}-model_{p:02d}-model_states.pt
+
+one ``torch.save`` dict per (pipeline layer i, tensor-parallel partition p): layer 0 the embedding,
+2..L+1 the transformer layers, L+3 the final norm, L+4 the readout (absent when the embedding is
+tied). How each tensor merges is a table, like the sharding schemes: first matching rule wins.
+
+``NeoXSlimWeights`` serves them as ``StoredWeights``: a device's slice of a column-parallel tensor is
+read from the partitions that hold its rows only (memory-mapped, one layer file at a time), so
+loading onto tp 2 places each partition where it already belongs, and nothing is merged in host
+memory. ``load_neox_partitions`` merges everything (``convert``).
 """
 
 from __future__ import annotations
@@ -11,9 +23,10 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
-from bridge.checkpoints import CheckpointError
+from bridge.checkpoints import CheckpointError, StoredWeights
 
 # (regex on the partition-local name, how to merge). Column-parallel tensors concatenate on dim 0,
 # row-parallel on dim 1; row-parallel biases were split as partial sums; norms are replicated copies.
@@ -165,3 +178,232 @@ def load_neox_partitions(directory, num_layers: int) -> dict[str, torch.Tensor]:
         merged = merge_partitions(parts, where=f" in layer file {layer:02d}")
         out.update({_to_hf(prefix, k): v for k, v in merged.items()})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The slim-weights directory: found by its files, configured by its YAML, read slice by slice
+# ---------------------------------------------------------------------------------------------------
+def _layer_files(directory: Path) -> dict[int, dict[int, Path]]:
+    files: dict[int, dict[int, Path]] = {}
+    for f in directory.iterdir() if directory.is_dir() else ():
+        m = LAYER_FILE.fullmatch(f.name)
+        if m:
+            files.setdefault(int(m.group(1)), {})[int(m.group(2))] = f
+    return files
+
+
+def find_neox(path: Path) -> Path | None:
+    """The directory holding the ``layer_XX-model_PP-model_states.pt`` files of ``path``: ``path``
+    itself, the step ``path/latest`` names, or its one ``global_step*`` directory; None if none."""
+    path = Path(path)
+    if _layer_files(path):
+        return path
+    latest = path / "latest"
+    if latest.is_file() and _layer_files(path / latest.read_text().strip()):
+        return path / latest.read_text().strip()
+    steps = sorted((d for d in path.glob("global_step*") if _layer_files(d)), key=lambda d: int(re.sub(r"\D", "", d.name) or 0))
+    return steps[-1] if steps else None
+
+
+def neox_yaml(layers_dir: Path) -> dict:
+    """The GPT-NeoX YAML config beside the step directory (``configs/*.yml``, merged as NeoX merges
+    several), keys normalised to ``_``."""
+    import yaml
+
+    for d in (layers_dir, layers_dir.parent, layers_dir.parent.parent):
+        ymls = sorted((d / "configs").glob("*.yml")) + sorted((d / "configs").glob("*.yaml")) or sorted(d.glob("*.yml"))
+        if ymls:
+            break
+    else:
+        raise CheckpointError(f"{layers_dir}: no GPT-NeoX config (configs/20B.yml) beside the partitions; "
+                              f"copy the configs/ directory of the release next to them")  # fmt: skip
+    merged = {}
+    for y in ymls:
+        try:
+            data = yaml.safe_load(y.read_text())
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{y} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if isinstance(data, dict):
+            merged.update({str(k).replace("-", "_"): v for k, v in data.items()})
+    return merged
+
+
+def neox_hf_config(neox: dict, vocab_size: int, where: str):
+    """transformers' ``GPTNeoXConfig`` from a GPT-NeoX YAML, as EleutherAI's ``convert_neox_to_hf.py``
+    builds it; the vocabulary size is the embedding's (padded) row count."""
+    from transformers import GPTNeoXConfig
+
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if k not in neox]
+    if missing:
+        raise CheckpointError(f"{where}: the GPT-NeoX config lacks {', '.join(missing)}")
+    for key, want in (("pos_emb", "rotary"), ("norm", "layernorm")):
+        if neox.get(key, want) != want:
+            raise CheckpointError(f"{where}: {key} {neox[key]!r} is not supported (GPT-NeoX models here use {want})")
+    if neox.get("gpt_j_tied", False):
+        raise CheckpointError(f"{where}: gpt_j_tied (one layer norm per block) is not supported")
+    hidden = neox["hidden_size"]
+    return GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=neox["num_layers"],
+        num_attention_heads=neox["num_attention_heads"],
+        intermediate_size=neox.get("intermediate_size", 4 * hidden),
+        max_position_embeddings=neox.get("max_position_embeddings", neox.get("seq_length", 2048)),
+        rotary_pct=neox.get("rotary_pct", 1.0), rotary_emb_base=neox.get("rotary_emb_base", 10000),
+        use_parallel_residual=neox.get("gpt_j_residual", False), layer_norm_eps=neox.get("layernorm_epsilon", 1e-5),
+        tie_word_embeddings=not neox.get("no_weight_tying", False), hidden_act=neox.get("activation", "gelu"),
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+
+
+def _load_partition(f: Path) -> dict:
+    """One partition file, memory-mapped (only the pages a slice touches are read), through
+    ``torch.load(weights_only=True)``: a file that asks to run code is refused."""
+    try:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a pre-1.6 (non-zip) torch.save file cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's UnpicklingError, zip and IO errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: refused or unreadable ({first}); a slim-weights partition holds only tensors") from None
+
+
+def _numpy(t: torch.Tensor):
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.contiguous().numpy()
+
+
+class NeoXSlimWeights(StoredWeights):
+    """GPT-NeoX slim weights as ``StoredWeights`` under transformers' GPT-NeoX names."""
+
+    def __init__(self, path: Path):
+        layers_dir = find_neox(path)
+        if layers_dir is None:
+            raise CheckpointError(f"{path} holds no layer_XX-model_PP-model_states.pt files")
+        self.dir, self.label = layers_dir, f"placing {layers_dir.name}"
+        self.neox = neox_yaml(layers_dir)
+        self.files = _layer_files(layers_dir)
+        counts = {len(v) for v in self.files.values()}
+        if len(counts) != 1:
+            raise CheckpointError(f"{layers_dir}: layers have different partition counts {sorted(counts)}")
+        self.partitions = counts.pop()
+        num_layers = self.neox.get("num_layers")
+        if not isinstance(num_layers, int):
+            raise CheckpointError(f"{layers_dir}: the GPT-NeoX config has no num_layers")
+        layout = neox_file_layout(num_layers)
+        if not self.neox.get("no_weight_tying", False):
+            layout.pop(num_layers + 4)  # tied: the readout is the embedding
+        missing = sorted(set(layout) - set(self.files))
+        if missing:
+            raise CheckpointError(f"{layers_dir}: no files for layers {missing} of a {num_layers}-layer model")
+        # name -> (file layer, name in the file, merge rule, per-partition shape)
+        self.where: dict[str, tuple[int, str, str, tuple]] = {}
+        for layer, prefix in layout.items():
+            part = _load_partition(self.files[layer][0])
+            for local, t in part.items():
+                if not NEOX_SKIP.search(local):
+                    self.where[_to_hf(prefix, local)] = (layer, local, _rule(local, NEOX_MERGE_RULES), tuple(t.shape))
+            del part
+        embed = self.where["gpt_neox.embed_in.weight"]
+        self.hf_config = neox_hf_config(self.neox, embed[3][0] * self.partitions, str(layers_dir))
+
+    def shapes(self):
+        out = {}
+        for name, (_, _, how, shape) in self.where.items():
+            d = {"concat0": 0, "concat1": 1}.get(how)
+            out[name] = shape if d is None else tuple(n * self.partitions if i == d else n for i, n in enumerate(shape))
+        return out
+
+    def read(self, name, index=()):
+        layer, local, how, shape = self.where[name]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        files = [self.files[layer][p] for p in sorted(self.files[layer])]
+        if how in ("concat0", "concat1"):
+            d = 0 if how == "concat0" else 1
+            size = shape[d]
+            full = range(size * self.partitions)
+            want = full[index[d]]
+            strided = want.step != 1
+            want = full if strided else want
+            pieces = []
+            for p, f in enumerate(files):  # only the partitions holding rows of this slice are opened
+                lo, hi = max(want.start, p * size), min(want.stop, (p + 1) * size)
+                if lo < hi or (not pieces and p == len(files) - 1):
+                    local_index = list(index)
+                    local_index[d] = slice(lo - p * size, max(lo, hi) - p * size)
+                    pieces.append(_numpy(_load_partition(f)[local][tuple(local_index)]))
+            out = np.concatenate(pieces, axis=d) if len(pieces) > 1 else pieces[0]
+            if strided:
+                out = out[(slice(None),) * d + (index[d],)]
+            return out
+        parts = [_numpy(_load_partition(f)[local][index]) for f in files]
+        if how == "sum":  # row-parallel biases: each partition's output carried a share (gpt_j_residual)
+            return np.sum(np.stack([p.astype(np.float32) for p in parts]), axis=0).astype(parts[0].dtype)
+        for i, p in enumerate(parts[1:], 1):  # "equal": replicated copies
+            if not np.array_equal(p, parts[0]):
+                raise CheckpointError(f"{name} in layer file {layer:02d}: partition {i} differs from partition 0; "
+                                      f"replicated tensors must be identical in every partition")  # fmt: skip
+        return parts[0]
+
+
+def write_neox_slim_weights(state: Mapping[str, torch.Tensor], hf_config, n: int, directory, step: int = 150000,
+                            tokenizer=None) -> Path:  # fmt: skip
+    """Writes a HF-named GPT-NeoX state dict as the published slim-weights layout, ``n``-way tensor
+    parallel (``latest``, ``configs/20B.yml``, ``global_step{step}/layer_XX-model_PP-model_states.pt``,
+    and ``20B_tokenizer.json`` when ``tokenizer`` is given), atomically. Each transformer layer file
+    also holds its ``attention.rotary_emb.inv_freq``, as the published ones do."""
+    import yaml
+
+    from bridge.files import atomic_directory
+
+    c = hf_config
+    rope = getattr(c, "rope_parameters", None) or {}
+    rotary_pct = rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    base = rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000))
+    neox = {
+        "vocab_file": "./20B_checkpoints/20B_tokenizer.json", "save": "./20B_checkpoints", "load": "./20B_checkpoints",
+        "pipe_parallel_size": 1, "model_parallel_size": n,
+        "num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size, "seq_length": c.max_position_embeddings,
+        "max_position_embeddings": c.max_position_embeddings, "norm": "layernorm", "pos_emb": "rotary",
+        "rotary_pct": rotary_pct, "rotary_emb_base": base, "no_weight_tying": not c.tie_word_embeddings,
+        "gpt_j_residual": c.use_parallel_residual, "output_layer_parallelism": "column",
+        "layernorm_epsilon": c.layer_norm_eps, "tokenizer_type": "HFTokenizer",
+    }  # fmt: skip
+    head_dim = c.hidden_size // c.num_attention_heads
+    rot = int(head_dim * rotary_pct)
+    inv_freq = 1.0 / (float(base) ** (torch.arange(0, rot, 2).float() / rot))
+    directory = Path(directory)
+    layout = neox_file_layout(c.num_hidden_layers)
+    if c.tie_word_embeddings:
+        layout.pop(c.num_hidden_layers + 4)
+    with atomic_directory(directory) as tmp:
+        steps = tmp.path / f"global_step{step}"
+        steps.mkdir()
+        for layer, prefix in layout.items():
+            local = {_from_hf(prefix, k): v for k, v in state.items() if k.startswith(prefix)}
+            for p, part in enumerate(split_state(local, n)):
+                if prefix.startswith("gpt_neox.layers."):
+                    part["attention.rotary_emb.inv_freq"] = inv_freq.clone()
+                torch.save(part, steps / f"layer_{layer:02d}-model_{p:02d}-model_states.pt")
+        (tmp.path / "configs").mkdir()
+        (tmp.path / "configs" / "20B.yml").write_text(yaml.safe_dump(neox, sort_keys=False))
+        (tmp.path / "latest").write_text(f"global_step{step}")
+        if tokenizer is not None:
+            tokenizer.backend_tokenizer.save(str(tmp.path / "20B_tokenizer.json"))
+        tmp.commit()
+    return directory
+
+
+def find_neox_tokenizer(layers_dir: Path, neox: dict) -> Path | None:
+    """The ``tokenizers`` file the YAML's ``vocab_file`` names, looked for beside the release."""
+    names = [Path(str(neox.get("vocab_file", ""))).name, "20B_tokenizer.json", "tokenizer.json"]
+    for d in (layers_dir, layers_dir.parent, layers_dir.parent.parent):
+        for n in names:
+            if n and (d / n).is_file() and n.endswith(".json"):
+                return d / n
+    return None

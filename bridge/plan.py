@@ -37,13 +37,14 @@ ACCELERATORS = {
 
 
 def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[int] = None):
-    """A model on the meta device: a preset name, (model_torch class, config), or a transformers
-    config (a family without a model_torch rewrite: transformers' own class behind the adapter)."""
+    """A model on the meta device: a preset name, (model_torch class, config[, hf config whose int8
+    mark says how it is stored]), or a transformers config (a family without a model_torch rewrite:
+    transformers' own class behind the adapter)."""
     torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     if isinstance(preset_or_config, str):
         cls, config = model_torch.PRESETS[preset_or_config]
     elif isinstance(preset_or_config, tuple):
-        cls, config = preset_or_config
+        cls, config, *stored_as = preset_or_config  # (cls, config[, the hf config of a stored layout])
     else:
         from bridge import checkpoints
 
@@ -54,7 +55,11 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
             config = dataclasses.replace(config, num_layers=num_layers)
         with torch.device("meta"):
             model = cls(config).to(torch_dtype)
-    if dtype == "int8":
+    if cls is not None and stored_as:
+        from bridge import checkpoints
+
+        checkpoints.as_stored(model, stored_as[0])  # e.g. Grok-1's ckpt-0: int8 but the embedding
+    if dtype == "int8" and not any(b.dtype == torch.int8 for b in model.buffers()):
         model_torch.common.quantize_int8(model)
     return model.eval()
 

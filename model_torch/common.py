@@ -188,23 +188,31 @@ class TiedHead(nn.Module):
         return tied_logits(self._embedding[0], x)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, embeddings: bool = True) -> nn.Module:
     """Swaps every ``nn.Linear`` / ``nn.Embedding`` for its int8 version, in place; returns the model.
 
     A head tied to the embedding (same weight tensor) becomes a ``TiedHead`` over the quantized table.
+    ``embeddings=False`` keeps embedding tables (and a head tied to one) in float, as grok-1's own
+    checkpoint stores them.
     """
-    embeddings: dict[int, QuantizedEmbedding] = {}
+    tables: dict[int, QuantizedEmbedding] = {}
+    kept: set[int] = set()  # float tables left as they are (and a head tied to one)
 
     def swap(module: nn.Module):
         for name, child in list(module.named_children()):
+            if isinstance(child, nn.Embedding) and not embeddings:
+                kept.add(id(child.weight))
+                continue
             if isinstance(child, nn.Embedding):
                 q = QuantizedEmbedding.from_embedding(child)
-                embeddings[id(child.weight)] = q
+                tables[id(child.weight)] = q
                 setattr(module, name, q)
             elif isinstance(child, Experts):
                 child.quantize()
+            elif isinstance(child, nn.Linear) and id(child.weight) in kept:
+                continue
             elif isinstance(child, nn.Linear):
-                tied = embeddings.get(id(child.weight))
+                tied = tables.get(id(child.weight))
                 if tied is not None and child.bias is None:
                     setattr(module, name, TiedHead(tied))
                 else:
