@@ -389,6 +389,11 @@ def check_checkpoint(
     one_device = open_model(checkpoint, devices=list(devices)[:1], scheme="replicated", dtype=dtype, quantize=quantize,
                             with_tokenizer=False, implementation=implementation, scan_layers=scan_layers)  # fmt: skip
     model = one_device.model
+    if any(t.is_meta for t in model.state_dict().values()):  # opened slice by slice (a published layout):
+        from bridge import checkpoints  # the eager reference needs the weights in host memory
+
+        model = checkpoints.load(checkpoint, dtype, with_tokenizer=False, quantize=quantize,
+                                 implementation=implementation).model  # fmt: skip
     vocab = model.config.vocab_size
     if input_ids is None:
         input_ids = np.random.default_rng(0).integers(0, vocab, 16).tolist()

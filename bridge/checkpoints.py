@@ -150,6 +150,13 @@ def load_tokenizer(path: Path):
     the usual research checkpoint): token ids need no tokenizer."""
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
+    if [f for f in TOKENIZER_FILES + ("tokenizer_config.json",) if (path / f).is_file()] == ["tokenizer.model"]:
+        from bridge.grok_checkpoint import SentencePieceTokenizer  # a bare SentencePiece model (grok-1's)
+
+        try:
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        except Exception as e:  # sentencepiece raises OSError / RuntimeError for a bad file
+            raise CheckpointError(f"{path / 'tokenizer.model'} is not a SentencePiece model ({e})") from None
     from transformers import AutoTokenizer
 
     try:
@@ -165,13 +172,10 @@ def load_config(path: Path):
 
     try:
         return AutoConfig.from_pretrained(path)
-    except ValueError:  # a model_type transformers lacks but model_torch has (grok): a plain config
-        own = _own_config(path)
-        if own is not None:
+    except Exception as e:  # JSONDecodeError, ValueError (unknown model_type), OSError, KeyError
+        own = _own_config(path) if isinstance(e, ValueError) else None
+        if own is not None:  # a model_type transformers lacks but model_torch has (grok): a plain config
             return own
-        raise CheckpointError(f"{path / 'config.json'}: transformers does not know its model_type and model_torch "
-                              f"has no such family") from None  # fmt: skip
-    except Exception as e:  # JSONDecodeError, OSError, KeyError
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path / 'config.json'} is not a usable transformers config ({msg}); "
                               f"write it with save_pretrained") from None  # fmt: skip
@@ -719,16 +723,7 @@ def load_stored_tokenizer(kind: str, path: Path):
         from bridge import grok_checkpoint
 
         found = grok_checkpoint.find_tokenizer(grok_checkpoint.find_ckpt(path))
-        if found is None:
-            return None
-        from transformers.convert_slow_tokenizer import SpmConverter
-
-        class _Spm:  # what SpmConverter reads from a slow tokenizer
-            vocab_file = str(found)
-            legacy = True
-
-        fast = SpmConverter(_Spm()).converted()
-        return PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]")
+        return None if found is None else grok_checkpoint.SentencePieceTokenizer(found)
     except CheckpointError:
         raise
     except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own errors

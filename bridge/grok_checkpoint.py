@@ -187,6 +187,35 @@ def find_tokenizer(ckpt: Path) -> Path | None:
     return None
 
 
+class SentencePieceTokenizer:
+    """A SentencePiece ``tokenizer.model`` (grok-1 reads its own with ``sentencepiece`` too) with the
+    parts of a transformers tokenizer generation uses: ``encode``, ``decode``, the special ids, no
+    chat template. (transformers 5.23's converter turns such a file into a tokenizer that encodes
+    nothing, so it is not used.)"""
+
+    chat_template = None
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        self.path = Path(path)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        ids = (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = (i if i >= 0 else None for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        special = {self.bos_token_id, self.eos_token_id, self.pad_token_id} if skip_special_tokens else set()
+        return self.sp.decode([int(i) for i in ids if int(i) not in special])
+
+    def save_pretrained(self, directory) -> None:
+        import shutil
+
+        shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
+
+
 class GrokCheckpoint(StoredWeights):
     """A ``ckpt-0`` directory as ``StoredWeights`` in our names. Each file is unpickled once per tensor
     it feeds and kept in a small cache while the devices' slices of that tensor are read (the load's

@@ -41,6 +41,7 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
     mark says how it is stored]), or a transformers config (a family without a model_torch rewrite:
     transformers' own class behind the adapter)."""
     torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    stored_as = ()
     if isinstance(preset_or_config, str):
         cls, config = model_torch.PRESETS[preset_or_config]
     elif isinstance(preset_or_config, tuple):

@@ -109,6 +109,42 @@ def test_opens_as_published_and_matches_the_safetensors_path(which, n, grok, neo
     assert tokens(lifted) == references[which]
 
 
+def test_tokenizers_beside_the_weights(tmp_path):
+    """grok-1's SentencePiece ``tokenizer.model`` at its repository root (encoding as sentencepiece
+    itself does), NeoX's ``tokenizers`` file named by the YAML's ``vocab_file``."""
+    import sentencepiece as spm
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    text = "The capital of France is Paris. Grok answers questions about the universe.\n" * 40
+    (tmp_path / "corpus.txt").write_text(text)
+    (tmp_path / "grok").mkdir()
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "grok" / "tokenizer"),
+                                   vocab_size=60, model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+                                   minloglevel=2)  # fmt: skip
+    (tmp_path / "grok" / "checkpoints" / "ckpt-0").mkdir(parents=True)
+    (tmp_path / "grok" / "checkpoints" / "ckpt-0" / "tensor00000_000").write_bytes(b"")
+    tok = checkpoints.load_stored_tokenizer("grok", tmp_path / "grok" / "checkpoints")
+    own = spm.SentencePieceProcessor(model_file=str(tmp_path / "grok" / "tokenizer.model"))
+    sentence = "The capital of France is Paris."
+    assert tok.encode(sentence) == own.encode(sentence) and tok.decode(own.encode(sentence)) == sentence
+    assert tok.eos_token_id == 2
+
+    words = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", "The", "capital", "is", "Paris"])}
+    backend = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=backend)
+    config = T.GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, tie_word_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        shapes = T.GPTNeoXForCausalLM(config).state_dict()
+    partitions.write_neox_slim_weights({k: torch.zeros(v.shape) for k, v in shapes.items()}, config, 2,
+                                       tmp_path / "neox", tokenizer=fast)  # fmt: skip
+    assert (tmp_path / "neox" / "20B_tokenizer.json").is_file()
+    tok = checkpoints.load_stored_tokenizer("neox", tmp_path / "neox")
+    assert tok.encode("The capital is Paris") == [2, 3, 4, 5] and tok.eos_token_id == 0
+
+
 def test_plan_accepts_both(grok, neox, capsys):
     from bridge import cli
 
