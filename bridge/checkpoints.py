@@ -30,6 +30,7 @@ from torch import nn
 import model_torch
 from model_torch.hf_adapter import HFCausalLMAdapter
 from bridge.errors import CheckpointError
+from bridge.stored import StoredWeights, check_keys  # noqa: F401 (re-exported: checkpoints.StoredWeights)
 
 log = logging.getLogger("torchax_bridge.checkpoints")
 
@@ -256,12 +257,39 @@ def stored_layout(path: Path) -> Optional[str]:
     return None
 
 
-def open_stored(kind: str, path: Path, dtype: str = "float32"):
+def opens_in_place(kind: str, path: Optional[Path], implementation: str = "auto") -> bool:
+    """Whether ``open_stored`` serves this checkpoint (a model_torch family: a preset, a HF directory
+    of one, a published layout), so its weights go onto the mesh tensor by tensor."""
+    if implementation == "transformers":
+        return False
+    return kind in ("preset", *STORED_LAYOUTS) or kind == "dir" and has_model_torch(path)
+
+
+def open_stored(kind: str, path: Optional[Path], dtype: str = "float32", quantize: str = "none",
+                preset: Optional[str] = None):  # fmt: skip
     """(model on the meta device in ``dtype``, its ``StoredWeights``, the transformers config to
-    save it with) for a HF directory of a model_torch family or a published layout. Nothing but
-    file headers (NeoX) or the four tensors that size the model (Grok-1) is read."""
+    save it with) for a preset, a HF directory of a model_torch family or a published layout.
+    Nothing but headers (safetensors, NeoX) or the four tensors that size the model (Grok-1) is
+    read. ``quantize="int8"``: the model in the int8 layout, each tensor quantized as it is read
+    (``QuantizingWeights``)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize not in QUANTIZE:
+        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    model, stored, hf_config = _open_stored(kind, path, dtype, preset)
+    if quantize == "int8" and not any(b.dtype == torch.int8 for b in model.buffers()):
+        from model_torch.common import quantize_int8
+
+        quantize_int8(model)
+        stored = QuantizingWeights(stored, model)
+    return model, stored, hf_config
+
+
+def _open_stored(kind, path, dtype, preset):
+    if kind == "preset":
+        with torch.device("meta"):
+            model = model_torch.from_preset(preset).to(DTYPES[dtype]).eval()
+        return model, RandomWeights(model), None
     if kind == "dir":
         model = meta_model(path, dtype)
         return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES), load_config(path)
@@ -442,30 +470,6 @@ class TensorSource:
         return out[index] if index else out
 
 
-class StoredWeights:
-    """Weights a checkpoint stores, by the model's parameter names, read a slice at a time: what
-    ``lift(..., stored=...)`` places straight onto a mesh (``weight_plan.load_weights``), each
-    device's slice read on its own. A layout (safetensors, NeoX partitions, Grok-1's ckpt-0)
-    subclasses it with the renaming table between its stored names and the model's."""
-
-    label = "placing weights"  # the progress bar's
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """model name -> stored shape, for every tensor stored."""
-        raise NotImplementedError
-
-    def read(self, name: str, index: tuple = ()):
-        """``tensor[index]`` of the model's weight ``name`` as a numpy array (``index``: a tuple of
-        slices, as ``jax.make_array_from_callback`` passes them)."""
-        raise NotImplementedError
-
-    def check(self, model: nn.Module, names) -> None:
-        """The stored names and shapes against ``model``'s state dict (``names``: the ones the
-        lifted program reads; a tied weight stored once may be missing)."""
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_keys(expected, self.shapes(), set(expected) - set(names))
-
-
 class SafetensorsWeights(StoredWeights):
     """A HF directory's tensor files (safetensors, or a torch state dict), renamed into the model's
     names by its ``CHECKPOINT_RENAMES``."""
@@ -480,6 +484,123 @@ class SafetensorsWeights(StoredWeights):
 
     def read(self, name, index=()):
         return self.source.read(self.stored[name], tuple(index))
+
+
+class QuantizingWeights(StoredWeights):
+    """Float ``stored`` weights served as ``model``'s int8 layout (``quantize_int8``: int8 ``weight`` +
+    per-output-channel ``scale``), one tensor at a time: each float tensor is read, quantized and
+    kept only while its devices' slices are placed, so the full-precision model never exists in host
+    memory. The numerics are ``quantize_int8``'s (the same rows, the same rounding, the scale in the
+    model's dtype), so both paths place the same arrays."""
+
+    def __init__(self, stored: StoredWeights, model: nn.Module):
+        import threading
+        from collections import OrderedDict
+
+        self.stored, self.label = stored, stored.label
+        state = model.state_dict()
+        self.int8 = {k for k, v in state.items() if v.dtype == torch.int8}
+        self.scale_of = {}  # scale name -> its weight's name
+        for k in self.int8:
+            scale = k[: -len(".weight")] + ".scale" if k.endswith(".weight") else k + "_scale"
+            if scale not in state:
+                raise CheckpointError(f"{k} is int8 without a scale ({scale}) in the model")
+            self.scale_of[scale] = k
+        self.dtypes = {k: state[k].dtype for k in self.scale_of}
+        self._lock, self._cache = threading.Lock(), OrderedDict()
+
+    def check(self, model, names) -> None:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        stored = self.stored.shapes()
+        found = {k: v for k, v in stored.items()}
+        found.update({k: (stored[w][0], *stored[w][1:-1]) if w in stored else () for k, w in self.scale_of.items()})
+        check_keys(expected, found, set(expected) - set(names))
+
+    def shapes(self):
+        stored = self.stored.shapes()
+        return {**stored, **{k: tuple(stored[w][:-1]) for k, w in self.scale_of.items() if w in stored}}
+
+    def _quantized(self, weight: str, scale: str):
+        from model_torch.common import _quantize_rows
+
+        with self._lock:
+            if weight in self._cache:
+                self._cache.move_to_end(weight)
+                return self._cache[weight]
+        import numpy as np
+
+        a = np.ascontiguousarray(self.stored.read(weight))
+        w = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
+        w = w.to(self.dtypes[scale])  # quantized from the model's dtype, as quantize_int8 on a loaded model
+        q, sc = _quantize_rows(w.reshape(-1, w.shape[-1]))
+        out = (q.reshape(w.shape).numpy(), sc.reshape(w.shape[:-1]).float().numpy())
+        with self._lock:
+            self._cache[weight] = out
+            while len(self._cache) > 2:  # the loader's two tensors in flight
+                self._cache.popitem(last=False)
+        return out
+
+    def read(self, name, index=()):
+        if name in self.int8:
+            scale = next(k for k, w in self.scale_of.items() if w == name)
+            return self._quantized(name, scale)[0][tuple(index)]
+        if name in self.scale_of:
+            return self._quantized(self.scale_of[name], name)[1][tuple(index)]
+        return self.stored.read(name, index)
+
+
+class RandomWeights(StoredWeights):
+    """A preset's random weights (``init_random``'s: normal(0, std), norm scales one, zero biases),
+    made per tensor in the order a device asks for them, never as a whole model first. Each tensor
+    comes from its own generator, seeded by its name, so every device and every path (this one and
+    ``init_random`` on a host module) sees the same values."""
+
+    def __init__(self, model: nn.Module, std: float = 0.02, seed: int = 0):
+        import threading
+        from collections import OrderedDict
+
+        self.model_shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
+        buffers = [k for k, _ in model.named_buffers() if k in model.state_dict()]
+        if buffers:
+            raise CheckpointError(f"{type(model).__name__} has stored buffers ({buffers[0]}, ...) that random "
+                                  f"weights cannot make; build it on the host instead")  # fmt: skip
+        self.kind = {k: _init_kind(k, len(s)) for k, s in self.model_shapes.items()}
+        self.std, self.seed, self.label = std, seed, "making random weights"
+        self._lock, self._cache = threading.Lock(), OrderedDict()
+
+    def shapes(self):
+        return dict(self.model_shapes)
+
+    def read(self, name, index=()):
+        with self._lock:
+            whole = self._cache.get(name)
+        if whole is None:
+            whole = random_tensor(name, self.model_shapes[name], self.kind[name], self.std, self.seed)
+            with self._lock:
+                self._cache[name] = whole
+                while len(self._cache) > 2:
+                    self._cache.popitem(last=False)
+        return whole[tuple(index)]
+
+
+def _init_kind(name: str, ndim: int) -> str:
+    if ndim == 1 and "norm" in name:
+        return "ones" if name.endswith("weight") else "zeros"
+    return "normal"
+
+
+def random_tensor(name: str, shape, kind: str, std: float, seed: int = 0):
+    """One tensor of ``init_random``: float32 numpy, from a generator seeded by (seed, the name)."""
+    import zlib
+
+    import numpy as np
+
+    if kind == "zeros":
+        return np.zeros(shape, np.float32)
+    if kind == "ones":
+        return np.ones(shape, np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
 def meta_model(path: Path, dtype: str = "float32") -> nn.Module:
@@ -542,25 +663,6 @@ def rename_keys(state: dict, rules, verbose: bool = False) -> dict:
     return out
 
 
-def check_keys(expected, found, optional=frozenset()) -> None:
-    """Checkpoint names and shapes against the model's: one error listing every missing and
-    unexpected key, else one naming the first shape mismatch. ``expected``/``found``: name -> shape;
-    ``optional``: model names the checkpoint may leave out (a tied head, exclude rules)."""
-    missing = sorted(set(expected) - set(found) - set(optional))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        def some(keys):  # one line stays readable: the first few keys and how many in all
-            return "none" if not keys else f"{keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
-
-        raise CheckpointError(
-            f"checkpoint keys do not match the model: missing in checkpoint: {some(missing)}; "
-            f"unexpected in checkpoint: {some(unexpected)}"
-        )
-    for name, shape in found.items():
-        if tuple(expected[name]) != tuple(shape):
-            raise CheckpointError(f"shape mismatch for {name}: checkpoint {list(shape)}, model {list(expected[name])}")
-
-
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], renames=(), excludes=()) -> nn.Module:
     """``load_state_dict(strict=True)`` with restore rules, as grok-1's checkpoint loader has them.
 
@@ -621,9 +723,14 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str
     torch_dtype = DTYPES[dtype]
     if kind == "preset" and implementation == "transformers":
         raise CheckpointError(f"{checkpoint} is a model_torch preset; --implementation transformers needs a checkpoint")
-    if kind == "preset":
-        torch.manual_seed(0)
-        model = model_torch.from_preset(checkpoint).to(torch_dtype).eval()
+    if kind == "preset":  # built on the meta device, then each tensor made in place in the target dtype
+        with torch.device("meta"):
+            model = model_torch.from_preset(checkpoint).to(torch_dtype)
+        tied = model.tied_parameters()
+        model = model.to_empty(device="cpu").eval()
+        for name, target in tied.items():
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, model.get_parameter(target))
         init_random(model)
         return Loaded(model, None, checkpoint, model.config.model_type)
     if kind in STORED_LAYOUTS:
@@ -748,10 +855,8 @@ def convert(src: str, dst, max_shard_bytes: int = 2 << 30) -> Path:
 
 
 def init_random(model: nn.Module, std: float = 0.02) -> None:
-    """Deterministic small random weights for presets (norm scales at one)."""
+    """Deterministic small random weights for presets (norm scales at one, norm biases zero, every
+    other parameter normal(0, std)), tensor by tensor as ``RandomWeights`` makes them."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, std)
+            p.copy_(torch.from_numpy(random_tensor(name, tuple(p.shape), _init_kind(name, p.dim()), std)))

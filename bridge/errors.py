@@ -29,3 +29,7 @@ class ShardingError(BridgeError):
 
 class LaunchError(BridgeError):
     """A multi-process launch cannot start."""
+
+
+class DoesNotFit(BridgeError):
+    """What was asked for needs more memory than the devices that would hold it have."""

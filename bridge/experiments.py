@@ -73,8 +73,9 @@ def default_schemes(model, devices, mesh=None, fallback="error") -> tuple[list[s
 
 
 def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference=None, fallback="error", mesh=None,
-               scan_layers: bool | None = None, lifted=None) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
-    """One row: ``model`` lifted under ``scheme_name`` on ``devices`` (``lifted``: already lifted so)."""
+               scan_layers: bool | None = None, lifted=None, stored=None) -> tuple[Row, Optional[np.ndarray]]:  # fmt: skip
+    """One row: ``model`` lifted under ``scheme_name`` on ``devices`` (``lifted``: already lifted so;
+    ``stored``: the weights' source when ``model`` is on the meta device)."""
     scheme = sharding.get_scheme(scheme_name)
     try:
         overrides = {k: v for k, v in (mesh or {}).items() if k in scheme.axis_names}
@@ -82,7 +83,7 @@ def run_scheme(model, scheme_name, devices, mode, batch, seq, repeats, reference
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if lifted is None:
-                lifted = lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers)
+                lifted = lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers, stored=stored)
             mesh = lifted.mesh
     except sharding.ShardingError as e:
         return Row(scheme.name, "-", status=f"does not fit: {e}"), None
@@ -163,6 +164,7 @@ def compare(
     say(f"[reference] replicated on 1 device: compiling and running {mode} ...")
     opened = model if isinstance(model, LiftedModule) else None
     model = opened.model if opened is not None else model
+    stored = opened.stored if opened is not None else None
     ref_row, reference = run_scheme(model, "replicated", devices[:1], mode, batch, seq, 1, lifted=opened)
     if opened is not None:
         opened.weights = {}  # consumed: the one-device copy is not held while the schemes run
@@ -171,7 +173,8 @@ def compare(
     for i, name in enumerate(schemes, 1):
         t0 = time.perf_counter()
         say(f"[{i}/{len(schemes)}] {name}: placing, compiling, {repeats} timed runs ...")
-        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback, mesh, scan_layers)
+        row, _ = run_scheme(model, name, devices, mode, batch, seq, repeats, reference, fallback, mesh, scan_layers,
+                            stored=stored)
         rows.append(row)
         verdict = "done" if row.status == "ok" else "does not fit"
         say(f"[{i}/{len(schemes)}] {name}: {verdict} in {time.perf_counter() - t0:.1f} s")

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.checkpoints import CheckpointError, StoredWeights
+from bridge.errors import CheckpointError
+from bridge.stored import StoredWeights
 
 CKPT_DIR = "ckpt-0"
 PER_LAYER = 12
@@ -322,7 +323,7 @@ class GrokCheckpoint(StoredWeights):
     def check(self, model, names) -> None:
         """Names now; each shape when its file is read (reading every file to check shapes first would
         read the whole checkpoint twice)."""
-        from bridge.checkpoints import check_keys
+        from bridge.stored import check_keys
 
         self._expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_keys(self._expected, {k: self._expected.get(k, ()) for k in self.sources})

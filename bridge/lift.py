@@ -97,6 +97,7 @@ class LiftedModule:
 
     def __post_init__(self):
         self._calls = {}
+        self.stored = None  # the checkpoints.StoredWeights it was placed from, if it was
 
     def input_sharding(self, batch: int, rank: int = 2) -> NamedSharding:
         return NamedSharding(self.mesh, sharding.batch_spec(self.scheme, self.mesh, batch, rank))
@@ -243,6 +244,7 @@ def lift(
     """
     scan_layers = scan.scans(model, scan_layers)
     plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
+    weight_plan.check_fits(plan, mesh)
     if stored is None:
         weights, fn = extract(model)
         placed = weight_plan.place_weights(plan, weights, mesh)
@@ -251,7 +253,9 @@ def lift(
         names, fn = extract_fn(model)
         stored.check(model, names)
         placed = weight_plan.load_weights(plan, stored.read, mesh, stored.label)
-    return lifted_from_plan(model, fn, placed, mesh, plan)
+    lifted = lifted_from_plan(model, fn, placed, mesh, plan)
+    lifted.stored = stored  # a model on the meta device is lifted again (other meshes) from its source
+    return lifted
 
 
 def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.WeightPlan) -> LiftedModule:
@@ -269,7 +273,15 @@ def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.Wei
 def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies: int = 1):
     """The extracted ``fn`` as every ``Lifted`` runs it: traced with kv heads repeated (when they
     are), activations pinned (when the scheme asks), logits cut back to the true vocab (when it
-    was padded)."""
+    was padded), and the lowerings told the mesh's size (``lowerings.on_mesh``)."""
+    from bridge import lowerings
+
+    traced = fn
+
+    def fn(weights, args, kwargs=None):
+        with lowerings.on_mesh(mesh.size):
+            return traced(weights, args, kwargs)
+
     if copies > 1:
         inner = fn
 

@@ -20,6 +20,8 @@ torchax user in the bridge lowers the same way (the torchax shim only makes torc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -38,16 +40,66 @@ def materialized(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([x, jnp.zeros_like(x)]).sum(0)
 
 
+# The number of devices of the program being traced (``Lifted`` programs set it: ``on_mesh``).
+_mesh_size = contextvars.ContextVar("lowerings_mesh_size", default=0)
+
+
+@contextlib.contextmanager
+def on_mesh(size: int):
+    """Products traced inside belong to a program over ``size`` devices."""
+    token = _mesh_size.set(size)
+    try:
+        yield
+    finally:
+        _mesh_size.reset(token)
+
+
+# XLA:CPU computes a product with 16-bit or int8 weights by converting the whole weight to f32 first,
+# and its scheduler keeps the converted copies of many weights alive together: Llama-3-8B bf16
+# prefill planned 28.8 GiB of temporaries for its 15 GiB of weights. One device's product with such a
+# weight and more rows than a matrix-vector (which fuses the conversion) is computed tile by tile:
+# each tile of the weight converted after the previous tile's product, so one tile is the copy.
+TILE_BYTES = 64 << 20
+
+
+def _low_precision(weight) -> bool:
+    return weight.dtype in (jnp.bfloat16, jnp.float16, jnp.int8)
+
+
+def tiled_product(x: jnp.ndarray, weight: jnp.ndarray, dtype) -> jnp.ndarray:
+    """``x @ weight.T`` with ``weight`` converted to ``dtype`` one tile of rows at a time (at most
+    ``TILE_BYTES`` converted), each tile ordered after the product before it."""
+    out, inn = weight.shape
+    rows = max(1, TILE_BYTES // (inn * jnp.dtype(jnp.float32).itemsize))
+    pieces, after = [], x
+    for a in range(0, out, rows):
+        (tile,) = ordered_after([weight[a : a + rows]], after)
+        y = jnp.dot(x, tile.astype(dtype).T, preferred_element_type=jnp.float32)
+        pieces.append(y)
+        after = y
+    return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+
+def _product(x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+    """``x @ weight.T`` in ``x``'s dtype for a weight of any dtype (int8: unscaled)."""
+    rows = math.prod(x.shape[:-1])
+    if cpu_kernels.active() and cpu_kernels.takes(x, weight):  # batched decode on one CPU device
+        return cpu_kernels.small_batch_matmul(x, weight)
+    if rows > 1 and _low_precision(weight) and _mesh_size.get() == 1 and jax.default_backend() == "cpu":
+        compute = jnp.float32 if weight.dtype == jnp.int8 or x.dtype == jnp.float32 else x.dtype
+        return tiled_product(x, weight, compute).astype(x.dtype)
+    if weight.dtype == jnp.int8:
+        return x @ weight.astype(x.dtype).T  # fused into the matrix-vector loop or the GEMM
+    if weight.dtype == jnp.bfloat16:
+        return jnp.dot(x, weight.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return x @ weight.T
+
+
 def linear(x: jnp.ndarray, weight: jnp.ndarray, bias: jnp.ndarray | None = None) -> jnp.ndarray:
     """``F.linear``: ``x @ weight.T + bias`` with weight ``[out, in]``."""
     if math.prod(x.shape[:-1]) == 1:  # one token: a matrix-vector product (decode)
         x = materialized(x)
-    if cpu_kernels.active() and cpu_kernels.takes(x, weight):  # batched decode on one CPU device
-        y = cpu_kernels.small_batch_matmul(x, weight)
-    elif weight.dtype == jnp.bfloat16:
-        y = jnp.dot(x, weight.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    else:
-        y = x @ weight.T
+    y = _product(x, weight)
     return y if bias is None else y + bias
 
 
@@ -63,13 +115,12 @@ def ordered_after(values: list, first: jnp.ndarray) -> list:
 
 def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
     """``model_torch.common.int8_linear``: ``(x @ weight^T) * scale``. Batched decode on one CPU
-    device reads the int8 weight in the small-batch kernel; otherwise the weight is converted and
-    XLA fuses the conversion into its matrix-vector loop (1 row) or its GEMM."""
-    if cpu_kernels.active() and cpu_kernels.takes(x, weight):
-        y = cpu_kernels.small_batch_matmul(x, weight)
-    else:
-        y = linear(x, weight.astype(x.dtype))
-    return y * scale.astype(x.dtype)
+    device reads the int8 weight in the small-batch kernel; a longer input on one CPU device
+    converts it tile by tile (``tiled_product``); otherwise XLA fuses the conversion into its
+    matrix-vector loop (1 row) or its GEMM."""
+    if math.prod(x.shape[:-1]) == 1:
+        x = materialized(x)
+    return _product(x, weight) * scale.astype(x.dtype)
 
 
 def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:

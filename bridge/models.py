@@ -5,12 +5,13 @@
     Generator(lifted).generate(["What is the capital of France?"], chat=True)
 
 ``open_model`` owns the choice between the two ways of getting weights onto the mesh:
-  * direct-to-mesh: each device's slice is read from the stored files straight into place
-    (``lift(..., stored=checkpoints.open_stored(...))``; no full host copy). Always for the published
-    layouts (GPT-NeoX slim weights, Grok-1's ckpt-0); for a HF directory of a model_torch family
-    without quantization when several processes share the mesh (each reads only its own slices);
-  * load, then lift: the torch module is built and loaded on the host (``checkpoints.load``: any
-    checkpoint kind, int8 quantization, transformers' own classes), then lifted and placed.
+  * in place (every model_torch family: presets, HF directories of one, GPT-NeoX slim weights,
+    Grok-1's ckpt-0): the model is built on the meta device and each device's slice of each tensor is
+    read (or made, for a preset; quantized, for int8) straight into place
+    (``lift(..., stored=checkpoints.open_stored(...))``): the full model never exists in host memory,
+    and with several processes each reads only its own slices;
+  * load, then lift: the torch module is built and loaded on the host (``checkpoints.load``: GGUF
+    files, transformers' own classes), then lifted and placed.
 The CLI, the examples and the benchmarks all open models through it.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from bridge import checkpoints, devices as device_setup, distributed
+from bridge import checkpoints, devices as device_setup
 from bridge.lift import Lifted, lift
 
 
@@ -53,15 +54,10 @@ def open_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback summary is the caller's to print, once
         kind, path = checkpoints.resolve(checkpoint)
-        direct = implementation != "transformers" and quantize == "none"
-        if kind == "grok":  # stored int8: --quantize int8 says what it is already
-            direct = implementation != "transformers"
-        if kind in checkpoints.STORED_LAYOUTS and direct or (
-            distributed.configured() and kind == "dir" and direct and checkpoints.has_model_torch(path)
-        ):
-            model, stored, hf_config = checkpoints.open_stored(kind, path, dtype)
+        if checkpoints.opens_in_place(kind, path, implementation):
+            model, stored, hf_config = checkpoints.open_stored(kind, path, dtype, quantize, preset=checkpoint)
             tokenizer = None
-            if with_tokenizer:
+            if with_tokenizer and kind != "preset":
                 tokenizer = checkpoints.load_stored_tokenizer(kind, path) if kind != "dir" else checkpoints.load_tokenizer(path)
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,

@@ -26,7 +26,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from bridge.checkpoints import CheckpointError, StoredWeights
+from bridge.errors import CheckpointError
+from bridge.stored import StoredWeights
 
 # (regex on the partition-local name, how to merge). Column-parallel tensors concatenate on dim 0,
 # row-parallel on dim 1; row-parallel biases were split as partial sums; norms are replicated copies.
