@@ -50,6 +50,11 @@ _SYMBOLS = {TARGET: "small_batch_matmul", STACKED_TARGET: "small_batch_matmul_st
             CACHE_SCORES: "cache_scores", CACHE_MIX: "cache_mix"}  # fmt: skip
 MAX_ROWS = 16  # the kernel's limit; past it XLA's GEMM is compute-bound anyway
 MIN_ROWS = 2  # 1 row stays XLA's matrix-vector loop: 19-22 GB/s against the kernel's 17 (Zen 3, AVX2)
+# ... unless the weight's rows are this long: from K = 4096 (3584 does not) XLA:CPU re-lays-out the
+# whole weight on every matrix-vector call (a temporary of its f32 size: Llama-3-8B bf16 decode
+# planned 28 GiB of them) and reads 0.7 GB/s (bf16) / 1.3 GB/s (f32) on [4096, 4096]; the kernel
+# reads it in place at 19.5 / 27.7 GB/s (Zen 3, AVX2, one call in a jit, same run).
+ONE_ROW_MIN_K = 4096
 SWITCH = "TORCHAX_BRIDGE_CPU_KERNELS"  # 0: off; native (the default) or avx2: which build
 SOURCE = Path(__file__).resolve().parent / "kernels" / "small_batch_matmul.cc"
 FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC"]
@@ -266,7 +271,8 @@ def takes_rows(rows: int) -> bool:
 def takes(x: jnp.ndarray, w: jnp.ndarray) -> bool:
     """Whether ``small_batch_matmul`` computes ``x @ w.T`` for these operands."""
     rows = x.size // x.shape[-1] if x.ndim else 0
-    return (takes_rows(rows) and w.ndim == 2 and w.shape[1] == x.shape[-1]
+    rows_ok = takes_rows(rows) or rows == 1 and w.ndim == 2 and w.shape[1] >= ONE_ROW_MIN_K
+    return (rows_ok and w.ndim == 2 and w.shape[1] == x.shape[-1]
             and x.dtype in (jnp.float32, jnp.bfloat16) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.int8))  # fmt: skip
 
 

@@ -211,7 +211,9 @@ class StackRunner:
         # With the CPU small-batch kernels the layer's weights and cache are sliced in the body,
         # where the kernels read them from the stack in place (``cpu_kernels.layer_slice``); scan's
         # own slicing of ``xs`` would hand them a copy of every layer's weights on every step.
-        by_index = cpu_kernels.active() and cpu_kernels.takes_rows(x.shape[0] * x.shape[1])
+        rows = x.shape[0] * x.shape[1]
+        by_index = cpu_kernels.active() and (cpu_kernels.takes_rows(rows) or rows == 1 and any(
+            w.ndim == 3 and w.shape[-1] >= cpu_kernels.ONE_ROW_MIN_K for w in params.values()))  # fmt: skip
         xs = (jnp.arange(len(layers)), None) if by_index else (params, cache)
 
         def body(h, xs):
