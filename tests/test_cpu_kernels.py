@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sharding
-from bridge import cpu_kernels
+from bridge import checkpoints, cpu_kernels
 from bridge.generate import Generator
 from bridge.lift import lift
 from tests.test_generate import hf_twin
@@ -188,6 +188,28 @@ def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkey
     assert off.generate_ids(prompts, 8).token_ids == tokens
     assert not any(t in compiled_text(off) for t in cpu_kernels.TARGETS)
     assert cpu_kernels.why_unavailable() == f"{cpu_kernels.SWITCH}=0"
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_one_row_with_long_weight_rows_uses_the_kernel(kernel, scan_layers, devices, monkeypatch):
+    """Batch 1 with 4096-wide weight rows (Llama-3-8B's width): XLA:CPU would re-lay-out every such
+    weight on every step, so the kernel reads them; the logits of each step equal XLA's own run
+    (kernels off) within fp32 tolerance and the greedy tokens are the same."""
+    import model_torch
+
+    torch.manual_seed(0)
+    model = model_torch.from_preset("tiny-llama", hidden_size=cpu_kernels.ONE_ROW_MIN_K, num_heads=32, num_kv_heads=8,
+                                    head_dim=128, intermediate_size=64, num_layers=2).eval()  # fmt: skip
+    checkpoints.init_random(model)
+    mesh = sharding.mesh_for("tp", 1, devices=devices)
+    on = Generator(lift(model, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[], after_request=())
+    tokens = on.generate_ids([[3, 4, 5, 6]], 6).token_ids
+    target = cpu_kernels.target(cpu_kernels.STACKED_TARGET) if scan_layers else f'"{cpu_kernels.target(cpu_kernels.TARGET)}"'
+    assert target in compiled_text(on)
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    off = Generator(lift(model, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[], after_request=())
+    assert off.generate_ids([[3, 4, 5, 6]], 6).token_ids == tokens
+    assert not any(t in compiled_text(off) for t in cpu_kernels.TARGETS)
 
 
 def test_a_failed_build_leaves_xla_dots_and_says_why(monkeypatch):
