@@ -267,6 +267,7 @@ class Generator:
         padded = pad_prompts(prompt_ids, max_new_tokens, self.context, self.pad_id, truncate)
         ids, positions, key_mask, pads, cache_len = padded.ids, padded.positions, padded.key_mask, padded.pads, padded.cache_len
         batch, plen = ids.shape
+        kv_cache.check_fits(self.lifted, batch, cache_len)  # before compiling, not an XLA OOM minutes later
         in_shard = self.lifted.input_sharding(batch)
         from sharding import put_global, to_host
 

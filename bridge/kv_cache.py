@@ -82,3 +82,18 @@ def is_stacked(cache) -> bool:
 def bytes_per_device(lifted, batch: int, seq: int) -> int:
     return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
                for s in jax.tree.leaves(layout(lifted, batch, seq)))  # fmt: skip
+
+
+def check_fits(lifted, batch: int, seq: int) -> None:
+    """Refuses, before compiling, a request whose KV cache cannot fit beside the placed weights."""
+    from bridge.errors import DoesNotFit
+    from bridge.weight_plan import device_memory
+
+    memory = device_memory(lifted.mesh)
+    if memory is None:
+        return
+    have, sharing, where = memory
+    need = bytes_per_device(lifted, batch, seq) * sharing
+    if need > have:
+        raise DoesNotFit(f"a KV cache for {batch} row(s) x {seq} positions needs {need / 2**30:.1f} GiB but, beside the "
+                         f"weights, {where}; use fewer rows or a shorter prompt / --max-new-tokens, or --quantize int8")  # fmt: skip

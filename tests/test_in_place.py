@@ -64,6 +64,22 @@ def test_weights_that_cannot_fit_are_refused_before_placing(monkeypatch, devices
         open_model("tiny-llama", devices=1, with_tokenizer=False)
 
 
+def test_a_kv_cache_that_cannot_fit_is_refused_before_compiling(monkeypatch, devices):
+    import psutil
+
+    from bridge.generate import Generator
+
+    gen = Generator(open_model("tiny-llama", devices=1, with_tokenizer=False), after_request=())
+
+    class Tight:
+        available = 1 << 10
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    with pytest.raises(DoesNotFit, match=r"a KV cache for 2 row\(s\) x \d+ positions needs"):
+        gen.generate_ids([[1, 2, 3], [4, 5, 6]], 4)
+    assert not gen._compiled  # refused before anything compiled
+
+
 def test_the_8b_preset_that_cannot_fit_is_refused_in_seconds():
     """Llama-3-8B in float32 replicated on 8 CPU devices is 8 copies of 29.9 GiB in this host's
     memory: one line, exit 2, nothing built (no machine that runs this suite has 240 GiB free)."""
