@@ -508,6 +508,7 @@ class QuantizingWeights(StoredWeights):
             self.scale_of[scale] = k
         self.dtypes = {k: state[k].dtype for k in self.scale_of}
         self._lock, self._cache = threading.Lock(), OrderedDict()
+        self._shapes = None
 
     def check(self, model, names) -> None:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -517,36 +518,59 @@ class QuantizingWeights(StoredWeights):
         check_keys(expected, found, set(expected) - set(names))
 
     def shapes(self):
-        stored = self.stored.shapes()
-        return {**stored, **{k: tuple(stored[w][:-1]) for k, w in self.scale_of.items() if w in stored}}
+        if self._shapes is None:
+            stored = self.stored.shapes()
+            self._shapes = {**stored, **{k: tuple(stored[w][:-1]) for k, w in self.scale_of.items() if w in stored}}
+        return self._shapes
 
-    def _quantized(self, weight: str, scale: str):
+    # Rows quantized per torch call: _quantize_rows makes several f32 temporaries of its input, which
+    # on Llama-3-8B's [128256, 4096] head whole were 2 GiB each, for two tensors in flight.
+    CHUNK_ROWS = 2048
+
+    def _quantized(self, weight: str, scale: str, lead: tuple):
+        """(int8 rows, their scales) of ``weight[lead]`` over its whole last dim (a row's scale needs
+        the whole row), read and quantized chunk by chunk; the last few are kept for the scale's
+        read and the other devices' column slices."""
         from model_torch.common import _quantize_rows
 
+        key = (weight, repr(lead))
         with self._lock:
-            if weight in self._cache:
-                self._cache.move_to_end(weight)
-                return self._cache[weight]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         import numpy as np
 
-        a = np.ascontiguousarray(self.stored.read(weight))
-        w = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
-        w = w.to(self.dtypes[scale])  # quantized from the model's dtype, as quantize_int8 on a loaded model
-        q, sc = _quantize_rows(w.reshape(-1, w.shape[-1]))
-        out = (q.reshape(w.shape).numpy(), sc.reshape(w.shape[:-1]).float().numpy())
+        a = np.asarray(self.stored.read(weight, lead + (slice(None),)))
+        flat = a.reshape(-1, a.shape[-1])
+        q = np.empty(flat.shape, np.int8)
+        sc = np.empty(flat.shape[0], np.float32)
+        for r in range(0, flat.shape[0], self.CHUNK_ROWS):
+            block = flat[r : r + self.CHUNK_ROWS]
+            w = torch.from_numpy(block.view(np.int16)).view(torch.bfloat16) if block.dtype.name == "bfloat16" else torch.from_numpy(block)
+            qb, sb = _quantize_rows(w.to(self.dtypes[scale]))  # from the model's dtype, as quantize_int8 on a loaded model
+            q[r : r + len(block)], sc[r : r + len(block)] = qb.numpy(), sb.float().numpy()
+        out = (q.reshape(a.shape), sc.reshape(a.shape[:-1]))
         with self._lock:
-            self._cache[weight] = out
-            while len(self._cache) > 2:  # the loader's two tensors in flight
+            self._cache[key] = out
+            while len(self._cache) > 3:
                 self._cache.popitem(last=False)
         return out
 
     def read(self, name, index=()):
-        if name in self.int8:
-            scale = next(k for k, w in self.scale_of.items() if w == name)
-            return self._quantized(name, scale)[0][tuple(index)]
-        if name in self.scale_of:
-            return self._quantized(self.scale_of[name], name)[1][tuple(index)]
-        return self.stored.read(name, index)
+        weight = name if name in self.int8 else self.scale_of.get(name)
+        if weight is None:
+            return self.stored.read(name, index)
+        scale = name if name in self.scale_of else next(k for k, w in self.scale_of.items() if w == name)
+        ndim = len(self.shapes()[weight])
+        index = tuple(index) + (slice(None),) * (ndim - len(tuple(index)))
+        lead = index[:-1] if name == weight else index[: ndim - 1]
+        q, sc = self._quantized(weight, scale, _canonical(lead, self.shapes()[weight]))
+        return q[..., index[-1]] if name == weight else sc
+
+
+def _canonical(index: tuple, shape) -> tuple:
+    """A tuple of slices with explicit bounds (equal slices of the same rows compare equal)."""
+    return tuple(slice(*i.indices(n)) if isinstance(i, slice) else i for i, n in zip(index, shape))
 
 
 class RandomWeights(StoredWeights):
