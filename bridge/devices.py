@@ -71,3 +71,24 @@ def _local_first(jax, per_process: int) -> list:
     for p in range(jax.process_count()):
         out += [d for d in jax.devices() if d.process_index == p][:per_process]
     return out
+
+
+def device_memory(mesh) -> tuple[int, int, str] | None:
+    """(bytes free where this process's devices of ``mesh`` keep their buffers, how many devices share
+    them, a phrase naming them), or None when unknown. CPU devices share this host's memory (each
+    holds its own shard: ``--devices 8`` replicated is eight copies); an accelerator has its own."""
+    import os
+
+    import jax
+
+    if os.environ.get("TORCHAX_BRIDGE_MEMORY_CHECK", "1") == "0":
+        return None
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    cpus = [d for d in local if d.platform == "cpu"]
+    if cpus:
+        import psutil
+
+        have = psutil.virtual_memory().available
+        return have, len(cpus), f"this host has {have / 2**30:.1f} GiB available for its {len(cpus)} CPU device(s)"
+    have = (local[0].memory_stats() or {}).get("bytes_limit") if local else None
+    return (have, 1, f"a {local[0].device_kind} holds {have / 2**30:.1f} GiB") if have else None

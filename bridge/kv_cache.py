@@ -87,7 +87,7 @@ def bytes_per_device(lifted, batch: int, seq: int) -> int:
 def check_fits(lifted, batch: int, seq: int) -> None:
     """Refuses, before compiling, a request whose KV cache cannot fit beside the placed weights."""
     from bridge.errors import DoesNotFit
-    from bridge.weight_plan import device_memory
+    from bridge.devices import device_memory
 
     memory = device_memory(lifted.mesh)
     if memory is None:

@@ -161,28 +161,10 @@ def plan_weights(model, mesh_shape: Mapping[str, int], scheme, *, fallback: str 
     return WeightPlan(scheme, mesh_shape, weights, copies, bool(layer_names) or scan_layers, split)
 
 
-def device_memory(mesh: Mesh) -> tuple[int, int, str] | None:
-    """(bytes free where this process's devices of ``mesh`` keep their buffers, how many devices share
-    them, a phrase naming them), or None when unknown. CPU devices share this host's memory (each
-    holds its own shard: ``--devices 8`` replicated is eight copies); an accelerator has its own."""
-    import os
-
-    if os.environ.get("TORCHAX_BRIDGE_MEMORY_CHECK", "1") == "0":
-        return None
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    cpus = [d for d in local if d.platform == "cpu"]
-    if cpus:
-        import psutil
-
-        have = psutil.virtual_memory().available
-        return have, len(cpus), f"this host has {have / 2**30:.1f} GiB available for its {len(cpus)} CPU device(s)"
-    have = (local[0].memory_stats() or {}).get("bytes_limit") if local else None
-    return (have, 1, f"a {local[0].device_kind} holds {have / 2**30:.1f} GiB") if have else None
-
-
 def check_fits(plan: WeightPlan, mesh: Mesh) -> None:
     """Refuses, before anything is placed, a plan whose weights cannot fit where they would live
     (``device_memory``). Off with ``TORCHAX_BRIDGE_MEMORY_CHECK=0``."""
+    from bridge.devices import device_memory
     from bridge.errors import DoesNotFit
 
     memory = device_memory(mesh)
