@@ -29,9 +29,14 @@ HAS_BF16_PAIRS = "avx512_bf16" in cpu_kernels._cpu_flags()
 @pytest.fixture(params=[pytest.param(v, marks=needs_compiler) for v in cpu_kernels.runnable_variants()])
 def kernel(request):
     """Each build of the kernel this machine executes (``native``, and ``avx2`` on an AVX-512 CPU),
-    selected for the test; skipped with the reason where no compiler can build it."""
+    selected for the test; skipped with the reason where no compiler can build it or the kernels are
+    switched off. With a compiler and a build this CPU runs, a build that fails is a failure."""
+    if not cpu_kernels.switched_on():
+        pytest.skip(f"{cpu_kernels.SWITCH}=0: the kernels are switched off in this environment")
     with cpu_kernels.using(request.param):
-        assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+        why = cpu_kernels.why_unavailable()
+        if why is not None:
+            pytest.fail(f"build {request.param} of the kernel failed with a compiler present: {why}")
         yield request.param
 
 
@@ -41,6 +46,8 @@ def test_every_build_names_its_isa(kernel):
     assert isa in ("AVX-512+BF16", "AVX-512", "AVX2+FMA", "AVX", "NEON", "SSE2", "generic"), isa
     if kernel == "avx2" or "avx512f" not in cpu_kernels._cpu_flags():
         assert not isa.startswith("AVX-512") and not cpu_kernels.bf16_pairs()
+    elif HAS_BF16_PAIRS:  # the native build on an AVX512-BF16 CPU multiplies bf16 pairs
+        assert isa == "AVX-512+BF16" and cpu_kernels.bf16_pairs()
 
 
 def reference(x, w, dtype):
@@ -77,8 +84,7 @@ def test_bf16_rows_times_bf16_weights(m, n, k):
     """bf16 rows with bf16 weights enter the native build as bf16 (AVX512-BF16 dot products of
     pairs, f32 sums; K tails past a multiple of 32 masked) and equal the float64 product of the same
     values."""
-    assert cpu_kernels.bf16_pairs()  # the native build on an AVX512-BF16 CPU
-    rng = np.random.default_rng(m * 1000 + n + k)
+    rng = np.random.default_rng(m * 1000 + n + k)  # (that the build uses pairs: test_every_build_names_its_isa)
     x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
     w = weights(rng, (n, k), "bfloat16")
     text = jax.jit(cpu_kernels.small_batch_matmul).lower(jnp.asarray(x), jnp.asarray(w)).as_text()
