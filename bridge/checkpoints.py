@@ -24,13 +24,14 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 import model_torch
 from model_torch.hf_adapter import HFCausalLMAdapter
 from bridge.errors import CheckpointError
-from bridge.stored import StoredWeights, check_keys  # noqa: F401 (re-exported: checkpoints.StoredWeights)
+from bridge.stored import Recent, StoredWeights, check_keys, torch_from_numpy  # noqa: F401 (re-exported: checkpoints.StoredWeights)
 
 log = logging.getLogger("torchax_bridge.checkpoints")
 
@@ -291,8 +292,9 @@ def _open_stored(kind, path, dtype, preset):
             model = model_torch.from_preset(preset).to(DTYPES[dtype]).eval()
         return model, RandomWeights(model), None
     if kind == "dir":
-        model = meta_model(path, dtype)
-        return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES), load_config(path)
+        hf_config = load_config(path)
+        model = meta_model(path, dtype, hf_config)
+        return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES), hf_config
     if kind == "neox":
         from bridge.partitions import NeoXSlimWeights
 
@@ -343,11 +345,7 @@ def stored_state_dict(stored: "StoredWeights") -> dict[str, torch.Tensor]:
     """Every tensor of ``stored`` read whole into host memory (converting and host loading)."""
     import numpy as np
 
-    out = {}
-    for name in stored.shapes():
-        a = np.ascontiguousarray(stored.read(name))
-        out[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16" else torch.from_numpy(a)
-    return out
+    return {name: torch_from_numpy(np.ascontiguousarray(stored.read(name))) for name in stored.shapes()}
 
 
 def has_model_torch(path: Path) -> bool:
@@ -494,9 +492,6 @@ class QuantizingWeights(StoredWeights):
     model's dtype), so both paths place the same arrays."""
 
     def __init__(self, stored: StoredWeights, model: nn.Module):
-        import threading
-        from collections import OrderedDict
-
         self.stored, self.label = stored, stored.label
         state = model.state_dict()
         self.int8 = {k for k, v in state.items() if v.dtype == torch.int8}
@@ -506,16 +501,10 @@ class QuantizingWeights(StoredWeights):
             if scale not in state:
                 raise CheckpointError(f"{k} is int8 without a scale ({scale}) in the model")
             self.scale_of[scale] = k
+        self.scale_for = {w: k for k, w in self.scale_of.items()}
         self.dtypes = {k: state[k].dtype for k in self.scale_of}
-        self._lock, self._cache = threading.Lock(), OrderedDict()
+        self._recent = Recent(3)  # a block's scale read and the other devices' column slices reuse it
         self._shapes = None
-
-    def check(self, model, names) -> None:
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        stored = self.stored.shapes()
-        found = {k: v for k, v in stored.items()}
-        found.update({k: (stored[w][0], *stored[w][1:-1]) if w in stored else () for k, w in self.scale_of.items()})
-        check_keys(expected, found, set(expected) - set(names))
 
     def shapes(self):
         if self._shapes is None:
@@ -527,44 +516,31 @@ class QuantizingWeights(StoredWeights):
     # on Llama-3-8B's [128256, 4096] head whole were 2 GiB each, for two tensors in flight.
     CHUNK_ROWS = 2048
 
-    def _quantized(self, weight: str, scale: str, lead: tuple):
+    def _quantized(self, weight: str, lead: tuple):
         """(int8 rows, their scales) of ``weight[lead]`` over its whole last dim (a row's scale needs
-        the whole row), read and quantized chunk by chunk; the last few are kept for the scale's
-        read and the other devices' column slices."""
+        the whole row), read and quantized chunk by chunk."""
         from model_torch.common import _quantize_rows
 
-        key = (weight, repr(lead))
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        import numpy as np
+        def make(_):
+            a = np.asarray(self.stored.read(weight, lead + (slice(None),)))
+            flat = a.reshape(-1, a.shape[-1])
+            q, sc = np.empty(flat.shape, np.int8), np.empty(flat.shape[0], np.float32)
+            for r in range(0, flat.shape[0], self.CHUNK_ROWS):
+                block = torch_from_numpy(flat[r : r + self.CHUNK_ROWS])
+                # from the model's dtype, as quantize_int8 does on a loaded model
+                qb, sb = _quantize_rows(block.to(self.dtypes[self.scale_for[weight]]))
+                q[r : r + len(block)], sc[r : r + len(block)] = qb.numpy(), sb.float().numpy()
+            return q.reshape(a.shape), sc.reshape(a.shape[:-1])
 
-        a = np.asarray(self.stored.read(weight, lead + (slice(None),)))
-        flat = a.reshape(-1, a.shape[-1])
-        q = np.empty(flat.shape, np.int8)
-        sc = np.empty(flat.shape[0], np.float32)
-        for r in range(0, flat.shape[0], self.CHUNK_ROWS):
-            block = flat[r : r + self.CHUNK_ROWS]
-            w = torch.from_numpy(block.view(np.int16)).view(torch.bfloat16) if block.dtype.name == "bfloat16" else torch.from_numpy(block)
-            qb, sb = _quantize_rows(w.to(self.dtypes[scale]))  # from the model's dtype, as quantize_int8 on a loaded model
-            q[r : r + len(block)], sc[r : r + len(block)] = qb.numpy(), sb.float().numpy()
-        out = (q.reshape(a.shape), sc.reshape(a.shape[:-1]))
-        with self._lock:
-            self._cache[key] = out
-            while len(self._cache) > 3:
-                self._cache.popitem(last=False)
-        return out
+        return self._recent.get((weight, repr(lead)), make)
 
     def read(self, name, index=()):
         weight = name if name in self.int8 else self.scale_of.get(name)
         if weight is None:
             return self.stored.read(name, index)
-        scale = name if name in self.scale_of else next(k for k, w in self.scale_of.items() if w == name)
-        ndim = len(self.shapes()[weight])
-        index = tuple(index) + (slice(None),) * (ndim - len(tuple(index)))
-        lead = index[:-1] if name == weight else index[: ndim - 1]
-        q, sc = self._quantized(weight, scale, _canonical(lead, self.shapes()[weight]))
+        shape = self.shapes()[weight]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        q, sc = self._quantized(weight, _canonical(index[: len(shape) - 1], shape))
         return q[..., index[-1]] if name == weight else sc
 
 
@@ -580,9 +556,6 @@ class RandomWeights(StoredWeights):
     ``init_random`` on a host module) sees the same values."""
 
     def __init__(self, model: nn.Module, std: float = 0.02, seed: int = 0):
-        import threading
-        from collections import OrderedDict
-
         self.model_shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
         buffers = [k for k, _ in model.named_buffers() if k in model.state_dict()]
         if buffers:
@@ -590,20 +563,13 @@ class RandomWeights(StoredWeights):
                                   f"weights cannot make; build it on the host instead")  # fmt: skip
         self.kind = {k: _init_kind(k, len(s)) for k, s in self.model_shapes.items()}
         self.std, self.seed, self.label = std, seed, "making random weights"
-        self._lock, self._cache = threading.Lock(), OrderedDict()
+        self._recent = Recent(2)  # the loader's two tensors in flight
 
     def shapes(self):
         return dict(self.model_shapes)
 
     def read(self, name, index=()):
-        with self._lock:
-            whole = self._cache.get(name)
-        if whole is None:
-            whole = random_tensor(name, self.model_shapes[name], self.kind[name], self.std, self.seed)
-            with self._lock:
-                self._cache[name] = whole
-                while len(self._cache) > 2:
-                    self._cache.popitem(last=False)
+        whole = self._recent.get(name, lambda n: random_tensor(n, self.model_shapes[n], self.kind[n], self.std, self.seed))
         return whole[tuple(index)]
 
 
@@ -627,10 +593,10 @@ def random_tensor(name: str, shape, kind: str, std: float, seed: int = 0):
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
-def meta_model(path: Path, dtype: str = "float32") -> nn.Module:
+def meta_model(path: Path, dtype: str = "float32", hf_config=None) -> nn.Module:
     """The model_torch model of a HF directory on the meta device (no memory), in the dtype it is
-    placed in."""
-    hf_config = load_config(path)
+    placed in (``hf_config``: its config, if loaded already)."""
+    hf_config = load_config(path) if hf_config is None else hf_config
     found = model_torch.config_from_hf(hf_config)
     if found is None:
         raise CheckpointError(f"{path}: no model_torch model for this model_type; use checkpoints.load")
@@ -839,9 +805,11 @@ def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = 
 
 
 def load_stored_tokenizer(kind: str, path: Path):
-    """The tokenizer a published layout ships beside its weights, or None: NeoX's ``tokenizers`` file
+    """The tokenizer a checkpoint ships beside its weights, or None: a HF directory's, NeoX's ``tokenizers`` file
     (``20B_tokenizer.json``, named by the YAML's ``vocab_file``), Grok-1's SentencePiece
     ``tokenizer.model``."""
+    if kind == "dir":
+        return load_tokenizer(path)
     from transformers import PreTrainedTokenizerFast
 
     try:

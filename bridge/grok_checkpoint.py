@@ -26,14 +26,12 @@ import io
 import pickle
 import re
 import sys
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from bridge.errors import CheckpointError
-from bridge.stored import StoredWeights
+from bridge.stored import Recent, StoredWeights, check_keys
 
 CKPT_DIR = "ckpt-0"
 PER_LAYER = 12
@@ -235,34 +233,24 @@ class GrokCheckpoint(StoredWeights):
                                   f"Grok-1 has 12 per layer + 2, numbered from tensor00000_000 without gaps")  # fmt: skip
         self.num_layers = (n - 2) // PER_LAYER
         self.paths = haiku_paths(self.num_layers)
-        self.sources: dict[str, list[tuple[int, str]]] = {}  # our name -> [(file index, how)]
+        # our name -> [(file index, part)]: part "weight" / "scale" of a QuantizedWeight8bit record,
+        # or "as_is" / "t" (transposed) for a plain array; gate_up_proj has two sources (gate, up).
+        self.sources: dict[str, list[tuple[int, str]]] = {}
         for i, p in enumerate(self.paths):
             name, how = _rename(p)
-            if how == "linear":
-                self.sources.setdefault(name + ".weight", []).append((i, "linear_weight"))
-                self.sources.setdefault(name + ".scale", []).append((i, "linear_scale"))
-            elif how.startswith("experts_"):
-                part = "down" if how == "experts_down" else "gate_up"
-                self.sources.setdefault(name, []).append((i, f"{part}_weight"))
-                self.sources.setdefault(name + "_scale", []).append((i, f"{part}_scale"))
+            if how == "linear" or how.startswith("experts_"):
+                weight, scale = (name + ".weight", name + ".scale") if how == "linear" else (name, name + "_scale")
+                self.sources.setdefault(weight, []).append((i, "weight"))
+                self.sources.setdefault(scale, []).append((i, "scale"))
             else:
                 self.sources.setdefault(name, []).append((i, how))
-        self._lock = threading.Lock()
-        self._files: OrderedDict = OrderedDict()  # file index -> its unpickled object
-        self._full: OrderedDict = OrderedDict()  # our name -> the whole tensor in our layout
+        # gate_up reads two files; one more overlaps the next tensor. The whole tensors in our layout:
+        # the loader's two in flight.
+        self._files, self._whole_tensors = Recent(3), Recent(2)
         self._expected: dict = {}  # our name -> the model's shape, checked as each tensor is read
 
     def file(self, index: int):
-        with self._lock:
-            if index in self._files:
-                self._files.move_to_end(index)
-                return self._files[index]
-        obj = load_tensor(tensor_file(self.ckpt, index))
-        with self._lock:
-            self._files[index] = obj
-            while len(self._files) > 3:  # gate_up reads two files; one more overlaps the next tensor
-                self._files.popitem(last=False)
-        return obj
+        return self._files.get(index, lambda i: load_tensor(tensor_file(self.ckpt, i)))
 
     def config(self):
         """``GrokConfig``: grok-1's constants, the sizes read from the embedding, query, key and expert
@@ -284,47 +272,39 @@ class GrokCheckpoint(StoredWeights):
                           num_experts=experts)  # fmt: skip
 
     def _whole(self, name: str) -> np.ndarray:
-        with self._lock:
-            if name in self._full:
-                return self._full[name]
+        return self._whole_tensors.get(name, self._assemble)
+
+    def _assemble(self, name: str) -> np.ndarray:
+        """Our tensor ``name`` from its file(s): int8 [.., in, out] -> [.., out, in], scales
+        [.., 1, out] -> [.., out], a router [in, out] -> [out, in]; gate and up concatenated."""
         parts = []
-        for index, how in self.sources[name]:
-            obj = self.file(index)
-            part = how.rsplit("_", 1)[-1] if "_" in how else how
-            if how in ("linear_weight", "linear_scale", "gate_up_weight", "gate_up_scale", "down_weight", "down_scale"):
-                if not isinstance(obj, QuantizedWeight8bit):
-                    raise CheckpointError(f"{tensor_file(self.ckpt, index)} ({self.paths[index]}) should hold a "
-                                          f"QuantizedWeight8bit, not a plain array")  # fmt: skip
-                w = obj.weight if part == "weight" else obj.scales
-                if part == "scale":  # [.., 1, out] per output channel -> [.., out]
-                    if w.shape[-2] != 1 or w.shape[-1] != obj.weight.shape[-1]:
-                        raise CheckpointError(f"{tensor_file(self.ckpt, index)}: scales {list(w.shape)} are not per "
-                                              f"output channel of weight {list(obj.weight.shape)}")  # fmt: skip
-                    parts.append(w.reshape(*w.shape[:-2], w.shape[-1]))
-                else:
-                    parts.append(np.swapaxes(w, -1, -2))  # [.., in, out] -> [.., out, in]
+        for index, part in self.sources[name]:
+            obj, where = self.file(index), f"{tensor_file(self.ckpt, index)} ({self.paths[index]})"
+            if isinstance(obj, QuantizedWeight8bit) != (part in ("weight", "scale")):
+                raise CheckpointError(f"{where} should hold {'a QuantizedWeight8bit' if part in ('weight', 'scale') else 'a plain array'}; "
+                                      f"only attention and expert weights are quantized")  # fmt: skip
+            if part == "scale":
+                w = obj.scales
+                if w.shape[-2] != 1 or w.shape[-1] != obj.weight.shape[-1]:
+                    raise CheckpointError(f"{where}: scales {list(w.shape)} are not per output channel of weight "
+                                          f"{list(obj.weight.shape)}")  # fmt: skip
+                parts.append(w.reshape(*w.shape[:-2], w.shape[-1]))
+            elif part == "weight":
+                parts.append(np.swapaxes(obj.weight, -1, -2))
             else:
-                if isinstance(obj, QuantizedWeight8bit):
-                    raise CheckpointError(f"{tensor_file(self.ckpt, index)} ({self.paths[index]}) is quantized; "
-                                          f"only attention and expert weights are")  # fmt: skip
-                parts.append(obj.T if how == "t" else obj)
-        whole = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2 if parts[0].ndim == 3 else -1))
+                parts.append(obj.T if part == "t" else obj)
+        # the output channels: rows of a weight, the last dim of a scale
+        whole = np.ascontiguousarray(np.concatenate(parts, axis=-1 if part == "scale" else -2) if len(parts) > 1 else parts[0])
         want = self._expected.get(name)
         if want is not None and tuple(whole.shape) != want:
             files = ", ".join(tensor_file(self.ckpt, i).name for i, _ in self.sources[name])
             raise CheckpointError(f"shape mismatch for {name} (from {files}): checkpoint {list(whole.shape)}, "
                                   f"model {list(want)}")  # fmt: skip
-        with self._lock:
-            self._full[name] = whole
-            while len(self._full) > 2:
-                self._full.popitem(last=False)
         return whole
 
     def check(self, model, names) -> None:
         """Names now; each shape when its file is read (reading every file to check shapes first would
         read the whole checkpoint twice)."""
-        from bridge.stored import check_keys
-
         self._expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_keys(self._expected, {k: self._expected.get(k, ()) for k in self.sources})
 

@@ -56,9 +56,7 @@ def open_model(
         kind, path = checkpoints.resolve(checkpoint)
         if checkpoints.opens_in_place(kind, path, implementation):
             model, stored, hf_config = checkpoints.open_stored(kind, path, dtype, quantize, preset=checkpoint)
-            tokenizer = None
-            if with_tokenizer and kind != "preset":
-                tokenizer = checkpoints.load_stored_tokenizer(kind, path) if kind != "dir" else checkpoints.load_tokenizer(path)
+            tokenizer = checkpoints.load_stored_tokenizer(kind, path) if with_tokenizer and kind != "preset" else None
         else:
             loaded = checkpoints.load(checkpoint, dtype, with_tokenizer=with_tokenizer, quantize=quantize,
                                       implementation=implementation)  # fmt: skip

@@ -4,6 +4,11 @@ loader runs. A leaf module: the checkpoint layouts (``checkpoints``: safetensors
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
 from torch import nn
 
 from bridge.errors import CheckpointError
@@ -50,3 +55,31 @@ class StoredWeights:
         lifted program reads; a tied weight stored once may be missing)."""
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_keys(expected, self.shapes(), set(expected) - set(names))
+
+
+class Recent:
+    """The last ``keep`` results of ``make(key)``, shared by the loader's threads: a layout that reads
+    (or quantizes, or generates) a whole tensor keeps it while the devices' slices of it are placed,
+    and no longer."""
+
+    def __init__(self, keep: int):
+        self.keep, self._lock, self._items = keep, threading.Lock(), OrderedDict()
+
+    def get(self, key, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make(key)  # outside the lock: two threads make two different tensors at once
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+        return value
+
+
+def torch_from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A numpy array as a torch tensor without a copy, ml_dtypes' bfloat16 included."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
