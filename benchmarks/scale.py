@@ -41,17 +41,23 @@ CASES = {
 }
 
 
-def shapes() -> dict[str, tuple[int, ...]]:
+def shapes(layers: int | None = None) -> dict[str, tuple[int, ...]]:
     import torch
     import transformers as T
 
-    config = T.LlamaConfig(**{k: v for k, v in CONFIG.items() if k not in ("architectures", "model_type")})
+    config = T.LlamaConfig(**{k: v for k, v in config_with(layers).items() if k not in ("architectures", "model_type")})
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in T.LlamaForCausalLM(config).state_dict().items()}
 
 
-def write_checkpoint(dst: Path, shard_bytes: int = 1800 << 20) -> Path:
-    """Random bf16 weights in the 8B layout, shard by shard (one shard in memory at a time), atomically."""
+def config_with(layers: int | None) -> dict:
+    """The 8B config, with ``layers`` of its 32 decoder layers when given (real widths, less depth)."""
+    return CONFIG if layers is None else {**CONFIG, "num_hidden_layers": layers}
+
+
+def write_checkpoint(dst: Path, shard_bytes: int = 1800 << 20, layers: int | None = None) -> Path:
+    """Random bf16 weights in the 8B layout (``layers`` of its decoder layers when given), shard by
+    shard (one shard in memory at a time), atomically."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -63,7 +69,7 @@ def write_checkpoint(dst: Path, shard_bytes: int = 1800 << 20) -> Path:
     # 8 billion normals take minutes on two cores: each tensor is a window of one 64 MiB pool of
     # normal(0, 0.02) values at a random offset (the weights' values do not matter to the figures).
     pool = (rng.standard_normal(1 << 25, dtype=np.float32) * np.float32(0.02)).astype(ml_dtypes.bfloat16)
-    names = shapes()
+    names = shapes(layers)
     groups, size = [[]], 0
     for name, shape in names.items():
         nbytes = int(np.prod(shape)) * 2
@@ -91,7 +97,7 @@ def write_checkpoint(dst: Path, shard_bytes: int = 1800 << 20) -> Path:
             del shard
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp.path / "model.safetensors.index.json").write_text(json.dumps(index))
-        (tmp.path / "config.json").write_text(json.dumps(CONFIG, indent=2))
+        (tmp.path / "config.json").write_text(json.dumps(config_with(layers), indent=2))
         tmp.commit()
     return dst
 
