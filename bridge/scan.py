@@ -66,21 +66,31 @@ def why_not_scanned(model) -> str | None:
 def scans(model, scan_layers: bool | None = None, *, runs_here: bool = True) -> bool:
     """Whether ``model``'s decoder stack runs scanned. ``None``, the default everywhere: scanned
     whenever it can be (``why_not_scanned``; bf16/f16 models on CPU excepted, see
-    ``_slow_16_bit_slices``), since it compiles one layer instead of all and runs as fast as
-    unrolled (SmolLM2 fp32 on 1 device: decode 96-101%, prefill 100-109% of unrolled's time in
-    alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error.
+    ``_slow_16_bit_slices``, and GPUs, see ``_slow_gpu_slices``), since it compiles one layer
+    instead of all and runs as fast as unrolled (SmolLM2 fp32 on 1 device: decode 96-101%, prefill
+    100-109% of unrolled's time in alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error.
     ``runs_here=False`` (``plan``: compiled for an accelerator, never run) ignores what is slow on
     this machine's backend."""
     if scan_layers is False:
         return False
     problem = why_not_scanned(model)
     if scan_layers is None:
-        return problem is None and not (runs_here and _slow_16_bit_slices(model))
+        return problem is None and not (runs_here and (_slow_16_bit_slices(model) or _slow_gpu_slices()))
     if scan_layers and problem:
         from bridge.errors import UsageError
 
         raise UsageError(problem)
     return True
+
+
+def _slow_gpu_slices() -> bool:
+    """On a GPU the scanned stack decodes at half the unrolled speed: each step copies its layer's
+    slice out of the stacked weights before using it, so the weights cross HBM more than once.
+    Llama-3-8B widths on an NVIDIA H200 (jax 0.11.2, benchmarks/results/decode_llama-3-8b_32l_*):
+    bf16 batch 1 72 tokens/s scanned against 145 unrolled (33% and 66% of the copy roofline),
+    batch 8 616 against 1428, int8 115 against 198; unrolled compiles in 13-19 s instead of 6. TPUs
+    (unmeasured here) keep the scan, as MaxText does."""
+    return jax.default_backend() == "gpu"
 
 
 def _slow_16_bit_slices(model) -> bool:

@@ -4,6 +4,8 @@ the stacked weights follow the per-layer table with the layer dim unsharded."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,11 @@ def test_scanned_by_default_where_it_pays(devices):
     assert jax.default_backend() == "cpu" and not lift(bf16, mesh, "replicated").scan_layers
     assert lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
     assert abstract_lifted(meta_model("tiny-llama", "bfloat16"), mesh, sharding.get_scheme("replicated"), "error").scan_layers
+    # On a GPU every dtype runs unrolled by default (measured on an H200 in ``scan._slow_gpu_slices``);
+    # asking for the scan still scans, and plan (compiling for any accelerator) still scans.
+    with mock.patch.object(scan.jax, "default_backend", return_value="gpu"):
+        assert not scan.scans(fp32) and scan.scans(fp32, True) and scan.scans(fp32, runs_here=False)
+    assert scan.scans(fp32)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert not scan.scans(plain)
     with pytest.raises(UsageError, match="no run_layers loop"):
