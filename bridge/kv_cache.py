@@ -68,11 +68,6 @@ def empty(lifted, batch: int, seq: int) -> list:
                         layout(lifted, batch, seq))  # fmt: skip
 
 
-def fresh(cache) -> list:
-    """A zeroed copy of ``cache`` with the same shardings (to run a donating step again)."""
-    return jax.tree.map(lambda a: jax.device_put(jnp.zeros_like(a), a.sharding), cache)
-
-
 def is_stacked(cache) -> bool:
     """Whether ``cache`` (as a model's forward receives it) is the stacked layout of ``layout``: one
     pair whose tensors carry the layer dim. A per-layer list (a user's ``init_kv_cache``) is not."""

@@ -243,7 +243,13 @@ def profile(lifted, mode: str = "forward", steps: int = 3, logdir="/tmp/torchax-
     with named_modules_scope(lifted.model):  # a fresh trace, so the scopes land in the program
         fn, args = programs.step_program(lifted, mode, batch, seq)
         compiled = fn.lower(*args).compile()
-    run = lambda: compiled(*programs.rerun_args(mode, args))  # noqa: E731
+    state = {"args": args}
+
+    def run():
+        out = compiled(*state["args"])
+        state["args"] = programs.next_args(mode, state["args"], out)
+        return out
+
     summary = trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
     if lifted.scan_layers:
         summary["layers_ms"] = per_layer_of_scan(summary["layers_ms"], lifted.model)
