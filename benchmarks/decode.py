@@ -408,7 +408,7 @@ def preset_main(args) -> int:
         print(f"  {engine}: loaded {load_s:.0f} s, compiled", file=sys.stderr, flush=True)
 
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval().to(torch_device)
-    hf_bytes = sum(p.numel() * p.element_size() for n_, p in hf.named_parameters()
+    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()
                    if hf.config.tie_word_embeddings or p is not hf.get_input_embeddings().weight)  # fmt: skip
 
     def sync():
