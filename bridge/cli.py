@@ -69,7 +69,8 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the decoder stack as one jax.lax.scan over weights stacked per layer: compiles one "
                         "layer instead of all (default: scanned whenever the model can be, i.e. model_torch "
-                        "families; --no-scan-layers unrolls every layer)")  # fmt: skip
+                        "families, except 16-bit models on CPU and every model on a GPU, where the slices cost more "
+                        "than they save; --no-scan-layers unrolls every layer)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true",
                    help="trace and compile from scratch: skip the caches of traced programs and XLA executables "
                         "under $TORCHAX_BRIDGE_CACHE (same as TORCHAX_BRIDGE_NO_CACHE=1)")  # fmt: skip
@@ -154,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq", type=POSITIVE, default=2048, help="tokens (forward) or KV-cache length (decode)")
     pl.add_argument("--device-memory", default=None, help="e.g. 80GiB: say whether the plan fits")
     pl.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
-                    help="plan the scanned decoder stack (the default): one full compile, exact temporaries and "
-                         "collectives; --no-scan-layers: 1- and 2-layer compiles, extrapolated")  # fmt: skip
+                    help="plan the scanned decoder stack: one full compile, exact temporaries and collectives; "
+                         "--no-scan-layers: 1- and 2-layer compiles, extrapolated (default: the layout generate "
+                         "runs on this backend; 16-bit models unroll on CPU, every model on a GPU)")  # fmt: skip
     pl.add_argument("--json", action="store_true")
 
     la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")

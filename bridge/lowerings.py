@@ -10,8 +10,9 @@ One more step is needed for that fusion to be fast: XLA fuses the cheap elementw
 then recomputes them once per output row. A reduction is never fused into a consumer that reuses its
 elements, so a one-token input is first materialised by a sum over a stacked zero (exact: ``x + 0``).
 
-Batched decode (2-16 rows) on one CPU device goes to ``cpu_kernels.small_batch_matmul`` instead of
-XLA's GEMM (see there: 8 rows stream weights at 22-24 GB/s against 9-12).
+Batched decode (2-16 rows) on CPU devices goes to ``cpu_kernels.small_batch_matmul`` instead of
+XLA's GEMM (see there: 8 rows stream weights at 22-24 GB/s against 9-12); on a mesh of several
+devices each runs it on its own shards.
 
 Numerics are unchanged: the same fp32 products and sums (parity tests hold at 1e-4 and greedy
 tokens equal HF's). ``install`` is idempotent and runs from ``bridge.extract.torchax_with_lowerings``, so every
@@ -84,13 +85,19 @@ def tiled_product(x: jnp.ndarray, weight: jnp.ndarray, dtype) -> jnp.ndarray:
 def _product(x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
     """``x @ weight.T`` in ``x``'s dtype for a weight of any dtype (int8: unscaled)."""
     rows = math.prod(x.shape[:-1])
-    if cpu_kernels.active() and cpu_kernels.takes(x, weight):  # batched decode on one CPU device
+    if cpu_kernels.active() and cpu_kernels.takes(x, weight):  # batched decode on CPU devices
         return cpu_kernels.small_batch_matmul(x, weight)
     if rows > 1 and _low_precision(weight) and _mesh_size.get() == 1 and jax.default_backend() == "cpu":
         compute = jnp.float32 if weight.dtype == jnp.int8 or x.dtype == jnp.float32 else x.dtype
         return tiled_product(x, weight, compute).astype(x.dtype)
     if weight.dtype == jnp.int8:
-        return x @ weight.astype(x.dtype).T  # fused into the matrix-vector loop or the GEMM
+        # In f32, whatever ``x``'s dtype: XLA:CPU fuses the int8 -> f32 conversion into its
+        # matrix-vector loop, but with bf16 rows it converted every int8 weight to bf16 in memory
+        # and then to f32 (SmolLM2 int8 over bf16, batch 1: 6.4 tokens/s against 139 over f32;
+        # Zen 3, AVX2).
+        # Accelerators multiply in ``x``'s dtype.
+        compute = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+        return (x.astype(compute) @ weight.astype(compute).T).astype(x.dtype)
     if weight.dtype == jnp.bfloat16:
         return jnp.dot(x, weight.T, preferred_element_type=jnp.float32).astype(x.dtype)
     return x @ weight.T
@@ -125,7 +132,7 @@ def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.
 
 
 def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.cache_scores``; batched decode on one CPU device: ``cpu_kernels``, which
+    """``model_torch.common.cache_scores``; batched decode on CPU devices: ``cpu_kernels``, which
     reads only the ``visible`` columns (XLA's einsum reads them all: its shapes are static)."""
     if cpu_kernels.active() and cpu_kernels.takes_cache(q, keys):
         return cpu_kernels.cache_scores(q, keys, visible)
@@ -133,7 +140,7 @@ def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible: jnp.ndarray) -> jnp
 
 
 def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.cache_mix``; batched decode on one CPU device: ``cpu_kernels``."""
+    """``model_torch.common.cache_mix``; batched decode on CPU devices: ``cpu_kernels``."""
     if cpu_kernels.active() and cpu_kernels.takes_cache(probs, values):
         return cpu_kernels.cache_mix(probs, values)
     return jnp.einsum("bhgts,bhsd->bhgtd", probs, values)

@@ -69,7 +69,7 @@ def abstract_lifted(model, mesh, scheme, fallback: str, scan_layers: bool | None
     """``model`` (on the meta device) lifted with abstract weights: each a ``ShapeDtypeStruct``
     carrying its placement, validated by the scheme like a real one. Nothing is allocated.
     ``scan_layers``: the stacked layout of ``bridge.scan`` (one scan over the layers)."""
-    scan_layers = scan.scans(model, scan_layers, runs_here=False)
+    scan_layers = scan.scans(model, scan_layers)
     plan = weight_plan.plan_weights(model, dict(mesh.shape), scheme, fallback=fallback, scan_layers=scan_layers)
     _, fn = extract_fn(model)
     return lifted_from_plan(model, fn, weight_plan.abstract_weights(plan, mesh), mesh, plan)
@@ -111,7 +111,11 @@ def plan(
     body once)."""
     scheme = sharding.get_scheme(scheme)
     full = meta_model(preset_or_config, dtype)
-    scan_layers = scan.scans(full, scan_layers, runs_here=False)
+    # The layout ``generate`` runs on this backend (bf16 on CPU and any GPU unroll): the temporaries
+    # are this backend's compiler's, so they describe the program that would run. The scanned bf16
+    # stack on XLA:CPU converts whole stacked tensors (Llama-3-8B: 27 GiB of temporaries against
+    # 0.25 GiB unrolled); ``--scan-layers`` still plans it.
+    scan_layers = scan.scans(full, scan_layers)
     num_layers = len(full.decoder_layers())
     mesh_shape = dict(mesh.shape)
     lifted = abstract_lifted(full, mesh, scheme, fallback, scan_layers)

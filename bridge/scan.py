@@ -63,19 +63,18 @@ def why_not_scanned(model) -> str | None:
     return None
 
 
-def scans(model, scan_layers: bool | None = None, *, runs_here: bool = True) -> bool:
+def scans(model, scan_layers: bool | None = None) -> bool:
     """Whether ``model``'s decoder stack runs scanned. ``None``, the default everywhere: scanned
     whenever it can be (``why_not_scanned``; bf16/f16 models on CPU excepted, see
     ``_slow_16_bit_slices``, and GPUs, see ``_slow_gpu_slices``), since it compiles one layer
     instead of all and runs as fast as unrolled (SmolLM2 fp32 on 1 device: decode 96-101%, prefill
     100-109% of unrolled's time in alternating rounds; compile 7.59 -> 2.17 s). ``True`` on a model that cannot scan is an error.
-    ``runs_here=False`` (``plan``: compiled for an accelerator, never run) ignores what is slow on
-    this machine's backend."""
+    ``plan`` takes the same default, so it reports the program ``generate`` runs here."""
     if scan_layers is False:
         return False
     problem = why_not_scanned(model)
     if scan_layers is None:
-        return problem is None and not (runs_here and (_slow_16_bit_slices(model) or _slow_gpu_slices()))
+        return problem is None and not (_slow_16_bit_slices(model) or _slow_gpu_slices())
     if scan_layers and problem:
         from bridge.errors import UsageError
 

@@ -179,22 +179,33 @@ def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, pres
     assert cpu_kernels.target(cpu_kernels.CACHE_SCORES) in text and cpu_kernels.target(cpu_kernels.CACHE_MIX) in text
 
 
-def test_not_used_on_a_sharded_mesh_or_when_switched_off(kernel, devices, monkeypatch):
-    """A custom call has no sharding rule: on 8 devices the program keeps XLA's dots; with
-    TORCHAX_BRIDGE_CPU_KERNELS=0 so does one device, with the same tokens."""
+@pytest.mark.parametrize("scheme", ["tp", "dp_tp"])
+def test_partitioned_on_a_sharded_mesh_and_off_when_switched_off(kernel, scheme, devices, monkeypatch):
+    """On 8 devices each device runs the kernels on its own shards (a ``shard_map`` by the weight
+    plan's and the cache's specs: the column-parallel products split, the row-parallel ones summed across devices, the cache split by
+    batch and heads): the same tokens as one device, and no more communication than XLA's own dots
+    (no operand gathered whole). With TORCHAX_BRIDGE_CPU_KERNELS=0 the program keeps XLA's dots,
+    with the same tokens."""
+    from bridge import hlo
+
     hf, ours = hf_twin("tiny-llama")
     prompts = [[3, 4, 5, 6]] * 4
     on = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
     tokens = on.generate_ids(prompts, 8).token_ids
     assert cpu_kernels.target(cpu_kernels.TARGET) in compiled_text(on)
-    sharded = Generator(lift(ours, sharding.mesh_for("tp", 8, devices=devices), "tp"), eos_token_ids=[])
+    mesh = sharding.mesh_for(scheme, 8, devices=devices)
+    sharded = Generator(lift(ours, mesh, scheme), eos_token_ids=[])
     assert sharded.generate_ids(prompts, 8).token_ids == tokens
-    assert not any(t in compiled_text(sharded) for t in cpu_kernels.TARGETS)
+    text = compiled_text(sharded)
+    for kernel_target in (cpu_kernels.STACKED_TARGET, cpu_kernels.CACHE_SCORES, cpu_kernels.CACHE_MIX):
+        assert cpu_kernels.target(kernel_target) in text
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
-    off = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp"), eos_token_ids=[])
+    off = Generator(lift(ours, mesh, scheme), eos_token_ids=[])
     assert off.generate_ids(prompts, 8).token_ids == tokens
     assert not any(t in compiled_text(off) for t in cpu_kernels.TARGETS)
     assert cpu_kernels.why_unavailable() == f"{cpu_kernels.SWITCH}=0"
+    moved = lambda gen: sum(c["bytes"] for c in hlo.collectives(compiled_text(gen)).values())  # noqa: E731
+    assert moved(sharded) <= moved(off), (hlo.collectives(compiled_text(sharded)), hlo.collectives(compiled_text(off)))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

@@ -76,9 +76,10 @@ def test_grok1_int8_tp8_plan_fits_and_is_cheap_to_compute():
     assert p["collectives"]["all-reduce"]["count"] >= 2 * 64
     assert p["extrapolated"] and "64" in p["extrapolated"]
     assert set(p["estimates"]) == {"H100", "H200", "TPU v5e", "TPU v5p"}
-    # Scanned (the default): one full compile, the same parameter bytes and collectives, exact
-    # temporaries.
-    proc = subprocess.run([sys.executable, "-c", MEASURED, json.dumps(args)], capture_output=True, text=True, timeout=900)
+    # Unrolled is the default here (bf16 activations on CPU: what generate runs); scanned: one full
+    # compile, the same parameter bytes and collectives, exact temporaries.
+    proc = subprocess.run([sys.executable, "-c", MEASURED, json.dumps([*args, "--scan-layers"])], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stderr.rsplit("PEAK_RSS_KIB", 1)[1].split()[0]) < 2 * 2**20
     s = json.loads(proc.stdout)
@@ -94,6 +95,12 @@ def test_plan_runs_for_big_presets(preset, scheme, n, dtype, devices):
     p = planner.plan(preset, mesh, scheme, dtype=dtype, mode="decode", batch=1, seq=1024)
     full = p["param_bytes_total"]
     assert p["param_bytes_per_device"] < full / n * 1.1
+    # No full-precision copy of the 16-bit weights of a dense model in the program (issue 30): the
+    # layout generate runs here, with the CPU kernels on each device's shards, keeps temporaries a
+    # small fraction of the parameters (Llama-3-8B bf16 tp 8: 0.03 GiB against 2.4 with XLA's dots).
+    # Grok-1's int8 experts unrolled are still converted whole by XLA:CPU (144 GiB; 2.5 scanned).
+    if preset != "grok-1":
+        assert p["temp_bytes_per_device"] <= 0.1 * p["param_bytes_per_device"], p["temp_bytes_per_device"]
     text = planner.format_plan(p)
     assert "roofline estimate" in text and "per device: parameters" in text
 
