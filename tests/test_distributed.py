@@ -24,9 +24,12 @@ def held(out: str) -> int:
     return int(re.search(r"parameter bytes held by this process: ([\d,]+)", out).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny-llama", "smollm2"])
+# SmolLM2 across two processes is the generate test below (dp_tp, its attention replicated by the
+# fallback); tp across processes on a realistic head layout is tests/test_weight_plan.py's launch
+# matrix (kv heads repeated). The forward here on SmolLM2 too cost 72 s of the suite for no new path.
+@pytest.mark.parametrize("checkpoint", ["tiny-llama"])
 @pytest.mark.parametrize("scheme", ["tp", "dp_tp"])
-def test_two_processes_equal_one_process(tmp_path, checkpoint, scheme, smollm2):
+def test_two_processes_equal_one_process(tmp_path, checkpoint, scheme):
     common = ["--checkpoint", checkpoint, "--scheme", scheme, "--fallback", "replicate", "--prompt" if checkpoint == "smollm2" else "--input-ids",
               "The capital of France is" if checkpoint == "smollm2" else "1,2,3,4,5,6,7,8"]  # fmt: skip
     one = bridge("forward", *common, "--devices", "8", "--save-logits", str(tmp_path / "one.npy"))

@@ -207,10 +207,8 @@ def test_compare_train_mode_rows(tmp_path, capfd, devices):
 
 
 @pytest.mark.slow
-def test_smollm2_finetune_lowers_the_paragraphs_loss(devices):
-    from bridge import checkpoints
-
-    loaded = checkpoints.load("smollm2")
+def test_smollm2_finetune_lowers_the_paragraphs_loss(smollm2, devices):
+    loaded = smollm2  # the session's copy: training changes the lifted weights, never the module
     paragraph = ("The lighthouse keeper of Varrow Point kept a ledger of every ship that passed. In the winter "
                  "of 1887 he wrote that a schooner with green sails anchored in the bay for three nights, and "
                  "that no one came ashore.")  # fmt: skip
