@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax.numpy as jnp
 import torch
 
@@ -23,12 +25,58 @@ def jax_dtype(torch_dtype: torch.dtype):
     return jnp.dtype(str(torch_dtype).removeprefix("torch."))
 
 
+_registered_outputs: set = set()
+
+
+def as_jax_pytree(out):
+    """``out`` with every transformers ``ModelOutput`` class in it registered as a JAX pytree (an
+    ordered dict of its non-None fields, rebuilt as the same class), so a lifted forward returns what
+    the module returns (``BaseModelOutputWithPooling`` and friends are not pytrees to JAX; torch's
+    pytree knows them, which is how torchax converted their tensors)."""
+    import jax
+
+    def visit(x):
+        cls = type(x)
+        if cls not in _registered_outputs and _is_model_output(x):
+            jax.tree_util.register_pytree_node(
+                cls, lambda o: (tuple(o.values()), tuple(o.keys())),
+                lambda keys, values, cls=cls: cls(**dict(zip(keys, values))))  # fmt: skip
+            _registered_outputs.add(cls)
+        if isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(out)
+    return out
+
+
+def _is_model_output(x) -> bool:
+    if "transformers" not in sys.modules:  # a model that does not use transformers: never import it
+        return False
+    from transformers.utils import ModelOutput
+
+    return isinstance(x, ModelOutput)
+
+
+def with_pytree_outputs(fn):
+    """``fn`` whose outputs JAX can return from a jit (``as_jax_pytree``)."""
+
+    def call(*args, **kwargs):
+        return as_jax_pytree(fn(*args, **kwargs))
+
+    return call
+
+
 def extract(model: torch.nn.Module):
     """(weights, fn) of ``model`` through torchax. Tied weights are kept once."""
     tx = torchax_with_lowerings()
     model.eval()
     with torch.no_grad():
-        return tx.extract_jax(model)
+        weights, fn = tx.extract_jax(model)
+    return weights, with_pytree_outputs(fn)
 
 
 def extract_fn(model: torch.nn.Module):
@@ -49,6 +97,6 @@ def extract_fn(model: torch.nn.Module):
         params, buffers, args, kwargs = env.j2t_iso((params, buffers, args, kwargs or {}))
         with env:
             out = jm.functional_call("forward", params, buffers, *args, **kwargs)
-        return env.t2j_iso(out)
+        return as_jax_pytree(env.t2j_iso(out))
 
     return names, fn
