@@ -96,7 +96,17 @@ class ExportedLM(Exported):
 
 
 def load(path, devices: Sequence | None = None) -> Exported:
-    kind = json.loads((Path(path) / "manifest.json").read_text())["kind"]
+    """The export in directory ``path``; a missing directory or one without an export raises
+    ``UsageError`` naming it and how to make one."""
+    from bridge.errors import UsageError
+
+    path = Path(path)
+    make = "make one with `torchax-bridge export --checkpoint C --out DIR`"
+    if not path.is_dir():
+        raise UsageError(f"no directory {path}; {make}")
+    if not (path / "manifest.json").is_file():
+        raise UsageError(f"{path} holds no export (no manifest.json); {make}")
+    kind = json.loads((path / "manifest.json").read_text())["kind"]
     return (ExportedLM if kind == "causal_lm" else Exported)(path, devices)
 
 
@@ -106,11 +116,23 @@ def main(argv=None) -> int:
     p.add_argument("--input-ids", required=True, help="comma-separated token ids of one prompt")
     p.add_argument("--max-new-tokens", type=int, default=None)
     args = p.parse_args(argv)
-    model = load(args.dir)
-    if not isinstance(model, ExportedLM):
-        print("error: this export is not a causal LM; call it from Python: bridge.exported.load(DIR)(x)", file=sys.stderr)
+    from bridge.errors import BridgeError, UsageError
+
+    try:
+        model = load(args.dir)
+        if not isinstance(model, ExportedLM):
+            raise UsageError("this export is not a causal LM; call it from Python: bridge.exported.load(DIR)(x)")
+        try:
+            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+        vocab = model.manifest.get("vocab_size")
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad or not ids:
+            raise UsageError(f"token ids must lie in [0, {vocab}) for this export; got {bad or 'none'}")
+    except BridgeError as e:
+        print(f"python -m bridge.exported: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
-    ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
     print(json.dumps({"prompt_ids": ids, "token_ids": model.generate([ids], args.max_new_tokens)[0]}))
     return 0
 

@@ -357,5 +357,10 @@ def test_exported_smollm2_greedy_equals_generate_without_torch(tmp_path, devices
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"]
     assert got == want and len(got) >= 1
+    from bridge import exported  # ids outside the vocabulary: one line, exit 2
+
+    assert exported.main([str(out), "--input-ids", "1,49152"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[0, 49152)" in err[0] and "49152" in err[0], err
     assert {p.name for p in out.iterdir()} == {"manifest.json", "weights.safetensors", "forward.jaxexport",
                                                  "prefill.jaxexport", "decode_step.jaxexport"}  # fmt: skip

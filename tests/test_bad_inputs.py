@@ -427,3 +427,15 @@ def test_profile_runs_without_the_viewer_extra(tmp_path):
     layers = [line.split()[2] for line in proc.stdout.split("time per named layer:")[1].splitlines() if line.strip()]
     assert "layers.*.mlp" in layers and layers == sorted(layers), proc.stdout
     assert "(per layer, 2 scanned)" in proc.stdout
+
+
+def test_exported_runner_answers_bad_input_with_one_line(tmp_path, capfd):
+    """``python -m bridge.exported``: a missing directory and one that holds no export get one line
+    and exit 2 like every command (ids outside the vocabulary: tests/test_any_module.py, on a real
+    export)."""
+    from bridge import exported
+
+    for path, says in [(tmp_path / "nowhere", "no directory"), (tmp_path, "holds no export")]:
+        assert exported.main([str(path), "--input-ids", "1,2"]) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "torchax-bridge export" in err[0], err
