@@ -166,8 +166,10 @@ class Taps:
 
     def eager(self, model, args, kwargs) -> tuple[Any, dict[str, list[np.ndarray]]]:
         with torch.no_grad():
-            out, captured = self.run(lambda: model(*args, **kwargs), lambda t: t.detach().float().cpu().numpy()
-                                     if t.is_floating_point() else t.detach().cpu().numpy())  # fmt: skip
+            # Copies: a view would change under the next in-place op (ResNet's ReLU(inplace=True)
+            # overwrote each captured BatchNorm output, and check reported a divergence of 1.1).
+            out, captured = self.run(lambda: model(*args, **kwargs), lambda t: t.detach().float().cpu().numpy().copy()
+                                     if t.is_floating_point() else t.detach().cpu().numpy().copy())  # fmt: skip
         return out, dict(zip(self.order, captured))
 
     def lifted(self, lifted: LiftedModule, args, kwargs) -> tuple[Any, dict[str, list[np.ndarray]]]:
@@ -260,7 +262,7 @@ class CheckReport:
 
 
 def _eager_leaves(out) -> list[np.ndarray]:
-    return [t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+    return [t.detach().float().cpu().numpy().copy() if t.is_floating_point() else t.cpu().numpy().copy()
             for t in torch_pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # fmt: skip
 
 

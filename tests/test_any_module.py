@@ -202,6 +202,21 @@ def wrong_gelu():
         env._ops[F.gelu] = before
 
 
+def test_check_is_not_fooled_by_in_place_ops(devices):
+    """ResNet's pattern: a BatchNorm whose output the next ``ReLU(inplace=True)`` overwrites. The
+    eager capture is a copy, so check passes where the outputs agree (it reported the BatchNorm at
+    relative error ~1 while it kept a view)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    report = check_module(model, (torch.randn(2, 3, 8, 8),), mesh=one_device(), scheme=custom_scheme())
+    assert report.ok, format_check(report)
+    assert any(r.module == "1" for r in report.rows)  # the BatchNorm was compared
+
+
 def test_check_names_the_module_with_a_wrong_lowering(wrong_gelu, devices):
     model = Mixer()
     report = check_module(model, (torch.randn(4, 16, 32),), mesh=sharding.make_mesh({"data": 2, "model": 4}, devices),
