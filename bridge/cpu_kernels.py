@@ -414,7 +414,7 @@ def weight_spec(w: jnp.ndarray):
     return None if entry is None or entry[0] is not src else _entries(entry[1], src.ndim)
 
 
-def _row_lead(placed: Placement, x: jnp.ndarray, taken: set) -> tuple | None:
+def _row_lead(placed: Placement, x: jnp.ndarray, taken: set) -> tuple:
     """The spec of ``x``'s leading dims: its first dim over the batch axes (when they divide it and
     the weight does not use them), the rest whole."""
     if x.ndim < 2:
@@ -429,10 +429,11 @@ def _sharded_product(placed: Placement, base: str, operands: tuple, stacked: boo
     from jax.sharding import PartitionSpec as P
 
     x, w = operands[0], operands[1]
-    n, k = weight_spec(w)[-2:]
+    w_spec = weight_spec(w)
+    n, k = w_spec[-2:]
     lead = _row_lead(placed, x, set(_axes(n)) | set(_axes(k)))
     summed = _axes(k)
-    in_specs = (P(*lead, k), P(*weight_spec(w)), *([P()] if stacked else []))
+    in_specs = (P(*lead, k), P(*w_spec), *([P()] if stacked else []))
 
     def local(*ops):
         y = _ffi(base, _rows_shape(ops[0], ops[1]), *ops)

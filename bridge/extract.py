@@ -61,22 +61,13 @@ def _is_model_output(x) -> bool:
     return isinstance(x, ModelOutput)
 
 
-def with_pytree_outputs(fn):
-    """``fn`` whose outputs JAX can return from a jit (``as_jax_pytree``)."""
-
-    def call(*args, **kwargs):
-        return as_jax_pytree(fn(*args, **kwargs))
-
-    return call
-
-
 def extract(model: torch.nn.Module):
     """(weights, fn) of ``model`` through torchax. Tied weights are kept once."""
     tx = torchax_with_lowerings()
     model.eval()
     with torch.no_grad():
         weights, fn = tx.extract_jax(model)
-    return weights, with_pytree_outputs(fn)
+    return weights, lambda *args, **kwargs: as_jax_pytree(fn(*args, **kwargs))
 
 
 def extract_fn(model: torch.nn.Module):
