@@ -93,9 +93,14 @@ def import_torchax() -> ModuleType:
     global _torchax
     with _lock:
         if _torchax is None:
+            # torchax switches torch's attention fast path off at import, for every caller; the
+            # bridge switches it off only around its own tracing (bridge.extract.traced_as_torch),
+            # so eager torch in the same process keeps its behaviour.
+            fast_path = torch.backends.mha.get_fastpath_enabled()
             with named_tensor_placeholders(PLACEHOLDERS):
                 import torchax
 
                 torchax.default_env()
+            torch.backends.mha.set_fastpath_enabled(fast_path)
             _torchax = torchax
     return _torchax

@@ -166,6 +166,61 @@ def test_transformers_model_outputs_come_back_as_themselves(name, model, args, d
             assert rel(got[k], want[k].numpy()) < RTOL, (name, n, k)
 
 
+def padded_encoder():
+    """``nn.TransformerEncoder`` with torch's defaults (nested tensors on) and a padding mask whose
+    rows end in padding: eager torch in eval mode takes its fused path and returns zeros at the
+    padded positions (before the final norm)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32)).eval()
+    x = torch.randn(8, 7, 32)
+    pad = torch.zeros(8, 7, dtype=torch.bool)
+    pad[0, 5:] = pad[3, 2:] = pad[6, 6:] = True
+    return model, x, pad
+
+
+def test_transformer_encoder_with_a_padding_mask_equals_eager_torch(devices):
+    """Issue 32, item 3: the lifted encoder returns what eager torch returns, padded rows included,
+    on 1 and 8 devices, and ``check`` compares against eager torch as the user's torch runs it."""
+    model, x, pad = padded_encoder()
+    assert torch.backends.mha.get_fastpath_enabled()  # the bridge (imported here) left torch's default
+    with torch.no_grad():
+        want = model(x, src_key_padding_mask=pad)
+    assert float(want[0, 5:].std()) < 1e-6  # eager's fused path: the padded rows are the norm of zeros
+    for n in (1, 8):
+        got = lift(model, sharding.mesh_for("dp", n, devices=devices), "dp")(x, src_key_padding_mask=pad)
+        assert rel(got, want.numpy()) < RTOL, n
+    report = check_module(model, (x,), {"src_key_padding_mask": pad}, mesh=one_device(), scheme="dp")
+    assert report.ok, format_check(report)
+    # A mask with padding inside a row: torch's unfused path, and the lifted one agrees with it too.
+    pad[1, 2] = True
+    with torch.no_grad():
+        want = model(x, src_key_padding_mask=pad)
+    assert rel(lift(model, one_device(), "dp")(x, src_key_padding_mask=pad), want.numpy()) < RTOL
+
+
+def test_importing_the_bridge_leaves_eager_torch_as_it_was():
+    """torchax switches torch's attention fast path off at import; the bridge restores it (and turns
+    it off only around its own tracing), so eager torch returns the same before and after."""
+    code = """
+import torch
+from tests.test_any_module import padded_encoder
+model, x, pad = padded_encoder()
+with torch.no_grad():
+    before = model(x, src_key_padding_mask=pad)
+from bridge.lift import lift
+import sharding
+lifted = lift(model, sharding.mesh_for("dp", 1), "dp")
+with torch.no_grad():
+    after = model(x, src_key_padding_mask=pad)
+print(torch.backends.mha.get_fastpath_enabled(), torch.equal(before, after))
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["True", "True"]
+
+
 def test_inputs_batch_sharded_and_one_compile_per_shape(devices):
     model = Mixer()
     lifted = lift(model, sharding.make_mesh({"data": 2, "model": 4}, devices), custom_scheme())
