@@ -29,7 +29,7 @@ from torch.utils import _pytree as torch_pytree
 import sharding
 from bridge import scan
 from bridge.lift import LiftedModule, as_scheme, extract_fn, is_causal_lm, jax_dtype, lift
-from bridge.extract import torchax_with_lowerings
+from bridge.extract import evaluating, torchax_with_lowerings
 
 # Max relative error (max |lifted - eager| / max |eager|) above which a module diverges.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -165,7 +165,7 @@ class Taps:
                 self._records.append((scan.layer_name(self.model, name, i), [v[i] for v in values]))
 
     def eager(self, model, args, kwargs) -> tuple[Any, dict[str, list[np.ndarray]]]:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # the lifted program is eval mode's (inference)
             # Copies: a view would change under the next in-place op (ResNet's ReLU(inplace=True)
             # overwrote each captured BatchNorm output, and check reported a divergence of 1.1).
             out, captured = self.run(lambda: model(*args, **kwargs), _eager_copy)

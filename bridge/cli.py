@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
     tr.add_argument("--out", default=None, help="checkpoint directory to write (and to resume from when it holds "
                                                 "a training run)")  # fmt: skip
+    tr.add_argument("--save-every", type=_number(int, 0, what="an integer >= 0"), default=0, metavar="N",
+                    help="also save the resumable state to --out every N steps (atomically: a killed run "
+                         "keeps the last save)")  # fmt: skip
 
     c = sub.add_parser("convert", help="write any supported checkpoint as a plain safetensors directory")
     c.add_argument("src", help="'smollm2', a HF directory or a .gguf file")
@@ -527,7 +530,8 @@ def cmd_train(args) -> int:
                        mesh_overrides=sharding.parse_mesh(args.mesh), steps=args.steps, batch=args.batch,
                        seq=args.seq, lr=args.lr, weight_decay=args.weight_decay, remat=args.remat, out=args.out,
                        dtype=args.dtype, fallback=args.fallback, implementation=args.implementation,
-                       log=lambda line: print(line, file=sys.stderr), scan_layers=args.scan_layers)  # fmt: skip
+                       log=lambda line: print(line, file=sys.stderr), scan_layers=args.scan_layers,
+                       save_every=args.save_every)  # fmt: skip
     losses = result["losses"]
     run = losses[len(losses) - args.steps:]
     print(f"steps {run[0]['step']}..{run[-1]['step']}: loss {run[0]['loss']:.4f} -> {run[-1]['loss']:.4f}")

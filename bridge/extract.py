@@ -113,38 +113,75 @@ def _zero_padded_rows(encoder: torch.nn.TransformerEncoder) -> list:
             encoder.layers[-1].register_forward_hook(after)]  # fmt: skip
 
 
-def extract(model: torch.nn.Module):
-    """(weights, fn) of ``model`` through torchax. Tied weights are kept once."""
-    tx = torchax_with_lowerings()
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode while active; every submodule's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    with torch.no_grad():
-        weights, fn = tx.extract_jax(model)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
-    def traced(*args, **kwargs):
-        with traced_as_torch(model):
-            return as_jax_pytree(fn(*args, **kwargs))
 
-    return weights, traced
+def modes_of(model: torch.nn.Module) -> tuple[bool, ...]:
+    """Every submodule's ``training`` flag, in order: what a program traced in train mode depends on."""
+    return tuple(m.training for m in model.modules())
+
+
+class Extracted:
+    """A torch module's ``forward`` as pure JAX functions of its tensors (torchax underneath).
+
+    ``fn(states, args, kwargs)`` runs the module in eval mode (inference: what lifting is for).
+    ``fn.training(states, key, args, kwargs)`` runs it in the modes its submodules have when traced
+    and returns ``(outputs, buffers)``: the buffers after the call (BatchNorm's running statistics
+    and counter, updated as torch updates them), and dropout drawing from ``key``."""
+
+    def __init__(self, model: torch.nn.Module):
+        tx = torchax_with_lowerings()
+        from torchax.interop import JittableModule
+
+        self.model = model
+        self.module = JittableModule(model, dedup_parameters=True)
+        self.env = tx.default_env()
+
+    def shapes(self) -> dict:
+        jm = self.module
+        return {**{k: (tuple(v.shape), v.dtype) for k, v in jm.buffers.items()},
+                **{k: (tuple(v.shape), v.dtype) for k, v in jm.params.items()}}  # fmt: skip
+
+    def weights(self) -> dict:
+        """The module's tensors as jax arrays (a copy; tied ones once)."""
+        with torch.no_grad():
+            return self.env.t2j_copy({**self.module.buffers, **self.module.params})
+
+    def _call(self, states, args, kwargs):
+        jm, env = self.module, self.env
+        params = {k: states[k] for k in jm.params}
+        buffers = {k: states[k] for k in jm.buffers}
+        params, buffers, args, kwargs = env.j2t_iso((params, buffers, args, kwargs or {}))
+        with env, traced_as_torch(self.model):
+            out = jm.functional_call("forward", params, buffers, *args, **kwargs)
+        return as_jax_pytree(env.t2j_iso(out)), env.t2j_iso(buffers)
+
+    def __call__(self, states, args, kwargs=None):
+        with evaluating(self.model):
+            return self._call(states, args, kwargs)[0]
+
+    def training(self, states, key, args, kwargs=None):
+        with self.env.override_property(prng=key):
+            return self._call(states, args, kwargs)
+
+
+def extract(model: torch.nn.Module):
+    """(weights, fn) of ``model`` through torchax (``Extracted``). Tied weights are kept once."""
+    fn = Extracted(model)
+    return fn.weights(), fn
 
 
 def extract_fn(model: torch.nn.Module):
     """(names -> (shape, torch dtype), fn): ``extract`` without converting any weight, so ``model``
     may live on the meta device; the weights come from elsewhere (a checkpoint, abstract shapes)."""
-    tx = torchax_with_lowerings()
-    from torchax.interop import JittableModule
-
-    model.eval()
-    jm = JittableModule(model, dedup_parameters=True)
-    env = tx.default_env()
-    names = {**{k: (tuple(v.shape), v.dtype) for k, v in jm.buffers.items()},
-             **{k: (tuple(v.shape), v.dtype) for k, v in jm.params.items()}}  # fmt: skip
-
-    def fn(states, args, kwargs=None):  # as torchax.extract_jax's jax_func
-        params = {k: states[k] for k in jm.params}
-        buffers = {k: states[k] for k in jm.buffers}
-        params, buffers, args, kwargs = env.j2t_iso((params, buffers, args, kwargs or {}))
-        with env, traced_as_torch(model):
-            out = jm.functional_call("forward", params, buffers, *args, **kwargs)
-        return as_jax_pytree(env.t2j_iso(out))
-
-    return names, fn
+    fn = Extracted(model)
+    return fn.shapes(), fn

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 
 import sharding
 from bridge import scan, weight_plan
-from bridge.extract import extract, extract_fn, jax_dtype  # noqa: F401 (the lifting API)
+from bridge.errors import UsageError
+from bridge.extract import extract, extract_fn, jax_dtype, modes_of  # noqa: F401 (the lifting API)
 from bridge.weight_plan import as_scheme, is_causal_lm  # noqa: F401
 
 
@@ -94,9 +95,11 @@ class LiftedModule:
     mesh: Mesh
     scheme: sharding.Scheme
     placements: dict[str, sharding.Placement]
+    plan: Any = None  # the bridge.weight_plan.WeightPlan its weights were placed by
 
     def __post_init__(self):
         self._calls = {}
+        self._train_calls = 0  # train-mode calls so far: each draws its own dropout key
         self.stored = None  # the checkpoints.StoredWeights it was placed from, if it was
 
     def input_sharding(self, batch: int, rank: int = 2) -> NamedSharding:
@@ -114,28 +117,71 @@ class LiftedModule:
     def report(self) -> dict:
         return sharding.report(self.placements, dict(self.mesh.shape))
 
-    def jitted(self, args: tuple, kwargs: dict, name: str = "forward"):
+    def jitted(self, args: tuple, kwargs: dict, name: str = "forward", training: bool = False):
         """(the jitted call for these arguments' structure and static values, its array arguments).
-        ``name`` names the program (profiles and HLO dumps tell programs apart by it)."""
+        ``name`` names the program (profiles and HLO dumps tell programs apart by it).
+        ``training``: the program of the module in the modes its submodules have now (part of the
+        key), called as ``call(weights, key, arrays) -> (outputs, buffers)`` (``Extracted.training``)."""
         leaves, tree = jax.tree.flatten((tuple(args), dict(kwargs)))
         is_array = tuple(isinstance(x, (torch.Tensor, np.ndarray, jax.Array)) for x in leaves)
         statics = tuple(x for x, a in zip(leaves, is_array) if not a)
         arrays = [self.put(x) for x, a in zip(leaves, is_array) if a]
-        key = (tree, is_array, statics, name)
+        key = (tree, is_array, statics, name, modes_of(self.model) if training else None)
         if key not in self._calls:
 
-            def call(weights, arrays):
+            def inputs(arrays):
                 it, st = iter(arrays), iter(statics)
-                a, k = jax.tree.unflatten(tree, [next(it) if arr else next(st) for arr in is_array])
-                return self.fn(weights, a, k)
+                return jax.tree.unflatten(tree, [next(it) if arr else next(st) for arr in is_array])
+
+            if training:
+                placed = {k: w.sharding for k, w in self.weights.items() if isinstance(w, jax.Array)}
+
+                def call(weights, rng, arrays):
+                    out, buffers = self.fn.training(weights, rng, *inputs(arrays))
+                    # the buffers stay where the plan put them
+                    return out, {k: jax.lax.with_sharding_constraint(v, placed[k]) if k in placed else v
+                                 for k, v in buffers.items()}  # fmt: skip
+            else:
+
+                def call(weights, arrays):
+                    return self.fn(weights, *inputs(arrays))
 
             call.__name__ = call.__qualname__ = name
             self._calls[key] = jax.jit(call)
         return self._calls[key], arrays
 
     def __call__(self, *args, **kwargs):
-        call, arrays = self.jitted(args, kwargs)
-        return call(self.weights, arrays)
+        """The module's forward on the mesh, in the module's mode: in train mode (``module.train()``)
+        batch statistics normalise, dropout draws a fresh key each call, and the updated buffers
+        (running statistics, counters) replace the lifted ones, as eager torch updates its module's."""
+        if not any(modes_of(self.model)):
+            call, arrays = self.jitted(args, kwargs)
+            return call(self.weights, arrays)
+        if not hasattr(self.fn, "training"):
+            raise UsageError(f"{type(self.model).__name__} is in train mode, which its lifted program does not "
+                             f"support (a causal LM's is for inference); call .eval() on it")  # fmt: skip
+        call, arrays = self.jitted(args, kwargs, training=True)
+        self._train_calls += 1
+        rng = jax.random.fold_in(jax.random.key(torch.initial_seed() % (1 << 63)), self._train_calls)
+        out, buffers = call(self.weights, rng, arrays)
+        self.weights.update(buffers)
+        return out
+
+    def to_torch(self) -> torch.nn.Module:
+        """The lifted weights and buffers written back into the module (trained weights, running
+        statistics), which it returns. Weights the plan transformed (stacked, padded, repeated kv
+        heads) have no one-to-one tensor in the module: refused, naming one."""
+        transformed = [w for w in (self.plan.weights.values() if self.plan else ()) if w.transforms]
+        if transformed:
+            raise UsageError(f"{transformed[0].name} was {', '.join(transformed[0].transforms)} on the mesh, so it "
+                             f"has no one tensor in the module to write back; lift without that transform")  # fmt: skip
+        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                value = np.asarray(sharding.to_host(w))
+                t = tensors[name]
+                t.copy_(torch.from_numpy(value.copy()).to(t.dtype))
+        return self.model
 
 
 @dataclasses.dataclass
@@ -149,7 +195,6 @@ class Lifted(LiftedModule):
     # axis wider than the kv head count still splits them (``weight_plan.repeat_heads``).
     kv_head_copies: int = 1
     scan_layers: bool = False  # the decoder stack is one scan over stacked weights (bridge.scan)
-    plan: Any = None  # the bridge.weight_plan.WeightPlan its weights were placed by
     hf_config: Any = None  # the transformers config it was opened with (bridge.models.open_model), to save with
 
     def __post_init__(self):
@@ -262,7 +307,7 @@ def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.Wei
     """The ``LiftedModule`` (a ``Lifted`` for a causal LM) of ``model``'s extracted ``fn`` and
     ``weights`` placed by ``plan`` (real arrays, or ``ShapeDtypeStruct``s for an abstract plan)."""
     if not is_causal_lm(model):
-        return LiftedModule(model, fn, weights, mesh, plan.scheme, plan.placements)
+        return LiftedModule(model, fn, weights, mesh, plan.scheme, plan.placements, plan)
     if plan.scan_layers:
         fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
     return Lifted(model, lifted_fn(fn, model, mesh, plan.scheme, plan.placements, plan.kv_head_copies), weights, mesh,

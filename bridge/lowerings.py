@@ -176,6 +176,31 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     return jnp.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(b, hq, t, v.shape[-1])
 
 
+def batch_norm_stats(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``F.batch_norm`` as torch computes it: (output, new running mean, new running variance).
+    In training (or without running statistics) the batch's own statistics normalise, and the
+    running ones move by ``momentum`` towards the batch mean and the *unbiased* batch variance, as
+    torch does (torchax's lowering uses the biased one and drops the update). Statistics in f32."""
+    dims = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    xf = x.astype(jnp.float32)
+    if training or running_mean is None:
+        mean, var = xf.mean(dims), xf.var(dims)
+    else:
+        mean, var = running_mean.astype(jnp.float32), running_var.astype(jnp.float32)
+    y = (xf - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32).reshape(shape)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32).reshape(shape)
+    if not training or running_mean is None:
+        return y.astype(x.dtype), running_mean, running_var
+    n = x.size // x.shape[1]
+    new_mean = (1 - momentum) * running_mean + momentum * mean.astype(running_mean.dtype)
+    new_var = (1 - momentum) * running_var + momentum * (var * n / max(n - 1, 1)).astype(running_var.dtype)
+    return y.astype(x.dtype), new_mean, new_var
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
@@ -191,4 +216,15 @@ def install(env) -> None:
                          (torch.ops.model_torch.int8_linear.default, int8_linear),
                          (torch.ops.model_torch.ordered_after.default, ordered_after)):  # fmt: skip
         env.override_op_definition(op, via_jax(lowering))
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):  # fmt: skip
+        y, mean, var = call_jax(batch_norm_stats, input, running_mean, running_var, weight, bias, training,
+                                momentum, eps)  # fmt: skip
+        if training and running_mean is not None:  # torch updates the buffers in place; so do we
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+        return y
+
+    env.override_op_definition(F.batch_norm, batch_norm)
     _installed.add(id(env))

@@ -1,18 +1,25 @@
-"""Training the same torch model on JAX: next-token cross entropy from the lifted forward,
-``jax.value_and_grad``, and an optax AdamW update, as one jitted step with donated state.
+"""Training the same torch model on JAX: a loss of the lifted forward's outputs, ``jax.value_and_grad``
+and an optax AdamW update, as one jitted step with donated state. Any lifted module trains; a causal
+LM's next-token cross entropy is the default loss.
 
-    trainer = Trainer(lifted, optax.adamw(1e-3))
+    trainer = Trainer(lifted_lm, optax.adamw(1e-3))
     state = trainer.init()
     state, loss = trainer.step(state, batch_ids)          # batch_ids [B, T] int32
 
+    trainer = Trainer(lift(resnet.train(), mesh, "dp"), optax.adamw(1e-3),
+                      loss=torch_loss(lambda logits, batch: F.cross_entropy(logits, batch[1])))
+    state, loss = trainer.step(state, (images, labels))   # the model sees batch[0]
+
 Parameters, gradients and optimizer state are placed by the lifted model's scheme: each AdamW
 moment sits exactly where its parameter sits (fsdp shards all three; dp replicates them and
-splits the batch), and the gradients are pinned to their parameters' placement.
+splits the batch), and the gradients are pinned to their parameters' placement. A module in train
+mode trains as torch trains it: BatchNorm normalises by the batch and its running statistics are
+part of the state (``state.buffers``), updated each step.
 
-* ``remat=True``: each decoder layer is a ``jax.checkpoint``: its activations are recomputed in
-  the backward pass instead of kept (the layer's torch forward runs inside the checkpoint through
-  torchax).
-* The loss reads the logits in the model's dtype and computes the fp32 log-softmax one block of
+* ``remat=True``: each layer (a causal LM's decoder layers; another module's longest ``ModuleList``
+  or ``Sequential``) is a ``jax.checkpoint``: its activations are recomputed in the backward pass
+  instead of kept (the layer's torch forward runs inside the checkpoint through torchax).
+* The LM loss reads the logits in the model's dtype and computes the fp32 log-softmax one block of
   ``loss_chunk`` positions at a time (each block a ``jax.checkpoint``), so no fp32 copy of the
   whole ``[batch, seq, vocab]`` logits is ever live, forward or backward.
 """
@@ -31,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
 from bridge.errors import UsageError
-from bridge.lift import Lifted
+from bridge.lift import Lifted, LiftedModule
 
 LOSS_CHUNK = 256  # positions per fp32 log-softmax block
 
@@ -60,18 +67,58 @@ def next_token_nll(logits: jax.Array, ids: jax.Array, chunk: int = LOSS_CHUNK) -
     return total / (b * t)
 
 
+def next_token_loss(outputs, ids: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+    """A causal LM's loss: ``next_token_nll`` of its logits (``outputs`` is ``(logits, kv_cache)``)."""
+    return next_token_nll(outputs[0], ids, chunk)
+
+
+def torch_loss(fn):
+    """A loss written in torch (``fn(outputs, batch) -> scalar tensor``, e.g. ``F.cross_entropy``)
+    as the JAX function ``Trainer`` differentiates: it runs through torchax, as the model does."""
+    from bridge.extract import torchax_with_lowerings
+
+    env = torchax_with_lowerings().default_env()
+
+    def loss(outputs, batch):
+        outputs, batch = env.j2t_iso((outputs, batch))
+        with env:
+            value = fn(outputs, batch)
+        return env.t2j_iso(value)
+
+    loss.__name__ = getattr(fn, "__name__", "torch_loss")
+    return loss
+
+
+def first_input(batch):
+    """What the model is called with: ``batch[0]`` of a tuple or list ``(inputs, targets, ...)``,
+    else the batch itself (a causal LM's token ids)."""
+    return (batch[0],) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def repeated_layers(model) -> list:
+    """The layers ``remat`` checkpoints one by one: a causal LM's decoder layers; for another module
+    the entries of its longest ``ModuleList`` or ``Sequential`` (ViT's blocks, a ResNet stage)."""
+    import torch
+
+    if hasattr(model, "decoder_layers"):
+        return [layer for _, layer in model.decoder_layers()]
+    lists = [m for m in model.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))]
+    return list(max(lists, key=len)) if lists else []
+
+
 @contextlib.contextmanager
 def remat_layers(model):
-    """While active (around tracing), each decoder layer's forward runs inside ``jax.checkpoint``:
-    its parameters and hidden input cross into JAX, the layer's own torch forward runs within the
-    checkpoint through torchax, and only the layer's inputs are kept for the backward pass."""
+    """While active (around tracing), each layer's forward (``repeated_layers``) runs inside
+    ``jax.checkpoint``: its parameters and hidden input cross into JAX, the layer's own torch forward
+    runs within the checkpoint through torchax, and only the layer's inputs are kept for the
+    backward pass."""
     from torch.nn.utils.stateless import _reparametrize_module
 
     from bridge.extract import torchax_with_lowerings
 
     env = torchax_with_lowerings().default_env()
     patched = []
-    for _, layer in model.decoder_layers():
+    for layer in repeated_layers(model):
         original = layer.forward
 
         def forward(x, *rest, _layer=layer, _original=original):
@@ -105,13 +152,26 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: dict
     opt_state: Any
+    buffers: dict = dataclasses.field(default_factory=dict)  # updated by the forward (train mode): BatchNorm's
 
 
-def check_trainable(lifted: Lifted) -> None:
-    bad = [k for k, w in lifted.weights.items() if not jnp.issubdtype(w.dtype, jnp.floating)]
+def parameter_names(lifted) -> set:
+    """The lifted weights that are the module's parameters (a scanned stack's ``model.layers.*.x``
+    when ``model.layers.0.x`` is one); the rest are buffers."""
+    from bridge.scan import layer0_name
+
+    names = {n for n, _ in lifted.model.named_parameters()}
+    return {k for k in lifted.weights if layer0_name(k) in names}
+
+
+def check_trainable(lifted: LiftedModule) -> None:
+    params = parameter_names(lifted)
+    bad = [k for k in sorted(params) if not jnp.issubdtype(lifted.weights[k].dtype, jnp.floating)]
     if bad:
         raise UsageError(f"{bad[0]} is {lifted.weights[bad[0]].dtype}: an int8-quantized model cannot be trained; "
                          f"drop --quantize")  # fmt: skip
+    if not isinstance(lifted, Lifted):
+        return
     if lifted.kv_head_copies > 1:
         raise UsageError(f"this mesh repeats each kv head {lifted.kv_head_copies} times (a model axis wider than "
                          f"the kv heads); train with a model axis of at most {lifted.model.kv_cache_heads}")  # fmt: skip
@@ -121,29 +181,48 @@ def check_trainable(lifted: Lifted) -> None:
 
 
 class Trainer:
-    """The jitted training step of a lifted causal LM (see the module docstring)."""
+    """The jitted training step of a lifted module (see the module docstring).
 
-    def __init__(self, lifted: Lifted, optimizer, *, remat: bool = False, loss_chunk: int = LOSS_CHUNK):
+    ``loss(outputs, batch) -> scalar`` in JAX (``torch_loss`` wraps one written in torch); default:
+    a causal LM's ``next_token_loss``. ``inputs(batch)``: the model's positional arguments
+    (``first_input``: ``batch[0]`` of a tuple, else the batch)."""
+
+    def __init__(self, lifted: LiftedModule, optimizer, *, loss=None, inputs=first_input, remat: bool = False,
+                 loss_chunk: int = LOSS_CHUNK):  # fmt: skip
         check_trainable(lifted)
+        if loss is None:
+            if not isinstance(lifted, Lifted):
+                raise UsageError(f"{type(lifted.model).__name__} is not a causal LM, so there is no default loss; "
+                                 f"pass loss=(outputs, batch) -> scalar")  # fmt: skip
+            loss = lambda outputs, ids: next_token_loss(outputs, ids, loss_chunk)  # noqa: E731
+        from bridge.extract import modes_of
+
+        # A module in train mode (BatchNorm, dropout) trains in it; a causal LM's program is eval's.
+        self.train_mode = any(modes_of(lifted.model)) and hasattr(lifted.fn, "training")
+        if remat and self.train_mode and any(n for n, _ in lifted.model.named_buffers()):
+            raise UsageError("remat recomputes each layer, which would update its buffers (BatchNorm's statistics) "
+                             "twice; train without remat or with the module in eval mode")  # fmt: skip
         self.lifted = lifted
         self.optimizer = optimizer
         self.remat = remat
+        self.loss_fn, self.inputs = loss, inputs
         self.loss_chunk = loss_chunk
         mesh = lifted.mesh
-        # Parameters train; buffers (RoPE frequencies, masks) stay as they are. A scanned stack's
-        # ``model.layers.*.x`` trains when ``model.layers.0.x`` is a parameter.
-        from bridge.scan import layer0_name
-
-        names = {n for n, _ in lifted.model.named_parameters()}
-        self.trainable = [k for k in lifted.weights if layer0_name(k) in names]
-        self.frozen = {k: w for k, w in lifted.weights.items() if layer0_name(k) not in names}
+        # Parameters train; buffers stay as they are (RoPE frequencies, masks), or in train mode are
+        # the state the forward updates (BatchNorm's running statistics).
+        trainable = parameter_names(lifted)
+        self.trainable = [k for k in lifted.weights if k in trainable]
+        buffers = {k: w for k, w in lifted.weights.items() if k not in trainable}
+        self.frozen = {} if self.train_mode else buffers
+        self.buffer_names = list(buffers) if self.train_mode else []
         placements = {k: lifted.placements[k] for k in self.trainable}
         self.param_shardings = sharding.shardings_of(placements, mesh)
         abstract = jax.eval_shape(optimizer.init, {k: jax.ShapeDtypeStruct(lifted.weights[k].shape, lifted.weights[k].dtype)
                                                    for k in self.trainable})  # fmt: skip
         self.opt_shardings = self._like_params(abstract)
         replicated = NamedSharding(mesh, P())
-        self.state_shardings = TrainState(replicated, self.param_shardings, self.opt_shardings)
+        buffer_shardings = sharding.shardings_of({k: lifted.placements[k] for k in self.buffer_names}, mesh)
+        self.state_shardings = TrainState(replicated, self.param_shardings, self.opt_shardings, buffer_shardings)
         self._steps = {}
 
     def _like_params(self, tree):
@@ -168,54 +247,78 @@ class Trainer:
         """Fresh optimizer state for the lifted weights (placed on the mesh, nothing on the host)."""
         init = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)
         params = self.params()
-        return TrainState(jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.lifted.mesh, P())), params,
-                          init(params))  # fmt: skip
+        step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.lifted.mesh, P()))
+        # copies: the step donates its state, and the lifted module keeps its own buffers
+        buffers = {k: jnp.copy(self.lifted.weights[k]) for k in self.buffer_names}
+        return TrainState(step, params, init(params), buffers)
 
     # -- pure functions -----------------------------------------------------------------------------
-    def loss(self, params: dict, ids: jax.Array) -> jax.Array:
-        """Mean next-token loss of ``ids`` [B, T] with the trainable ``params`` (the buffers are the
-        lifted model's own)."""
+    def loss(self, params: dict, batch, buffers: Optional[dict] = None, rng=None) -> jax.Array:
+        """The loss of ``batch`` with the trainable ``params`` (in train mode, the module's buffers
+        are ``buffers``, the lifted ones by default, and dropout draws from ``rng``)."""
+        if self.train_mode and buffers is None:
+            buffers = {k: self.lifted.weights[k] for k in self.buffer_names}
+        return self.loss_and_buffers(params, batch, buffers, rng)[0]
+
+    def loss_and_buffers(self, params: dict, batch, buffers: Optional[dict] = None, rng=None):
+        """(``loss``, the buffers after the forward: in train mode ``buffers`` updated, else {})."""
+        if self.train_mode and rng is None:
+            rng = jax.random.key(0)
         ctx = remat_layers(self.lifted.model) if self.remat else contextlib.nullcontext()
+        weights = {**self.frozen, **(buffers or {}), **params}
         with ctx:
-            logits, _ = self.lifted.fn({**self.frozen, **params}, (ids,), {})
-        return next_token_nll(logits, ids, self.loss_chunk)
+            if self.train_mode:
+                outputs, new_buffers = self.lifted.fn.training(weights, rng, self.inputs(batch), {})
+                new_buffers = {k: new_buffers[k] for k in self.buffer_names}
+            else:
+                outputs, new_buffers = self.lifted.fn(weights, self.inputs(batch), {}), {}
+        return self.loss_fn(outputs, batch), new_buffers
 
-    def grads(self, params: dict, ids: jax.Array):
-        """(loss, gradients placed like the parameters)."""
-        loss, grads = jax.value_and_grad(self.loss)(params, ids)
+    def grads(self, params: dict, batch, buffers: Optional[dict] = None, rng=None):
+        """(loss, gradients placed like the parameters, the buffers after the forward)."""
+        (loss, buffers), grads = jax.value_and_grad(self.loss_and_buffers, has_aux=True)(params, batch, buffers, rng)
         grads = {k: jax.lax.with_sharding_constraint(g, self.param_shardings[k]) for k, g in grads.items()}
-        return loss, grads
+        return loss, grads, buffers
 
-    def update(self, state: TrainState, ids: jax.Array) -> tuple[TrainState, jax.Array]:
+    def update(self, state: TrainState, batch) -> tuple[TrainState, jax.Array]:
         import optax
 
-        loss, grads = self.grads(state.params, ids)
+        rng = jax.random.fold_in(jax.random.key(0), state.step) if self.train_mode else None
+        loss, grads, buffers = self.grads(state.params, batch, state.buffers, rng)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), loss
+        return TrainState(state.step + 1, params, opt_state, buffers), loss
 
     # -- jitted -------------------------------------------------------------------------------------
-    def batch_sharding(self, batch: int) -> NamedSharding:
-        return self.lifted.input_sharding(batch)
+    def batch_sharding(self, batch: int, rank: int = 2) -> NamedSharding:
+        return self.lifted.input_sharding(batch, rank)
 
-    def step_fn(self, batch: int):
-        """The jitted step for batches of ``batch`` rows: state donated, placed by the scheme."""
-        if batch not in self._steps:
-            self._steps[batch] = jax.jit(
+    def step_fn(self, batch):
+        """The jitted step for batches shaped like ``batch`` (an int: token ids of that many rows):
+        state donated, placed by the scheme, each batch array split over the batch axes."""
+        shapes = ((batch, 2),) if isinstance(batch, int) else tuple((x.shape[0], x.ndim) for x in jax.tree.leaves(batch))
+        if shapes not in self._steps:
+            tree = jax.tree.structure(0 if isinstance(batch, int) else batch)
+            batch_shardings = jax.tree.unflatten(tree, [self.batch_sharding(n, r) for n, r in shapes])
+            self._steps[shapes] = jax.jit(
                 self.update,
-                in_shardings=(self.state_shardings, self.batch_sharding(batch)),
+                in_shardings=(self.state_shardings, batch_shardings),
                 out_shardings=(self.state_shardings, NamedSharding(self.lifted.mesh, P())),
                 donate_argnums=(0,),
             )
-        return self._steps[batch]
+        return self._steps[shapes]
 
-    def put_batch(self, ids) -> jax.Array:
-        ids = np.asarray(ids, np.int32)
+    def put_batch(self, batch):
+        """A batch on the mesh: token ids (any int array) as int32; a tuple, list or dict of arrays
+        (torch, numpy) leaf by leaf, each split over the batch axes."""
+        if isinstance(batch, (tuple, list, dict)):
+            return jax.tree.map(self.lifted.put, batch, is_leaf=lambda x: not isinstance(x, (tuple, list, dict)))
+        ids = np.asarray(batch, np.int32)
         return sharding.put_global(ids, self.batch_sharding(ids.shape[0]))
 
-    def step(self, state: TrainState, ids) -> tuple[TrainState, jax.Array]:
-        ids = self.put_batch(ids)
-        return self.step_fn(ids.shape[0])(state, ids)
+    def step(self, state: TrainState, batch) -> tuple[TrainState, jax.Array]:
+        batch = self.put_batch(batch)
+        return self.step_fn(batch)(state, batch)
 
     def state_bytes_per_device(self, state: TrainState) -> dict:
         """Bytes one device holds of the parameters, their gradients (placed like them) and the
@@ -384,10 +487,14 @@ def run(
     progress: bool = True,
     log=print,
     scan_layers: bool | None = None,
+    save_every: int = 0,
+    on_step=None,
 ) -> dict:
     """``torchax-bridge train``: packs ``data`` (a text file) into windows of ``seq`` tokens, runs
-    ``steps`` AdamW steps of ``batch`` windows, and (with ``out``) saves a checkpoint. When ``out``
-    already holds a training run, it resumes from it: its weights, optimizer state and step count."""
+    ``steps`` AdamW steps of ``batch`` windows, and (with ``out``) saves a checkpoint: at the end,
+    and every ``save_every`` steps (each save atomic, so a run killed at any moment keeps the last
+    one whole). When ``out`` already holds a training run, it resumes from it: its weights,
+    optimizer state and step count. ``on_step(step, loss)`` is called after each step."""
     import time
     from pathlib import Path
 
@@ -400,6 +507,8 @@ def run(
     resume = out is not None and (out / STATE_FILE).is_file()
     if out is not None and out.exists() and not resume:
         raise UsageError(f"--out {out} exists and holds no training run to resume; pick a new path")
+    if save_every and out is None:
+        raise UsageError("--save-every needs --out, the directory the state is saved to")
     if out is not None and not resume:
         from bridge.files import check_output
 
@@ -430,6 +539,8 @@ def run(
         f"{'resuming at step ' + str(first) if resume else 'fresh'}")  # fmt: skip
     from tqdm import tqdm
 
+    config = lifted.hf_config.to_dict() if hasattr(lifted.hf_config, "to_dict") else dict(lifted.hf_config or {})
+    title = f"{Path(checkpoint).name}: {scheme.name}"
     t0 = time.perf_counter()
     step_fn = trainer.step_fn(batch).lower(state, trainer.put_batch(batch_at(windows, first, batch))).compile()
     log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
@@ -442,8 +553,11 @@ def run(
         rate = batch * seq / (time.perf_counter() - t0)
         losses.append({"step": i + 1, "loss": loss, "tokens_per_second": rate})
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+        if save_every and (i + 1) % save_every == 0 and i + 1 < first + steps:
+            save(out, trainer, state, config, tokenizer, losses, title)
+        if on_step is not None:
+            on_step(i + 1, loss)
     bytes_per_device = trainer.state_bytes_per_device(state)
     if out is not None:
-        config = lifted.hf_config.to_dict() if hasattr(lifted.hf_config, "to_dict") else dict(lifted.hf_config)
-        save(out, trainer, state, config, tokenizer, losses, f"{Path(checkpoint).name}: {scheme.name}")
+        save(out, trainer, state, config, tokenizer, losses, title)
     return {"losses": losses, "first_step": first, "bytes_per_device": bytes_per_device, "out": out}

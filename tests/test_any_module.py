@@ -221,8 +221,38 @@ print(torch.backends.mha.get_fastpath_enabled(), torch.equal(before, after))
     assert out.stdout.split()[-2:] == ["True", "True"]
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_a_module_in_train_mode_runs_as_torch_trains_it(n, devices):
+    """Issue 32, item 4: the module's mode is part of the program's key. In train mode BatchNorm
+    normalises by the batch and updates its running statistics and counter in the lifted weights as
+    torch does in the module; back in eval mode, the same lifted module uses them; ``to_torch``
+    writes them into the module."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).train()
+    reference = copy.deepcopy(model)
+    lifted = lift(model, sharding.mesh_for("dp", n, devices=devices), "dp")
+    for _ in range(3):
+        x = torch.randn(8, 3, 8, 8)
+        with torch.no_grad():
+            want = reference(x)
+        assert rel(lifted(x), want.numpy()) < RTOL
+    for name, buffer in reference.named_buffers():
+        assert np.abs(np.asarray(lifted.weights[name]) - buffer.numpy()).max() <= 1e-6 * max(1.0, buffer.abs().max()), name
+    assert int(lifted.weights["1.num_batches_tracked"]) == 3
+    model.eval(), reference.eval()
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        assert rel(lifted(x), reference(x).numpy()) < RTOL  # eval: the running statistics
+    assert model[1].num_batches_tracked == 0  # the module itself is untouched until written back
+    lifted.to_torch()
+    assert model[1].num_batches_tracked == 3
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-6, atol=1e-7)
+
+
 def test_inputs_batch_sharded_and_one_compile_per_shape(devices):
-    model = Mixer()
+    model = Mixer().eval()
     lifted = lift(model, sharding.make_mesh({"data": 2, "model": 4}, devices), custom_scheme())
     x = torch.randn(4, 16, 32)
     out = lifted(x)

@@ -63,6 +63,15 @@ def test_example_07_finetune():
     assert "step   4: loss" in out and "per device: parameters" in out
 
 
+def test_example_08_trains_a_vision_model_with_its_own_loss():
+    out = run(["examples/08_train_vision.py", "--steps", "20", "--devices", "2"])
+    line = next(l for l in out.splitlines() if l.startswith("loss "))
+    first, last = (float(x) for x in line.split(" (")[0].removeprefix("loss ").split(" -> "))
+    assert last < 0.7 * first, line
+    accuracy = float(line.split("held-out accuracy ")[1].split("%")[0])
+    assert accuracy > 30.0, line  # chance is 10%
+
+
 def test_compare_writes_csv_md_png_with_a_row_per_scheme(tmp_path):
     schemes = ["replicated", "tp", "fsdp", "dp", "dp_tp", "ep_tp"]
     run(["-m", "bridge", "compare", "--checkpoint", "tiny-llama", "--devices", "8", "--schemes", ",".join(schemes),

@@ -133,8 +133,8 @@ def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
     mesh = sharding.mesh_for("fsdp", 8, devices=devices)
     flat = Trainer(lift(model, mesh, "fsdp", scan_layers=False), optax.adamw(1e-3), remat=remat)
     scanned = Trainer(lift(model, mesh, "fsdp", scan_layers=True), optax.adamw(1e-3), remat=remat)
-    _, g_flat = jax.jit(flat.grads)(flat.params(), flat.put_batch(ids))
-    _, g_scan = jax.jit(scanned.grads)(scanned.params(), scanned.put_batch(ids))
+    _, g_flat, _ = jax.jit(flat.grads)(flat.params(), flat.put_batch(ids))
+    _, g_scan, _ = jax.jit(scanned.grads)(scanned.params(), scanned.put_batch(ids))
     n = model.config.num_layers
     for name, g in g_scan.items():
         parts = [g_flat[name.replace("*.", f"{i}.", 1)] for i in range(n)] if "*." in name else [g_flat[name]]

@@ -37,7 +37,7 @@ def torch_grads(model, ids: torch.Tensor) -> tuple[float, dict]:
 def jax_grads(model, ids: torch.Tensor, scheme: str, n: int, remat: bool = False, chunk: int = 7):
     lifted = lift(model, sharding.mesh_for(scheme, n), scheme)
     trainer = Trainer(lifted, optax.adamw(1e-3), remat=remat, loss_chunk=chunk)
-    loss, grads = jax.jit(trainer.grads)(trainer.params(), trainer.put_batch(ids.numpy()))
+    loss, grads, _ = jax.jit(trainer.grads)(trainer.params(), trainer.put_batch(ids.numpy()))
     # Per-layer names (a scanned stack's gradients are stacked like its weights).
     return float(loss), {k: sharding.to_host(g) for k, g in scan.unstack_weights(grads).items()}
 
@@ -240,3 +240,112 @@ def test_train_with_scan_layers_saves_the_per_layer_checkpoint(llama_with_tokeni
         np.testing.assert_allclose(scanned[k], flat[k], rtol=1e-4, atol=1e-6)
     assert cli.main([*base, "--out", str(tmp_path / "scanned"), "--scan-layers"]) == 0  # resumes: steps 4-6
     assert len(losses_of(tmp_path / "scanned")) == 6
+
+
+# ---------------------------------------------------------------------------------------------------
+# Any module, a user's loss, train mode (issue 32)
+# ---------------------------------------------------------------------------------------------------
+class SmallCNN(torch.nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU())  # fmt: skip
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def cross_entropy(logits, batch):  # a user's loss, in torch
+    return F.cross_entropy(logits, batch[1])
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_any_module_trains_with_a_torch_loss_as_torch_does(n, devices):
+    """A BatchNorm CNN in train mode, a cross-entropy written in torch: gradients at 1e-4 of torch
+    autograd, and after 3 SGD steps the weights and BatchNorm's running statistics (and its
+    counter) equal torch's; dp over ``n`` devices."""
+    import copy
+
+    from bridge.train import torch_loss
+
+    torch.manual_seed(0)
+    model = SmallCNN().train()
+    reference = copy.deepcopy(model)
+    batches = [(torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))) for _ in range(3)]
+    trainer = Trainer(lift(model, sharding.mesh_for("dp", n, devices=devices), "dp"), optax.sgd(0.1),
+                      loss=torch_loss(cross_entropy))  # fmt: skip
+    assert trainer.train_mode and "features.1.running_mean" in trainer.buffer_names
+    state = trainer.init()
+    # Gradients of the first batch against torch autograd.
+    batch = trainer.put_batch(batches[0])
+    loss, grads, _ = jax.jit(trainer.grads)(state.params, batch, state.buffers, jax.random.key(0))
+    probe = copy.deepcopy(reference)
+    want = cross_entropy(probe(batches[0][0]), batches[0])
+    want.backward()
+    assert abs(float(loss) - float(want.detach())) < 1e-5 * abs(float(want.detach()))
+    want_grads = {k: p.grad.numpy() for k, p in probe.named_parameters()}
+    assert set(grads) == set(want_grads)
+    # A conv bias before BatchNorm has a zero gradient (rounding noise both sides): each tensor is
+    # measured against 1% of the largest gradient of all where its own is smaller.
+    floor = max(np.abs(w).max() for w in want_grads.values())
+    for k, w in want_grads.items():
+        assert np.abs(np.asarray(grads[k]) - w).max() <= GRAD_RTOL * max(np.abs(w).max(), 1e-2 * floor), k
+    # Three steps each side.
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for b in batches:
+        state, loss = trainer.step(state, b)
+        opt.zero_grad()
+        cross_entropy(reference(b[0]), b).backward()
+        opt.step()
+    assert int(state.step) == 3
+    want = {**{k: v.detach().numpy() for k, v in reference.named_parameters()},
+            **{k: v.numpy() for k, v in reference.named_buffers()}}  # fmt: skip
+    got = {**state.params, **state.buffers}
+    assert set(got) == set(want)
+    assert int(got["features.1.num_batches_tracked"]) == 3
+    for k, w in want.items():
+        g = np.asarray(sharding.to_host(got[k]))
+        assert np.abs(g - w).max() <= 1e-4 * max(np.abs(w).max(), 1e-3), k
+
+
+def test_a_module_without_a_loss_is_refused_with_the_fix(devices):
+    from bridge.errors import UsageError
+
+    with pytest.raises(UsageError, match="pass loss="):
+        Trainer(lift(SmallCNN(), sharding.mesh_for("dp", 1), "dp"), optax.sgd(0.1))
+
+
+def test_a_killed_run_resumes_from_its_last_save(llama_with_tokenizer, tmp_path):
+    """``--save-every 5``: a run SIGKILLed right after step 12 keeps the state of step 10, and the
+    resumed run's step 11 has the loss of an uninterrupted run's step 11."""
+    import subprocess
+    import sys
+
+    data = str(llama_with_tokenizer.parent / "text.txt")
+    common = dict(checkpoint=str(llama_with_tokenizer), data=data, devices=[jax.devices()[0]], scheme="fsdp",
+                  batch=2, seq=16, lr=1e-2, progress=False, log=lambda line: None)  # fmt: skip
+    from bridge import train
+
+    straight = train.run(**common, steps=12)["losses"]
+    killed = tmp_path / "killed"
+    code = f"""
+import os, signal, jax
+from bridge import train
+kw = {{k: v for k, v in {dict(common, devices=None, log=None)!r}.items()}}
+kw.update(devices=[jax.devices()[0]], log=lambda line: None)
+def kill_after_12(step, loss):
+    if step == 12:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.run(**kw, steps=20, out={str(killed)!r}, save_every=5, on_step=kill_after_12)
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert json.loads((killed / "train_state.json").read_text()) == {"step": 10}
+    assert not list(tmp_path.glob("killed.new*"))  # nothing half-written beside it
+    resumed = train.run(**common, steps=1, out=str(killed))
+    assert resumed["first_step"] == 10
+    assert resumed["losses"][-1]["step"] == 11
+    np.testing.assert_allclose(resumed["losses"][-1]["loss"], straight[10]["loss"], rtol=1e-5)
