@@ -72,9 +72,39 @@ def missing_lowerings(model: torch.nn.Module, args: Sequence = (), kwargs: Optio
 
         return ops_registry.Operator(func, run, is_jax_function=True, is_user_defined=True, needs_env=False, is_view_op=False)
 
+    # Where tracing stops: the innermost module running (forward hooks keep the stack) and the op
+    # whose lowering raised, if one did.
+    names_of = {id(m): n for n, m in model.named_modules() if n}
+    running: list[str] = []
+    failed_op: list[str] = []
+
+    def enter(module, args):
+        if id(module) in names_of:
+            running.append(names_of[id(module)])
+
+    def leave(module, args, out):
+        if id(module) in names_of and running:
+            running.pop()
+
+    def op_name(func) -> str:  # aten::index.Tensor, or a torch function: torch.Tensor.__getitem__
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return func.name()
+        return f"torch.{getattr(func, '__qualname__', getattr(func, '__name__', str(func)))}".replace("TensorBase", "Tensor").replace("_Tensor", "Tensor")
+
+    def watched(op, func):
+        def run(*a, **k):
+            try:
+                return op.func(*a, **k)
+            except Exception:
+                if not failed_op:
+                    failed_op.append(op_name(func))
+                raise
+
+        return dataclasses.replace(op, func=run)
+
     def recording_lookup(func):
         try:
-            return lookup(func)
+            return watched(lookup(func), func)
         except OperatorNotFound:
             if not isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
                 raise  # a torch function: torchax falls back to its aten ops, which are looked up in turn
@@ -96,13 +126,20 @@ def missing_lowerings(model: torch.nn.Module, args: Sequence = (), kwargs: Optio
         return fn(w, a, k)
 
     env._get_op_or_decomp = recording_lookup  # an instance attribute: shadows the method until deleted
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]  # fmt: skip
     stopped = None
     try:
         jax.eval_shape(traced, weights, [x for x, arr in zip(leaves, is_array) if arr])
     except Exception as e:  # noqa: BLE001 - reported, not hidden: the check cannot trace past it
-        stopped = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        where = f"in {running[-1]} ({type(model.get_submodule(running[-1])).__name__})" if running else "in forward"
+        if failed_op:
+            where += f", in the lowering of {failed_op[0]}"
+        stopped = f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         del env._get_op_or_decomp
+        for h in hooks:
+            h.remove()
     return {"missing": list(missing), "stopped": stopped}
 
 

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,6 +202,85 @@ def batch_norm_stats(x, running_mean, running_var, weight, bias, training, momen
     return y.astype(x.dtype), new_mean, new_var
 
 
+def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=-1):  # fmt: skip
+    """``aten::_embedding_bag``: each bag (indices from one offset to the next) summed, averaged or
+    max-reduced with segment sums, so offsets may be traced values (torchax's lowering loops over
+    them in Python and fails under jit). Empty bags are zeros; ``padding_idx`` entries count for
+    nothing, as in torch. Returns (output, offset2bag, bag_size, max_indices)."""
+    n = indices.shape[0]
+    bags = offsets.shape[0] - (1 if include_last_offset else 0)
+    position = jnp.arange(n)
+    bag = jnp.searchsorted(offsets[:bags], position, side="right") - 1
+    if include_last_offset:  # indices from the last offset on belong to no bag
+        bag = jnp.where(position >= offsets[-1], bags, bag)
+    keep = indices != padding_idx if padding_idx is not None and padding_idx >= 0 else jnp.ones(n, bool)
+    rows = weight[indices]
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights[:, None].astype(rows.dtype)
+    count = jax.ops.segment_sum(keep.astype(jnp.int32), bag, bags)
+    if mode == 2:  # max
+        out = jax.ops.segment_max(jnp.where(keep[:, None], rows, -jnp.inf), bag, bags)
+        out = jnp.where(count[:, None] > 0, out, 0)
+    else:
+        out = jax.ops.segment_sum(jnp.where(keep[:, None], rows, 0), bag, bags)
+        if mode == 1:  # mean
+            out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
+    return out.astype(weight.dtype), bag, count, jnp.zeros_like(count)
+
+
+def _antialias_weights(in_size: int, out_size: int, scale: float, taps: int, kernel) -> np.ndarray:
+    """[out, in] resampling weights of torch's (and PIL's) antialiased resize: a filter of ``taps``
+    taps stretched by the scale when downsampling, each row normalised."""
+    support = taps / 2 * scale if scale >= 1.0 else taps / 2
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    w = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        row = np.array([kernel((j + lo - center + 0.5) * inv) for j in range(hi - lo)])
+        w[i, lo:hi] = row / row.sum() if row.sum() != 0 else row
+    return w
+
+
+def _cubic(x: float, a: float = -0.5) -> float:  # Keys' cubic, a = -0.5 as torch's antialiased path
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+
+def _triangle(x: float) -> float:
+    return max(0.0, 1.0 - abs(x))
+
+
+def _resize_scale(in_size, out_size, align_corners, scale_factor):
+    if align_corners:
+        return (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    return 1.0 / scale_factor if scale_factor else in_size / out_size
+
+
+def antialiased_resize(kind: str):
+    """``aten::_upsample_{bicubic,bilinear}2d_aa`` (``F.interpolate(..., antialias=True)``) as two
+    products with torch's separable weights (torchax's lowering of the bicubic one fails)."""
+    taps, kernel = (4, _cubic) if kind == "bicubic" else (2, _triangle)
+
+    def resize(x, output_size, align_corners, *scales):
+        if len(scales) == 1:  # the .vec overload: (scale_factors)
+            factors = scales[0] or (None, None)
+        else:
+            factors = scales + (None,) * (2 - len(scales))
+        (h, w), (oh, ow) = x.shape[-2:], output_size or (int(x.shape[-2] * factors[0]), int(x.shape[-1] * factors[1]))
+        rows = _antialias_weights(h, oh, _resize_scale(h, oh, align_corners, factors[0]), taps, kernel)
+        cols = _antialias_weights(w, ow, _resize_scale(w, ow, align_corners, factors[1]), taps, kernel)
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        y = jnp.einsum("hH,...HW,wW->...hw", rows.astype(compute), x.astype(compute), cols.astype(compute))
+        return y.astype(x.dtype)
+
+    return resize
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
@@ -214,7 +294,13 @@ def install(env) -> None:
                          (torch.ops.model_torch.cache_scores.default, cache_scores),
                          (torch.ops.model_torch.cache_mix.default, cache_mix),
                          (torch.ops.model_torch.int8_linear.default, int8_linear),
-                         (torch.ops.model_torch.ordered_after.default, ordered_after)):  # fmt: skip
+                         (torch.ops.model_torch.ordered_after.default, ordered_after),
+                         (torch.ops.aten._embedding_bag.default, embedding_bag),
+                         (torch.ops.aten._embedding_bag_forward_only.default, embedding_bag),
+                         (torch.ops.aten._upsample_bicubic2d_aa.default, antialiased_resize("bicubic")),
+                         (torch.ops.aten._upsample_bicubic2d_aa.vec, antialiased_resize("bicubic")),
+                         (torch.ops.aten._upsample_bilinear2d_aa.default, antialiased_resize("bilinear")),
+                         (torch.ops.aten._upsample_bilinear2d_aa.vec, antialiased_resize("bilinear"))):  # fmt: skip
         env.override_op_definition(op, via_jax(lowering))
 
     def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

@@ -149,10 +149,25 @@ def transformers_encoders():
                                     intermediate_size=37)).eval()  # fmt: skip
     clip = T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                                 num_attention_heads=4, image_size=32, patch_size=8)).eval()  # fmt: skip
-    return [("bert", bert, (torch.randint(0, 99, (8, 12)),)), ("clip-vision", clip, (torch.randn(8, 3, 32, 32),))]
+    t5 = T.T5EncoderModel(T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    # transformers' ResNet and ViT stand in for timm's: timm needs torchvision, which has no CPU wheel
+    # for torch 2.13 here (the one on the index links libtorch_cuda).
+    resnet = T.ResNetModel(T.ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8)).eval()
+    with torch.no_grad():  # running statistics that are not the identity
+        for m in resnet.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+    vit = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                 image_size=32, patch_size=8)).eval()  # fmt: skip
+    return [("bert", bert, (torch.randint(0, 99, (8, 12)),)), ("clip-vision", clip, (torch.randn(8, 3, 32, 32),)),
+            ("t5-encoder", t5, (torch.randint(0, 99, (8, 12)),)), ("resnet", resnet, (torch.randn(8, 3, 32, 32),)),
+            ("vit", vit, (torch.randn(8, 3, 32, 32),))]  # fmt: skip
 
 
-@pytest.mark.parametrize("name,model,args", transformers_encoders(), ids=["bert", "clip-vision"])
+ENCODERS = ["bert", "clip-vision", "t5-encoder", "resnet", "vit"]
+
+
+@pytest.mark.parametrize("name,model,args", transformers_encoders(), ids=ENCODERS)
 def test_transformers_model_outputs_come_back_as_themselves(name, model, args, devices):
     """Called as users call them (``return_dict`` on), transformers models return a ``ModelOutput``,
     which JAX does not know as a pytree: the lifted forward returns the same class with the same
@@ -164,6 +179,9 @@ def test_transformers_model_outputs_come_back_as_themselves(name, model, args, d
         assert type(got) is type(want) and list(got.keys()) == list(want.keys())
         for k in want.keys():
             assert rel(got[k], want[k].numpy()) < RTOL, (name, n, k)
+    # check agrees, module by module, on 1 device and dp over 8
+    report = check_module(model, args, mesh=sharding.mesh_for("dp", 8, devices=devices), scheme="dp")
+    assert report.ok and len(report.rows) > 5, format_check(report)
 
 
 def padded_encoder():
@@ -331,6 +349,27 @@ class Special(nn.Module):
     def forward(self, x):
         y = torch.special.airy_ai(self.lin(x))
         return torch.special.scaled_modified_bessel_k0(y.abs() + 1) + y
+
+
+class Positives(nn.Module):
+    def forward(self, x):
+        return x[x > 0]  # a data-dependent shape: no static program can hold it
+
+
+class WithADataDependentShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.inner, self.out = nn.Linear(4, 4), Positives(), nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.inner(self.lin(x)).sum()
+
+
+def test_a_tracing_failure_names_the_module_and_the_op():
+    found = missing_lowerings(WithADataDependentShape(), (torch.randn(2, 4),))
+    assert found["missing"] == [] and found["stopped"].startswith("in inner (Positives), in the lowering of torch.Tensor.__getitem__: NonConcreteBooleanIndexError"), found
+    report = check_module(WithADataDependentShape(), (torch.randn(2, 4),))
+    assert not report.ok and "in inner (Positives)" in format_check(report)
 
 
 def test_missing_lowerings_are_listed_all_at_once():

@@ -89,3 +89,57 @@ def test_bf16_linear_accumulates_in_fp32(shape):
     assert ours.dtype == jnp.bfloat16
     ref = F.linear(x.float(), w.float())  # exact products, fp32 sums
     assert max_rel(np.asarray(ours, np.float32), ref.numpy()) < 2**-8  # one bf16 rounding
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ops torchax lowers wrongly (issue 32, item 6): ours, against eager torch
+# ---------------------------------------------------------------------------------------------------
+def _lifted_equals_eager(module, *args, rtol=1e-5):
+    import sharding
+    from bridge.lift import lift
+
+    module = module.eval()
+    with torch.no_grad():
+        want = module(*args)
+    got = lift(module, sharding.mesh_for("dp", 1), "dp")(*args)
+    err = float(np.abs(np.asarray(got) - want.numpy()).max() / np.abs(want.numpy()).max())
+    assert err < rtol, err
+
+
+class Bags(torch.nn.Module):
+    def __init__(self, mode, padding_idx=None):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(50, 16, mode=mode, padding_idx=padding_idx)
+
+    def forward(self, ids, offsets=None, weights=None):
+        return self.bag(ids, offsets, per_sample_weights=weights)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_with_offsets_and_as_rows(mode):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (20,))
+    ids[3] = ids[11] = 0  # the padding index
+    offsets = torch.tensor([0, 4, 4, 9, 15])  # bag 1 is empty
+    _lifted_equals_eager(Bags(mode), ids, offsets)
+    _lifted_equals_eager(Bags(mode, padding_idx=0), ids, offsets)
+    _lifted_equals_eager(Bags(mode), torch.randint(0, 50, (6, 5)))  # 2-d input: one bag per row
+    if mode == "sum":
+        _lifted_equals_eager(Bags(mode), ids, offsets, torch.rand(20))
+
+
+class Resize(torch.nn.Module):
+    def __init__(self, mode, **kw):
+        super().__init__()
+        self.mode, self.kw = mode, kw
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, mode=self.mode, antialias=True, **self.kw)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("kw", [dict(size=(7, 5)), dict(size=(40, 33)), dict(scale_factor=0.5),
+                                dict(size=(9, 6), align_corners=True)], ids=["down", "up", "scale", "corners"])  # fmt: skip
+def test_antialiased_interpolate(mode, kw):
+    torch.manual_seed(0)
+    _lifted_equals_eager(Resize(mode, **kw), torch.randn(2, 3, 24, 17))
