@@ -71,10 +71,17 @@ def _write(out, lifted: LiftedModule, programs: dict, manifest: dict) -> Path:
 def export_module(lifted: LiftedModule, args=(), kwargs=None, out="exported") -> Path:
     """Exports ``lifted``'s forward for the shapes of ``args``/``kwargs`` (tensor inputs; other
     values are baked in as the static arguments they are)."""
+    from bridge.extract import plain_outputs
+
     call, arrays = lifted.jitted(tuple(args), dict(kwargs or {}))
-    exp = jax.export.export(call)(_abstract(lifted.weights), _abstract(arrays))
+    classes = {}  # a transformers ModelOutput leaves as a dict (the runner needs no transformers)
+    exp = jax.export.export(jax.jit(lambda w, a: plain_outputs(call(w, a), classes)))(_abstract(lifted.weights),
+                                                                                      _abstract(arrays))  # fmt: skip
     inputs = [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]
-    return _write(out, lifted, {"forward": exp}, {"kind": "module", "inputs": inputs})
+    manifest = {"kind": "module", "inputs": inputs}
+    if "" in classes:  # the forward returned a ModelOutput: a runner with transformers rebuilds it
+        manifest["output_class"] = classes[""]
+    return _write(out, lifted, {"forward": exp}, manifest)
 
 
 def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 64, max_new_tokens: int = 64) -> Path:

@@ -66,8 +66,20 @@ class Exported:
         return self._jitted[name](*jax.tree.unflatten(tree, placed))
 
     def __call__(self, *arrays):
-        """The exported forward on ``arrays`` (the tensor inputs it was exported with)."""
-        return self.call("forward", list(arrays))
+        """The exported forward on ``arrays`` (the tensor inputs it was exported with). A forward
+        that returned a transformers ``ModelOutput`` returns it again where transformers imports,
+        else the dict of its fields."""
+        out = self.call("forward", list(arrays))
+        name = self.manifest.get("output_class")
+        if name:
+            try:
+                import importlib
+
+                module, _, qualname = name.partition(":")
+                out = getattr(importlib.import_module(module), qualname)(**out)
+            except ImportError:
+                pass  # a JAX-only runner: the fields, by name
+        return out
 
 
 class ExportedLM(Exported):

@@ -54,6 +54,21 @@ def as_jax_pytree(out):
     return out
 
 
+def plain_outputs(out, classes: dict | None = None, path: str = ""):
+    """``out`` with each transformers ``ModelOutput`` in it as a plain dict of its fields (JAX's
+    export serializes dicts, not classes it cannot name on load); ``classes`` collects path ->
+    ``module:qualname`` of each one replaced ('' for the outputs themselves)."""
+    if type(out) in _registered_outputs:
+        if classes is not None:
+            classes[path] = f"{type(out).__module__}:{type(out).__qualname__}"
+        return {k: plain_outputs(v, classes, f"{path}.{k}") for k, v in out.items()}
+    if isinstance(out, dict):
+        return {k: plain_outputs(v, classes, f"{path}.{k}") for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(plain_outputs(v, classes, f"{path}.{i}") for i, v in enumerate(out))
+    return out
+
+
 def _is_model_output(x) -> bool:
     if "transformers" not in sys.modules:  # a model that does not use transformers: never import it
         return False

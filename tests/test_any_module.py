@@ -482,6 +482,31 @@ def test_exported_module_runs_like_the_lifted_one(tmp_path, devices):
     assert manifest["mesh"] == {"data": 2, "model": 4} and manifest["weights"]["proj.weight"] == ["model", None]
 
 
+def test_an_exported_transformers_model_returns_its_model_output(tmp_path, devices):
+    """The ModelOutput survives export: as itself where transformers imports, as the dict of its
+    fields in a runner without torch."""
+    from bridge import exported
+    from bridge.export import export_module
+
+    name, bert, (ids,) = transformers_encoders()[0]
+    out = export_module(lift(bert, sharding.mesh_for("dp", 2, devices=devices), "dp"), (ids,), out=tmp_path / "bert")
+    with torch.no_grad():
+        want = bert(ids)
+    got = exported.load(out)(ids.numpy().astype(np.int32))
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys())
+    assert rel(got.pooler_output, want.pooler_output.numpy()) < RTOL
+    np.save(tmp_path / "ids.npy", ids.numpy().astype(np.int32))
+    code = (f"from bridge import exported; import numpy as np; out = exported.load({str(out)!r})"
+            f"(np.load({str(tmp_path / 'ids.npy')!r})); print(type(out).__name__, sorted(out))")  # fmt: skip
+    import os
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH.split("sys.argv =")[0] + code], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["dict", "['last_hidden_state',", "'pooler_output']"]
+
+
 @pytest.mark.slow
 def test_exported_smollm2_greedy_equals_generate_without_torch(tmp_path, devices, capfd):
     """SmolLM2 exported tensor-parallel on 2 devices; a process where importing torch fails decodes
