@@ -171,13 +171,14 @@ class LiftedModule:
         """The lifted weights and buffers written back into the module (trained weights, running
         statistics), which it returns. Weights the plan transformed (stacked, padded, repeated kv
         heads) have no one-to-one tensor in the module: refused, naming one."""
-        transformed = [w for w in (self.plan.weights.values() if self.plan else ()) if w.transforms]
+        planned = self.plan.weights.values() if self.plan else ()
+        transformed = [w for w in planned if set(w.transforms) - {weight_plan.STACK_LAYERS}]
         if transformed:
             raise UsageError(f"{transformed[0].name} was {', '.join(transformed[0].transforms)} on the mesh, so it "
                              f"has no one tensor in the module to write back; lift without that transform")  # fmt: skip
         tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         with torch.no_grad():
-            for name, w in self.weights.items():
+            for name, w in scan.unstack_weights(self.weights).items():  # a scanned stack: per layer
                 value = np.asarray(sharding.to_host(w))
                 t = tensors[name]
                 t.copy_(torch.from_numpy(value.copy()).to(t.dtype))
@@ -307,6 +308,8 @@ def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.Wei
     """The ``LiftedModule`` (a ``Lifted`` for a causal LM) of ``model``'s extracted ``fn`` and
     ``weights`` placed by ``plan`` (real arrays, or ``ShapeDtypeStruct``s for an abstract plan)."""
     if not is_causal_lm(model):
+        if plan.scan_layers:
+            fn = scan.scanned_module_fn(fn, model)
         return LiftedModule(model, fn, weights, mesh, plan.scheme, plan.placements, plan)
     if plan.scan_layers:
         fn = scan.scanned_fn(fn, model, scan.StackRunner(model))

@@ -26,7 +26,46 @@ from bridge import cpu_kernels
 
 
 def layer_prefix(model) -> str:
-    return model.DECODER_LAYERS + "."
+    return stack_path(model) + "."
+
+
+def stack_path(model) -> str:
+    """The dotted path of the layer stack a scan runs: a causal LM's decoder layers
+    (``DECODER_LAYERS``), else the longest ``ModuleList`` or ``Sequential`` of at least two
+    identical layers (``identical_stack``); '' when there is none."""
+    path = getattr(model, "DECODER_LAYERS", None)
+    return path if path is not None else identical_stack(model)
+
+
+def _layout(module) -> tuple:
+    """What a scan body needs every layer to share: its tensors' names, shapes and dtypes, and every
+    submodule's class and settings (a stride, an activation, a flag: ResNet's two conv layers of a
+    block hold the same tensors, and only the first applies its ReLU). A layer's own index
+    (``layer_idx``, for a cache) may differ."""
+    import torch
+
+    def settings(m):
+        return tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                            if not k.startswith("_") and k not in ("training", "forward") and "layer_id" not in k
+                            and not isinstance(v, (torch.Tensor, torch.nn.Module))))  # fmt: skip
+
+    return (tuple((k, tuple(t.shape), t.dtype) for k, t in module.state_dict(keep_vars=True).items()),
+            tuple((name, type(m), settings(m)) for name, m in module.named_modules()))  # fmt: skip
+
+
+def identical_stack(model) -> str:
+    """The path of ``model``'s longest ``ModuleList``/``Sequential`` whose entries (at least two) are
+    of one class and hold the same tensors: the stack a scan can run with one layer's forward as its
+    body (a transformer's blocks, BERT's layers). '' when there is none."""
+    from torch import nn
+
+    best, size = "", 1
+    for name, m in model.named_modules():
+        if name and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > size:
+            layouts = {_layout(layer) for layer in m}
+            if len(layouts) == 1 and any(True for _ in m[0].parameters()):
+                best, size = name, len(m)
+    return best
 
 
 def stacked_slot(model, name: str) -> tuple[str, int] | None:
@@ -50,9 +89,17 @@ def layer0_name(name: str) -> str:
 
 
 def why_not_scanned(model) -> str | None:
-    """Why ``model``'s decoder stack cannot run as one scan, or None when it can: it needs the
-    ``run_layers`` loop of ``model_torch.common.CausalLM`` (transformers' own classes and other
-    modules have none) and layers that all hold the same tensors (one scan runs one body)."""
+    """Why ``model``'s layer stack cannot run as one scan, or None when it can. A module that is not
+    a causal LM scans its ``identical_stack`` (``scanned_module_fn``); a causal LM needs the
+    ``run_layers`` loop of ``model_torch.common.CausalLM`` (transformers' own classes have none yet:
+    their KV cache lives in a transformers ``Cache``) and layers that all hold the same tensors."""
+    from bridge.weight_plan import is_causal_lm
+
+    if not is_causal_lm(model):
+        if not identical_stack(model):
+            return (f"{type(model).__name__} has no ModuleList or Sequential of two or more identical layers (same "
+                    f"class and tensors) to scan")  # fmt: skip
+        return None
     if not hasattr(type(model), "run_layers") or not hasattr(model, "decoder_layers"):
         return (f"{type(model).__name__} has no run_layers loop to scan; scanning the decoder stack needs a "
                 f"model_torch family (llama, mistral, qwen2, mixtral, gpt_neox, grok)")  # fmt: skip
@@ -108,7 +155,7 @@ def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
     scan runs one body)."""
     from bridge.errors import UsageError
 
-    n = len(model.decoder_layers())
+    n = len(model.get_submodule(stack_path(model)))
     layout, layers = {}, {}
     for name, (shape, dtype) in shapes.items():
         s = stacked_name(model, name)
@@ -277,4 +324,167 @@ def unstack_weights(weights: dict) -> dict:
                 out[name.replace("*.", f"{i}.", 1)] = w[i]
         else:
             out[name] = w
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Any module's stack of identical layers, scanned (no cooperation from the module)
+# ---------------------------------------------------------------------------------------------------
+class NotScannable(Exception):
+    """The stack was not called as one chain of identical calls; it runs unrolled instead."""
+
+
+def _same(a, b) -> bool:
+    """Two calls' other arguments are the same: tensors the same objects, anything else equal."""
+    import torch
+    from torch.utils import _pytree as torch_pytree
+
+    la, ta = torch_pytree.tree_flatten(a)
+    lb, tb = torch_pytree.tree_flatten(b)
+    if ta != tb:
+        return False
+    return all(x is y if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) else x == y for x, y in zip(la, lb))
+
+
+class StackCalls:
+    """While the lifted function is traced, the stack's layers are called as the module calls them,
+    one after another; each call is recorded and answered with a placeholder tensor, and the last one
+    runs them all as one ``jax.lax.scan`` with layer 0's own forward as the body (its parameters
+    swapped for each layer's slice of the stacked weights), then gives every placeholder its layer's
+    output. It needs each layer's input to be the previous layer's output, and every other argument
+    to be the same for all layers; a placeholder used before the last layer is an error
+    (``NotScannable``), after which the stack runs unrolled."""
+
+    def __init__(self, model, stacked: dict):
+        from bridge.extract import torchax_with_lowerings
+
+        self.env = torchax_with_lowerings().default_env()
+        self.layers = model.get_submodule(stack_path(model))
+        prefix = layer_prefix(model) + "*."
+        self.params = {k[len(prefix):]: v for k, v in stacked.items() if k.startswith(prefix)}
+        self.calls: list = []
+        self.pending: list = []
+
+    def __enter__(self):
+        import collections
+
+        self.saved = []
+        for i, layer in enumerate(self.layers):
+            # The outer calls fire no hooks: layer 0's run inside the scan body, once per layer.
+            self.saved.append((layer._forward_hooks, layer._forward_pre_hooks))
+            layer._forward_hooks, layer._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+            layer.forward = lambda *a, _i=i, **k: self.call(_i, a, k)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, (hooks, pre) in zip(self.layers, self.saved):
+            del layer.forward
+            layer._forward_hooks, layer._forward_pre_hooks = hooks, pre
+        return False
+
+    def placeholder(self, like):
+        from torchax.tensor import Tensor
+
+        # Its value is a shape, not an array: any op on it before the scan has run fails.
+        p = Tensor(jax.ShapeDtypeStruct(tuple(like.shape), jnp.dtype(str(like.dtype).removeprefix("torch."))), self.env)
+        self.pending.append(p)
+        return p
+
+    def call(self, i: int, args: tuple, kwargs: dict):
+        import torch
+
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise NotScannable("a layer's first argument is not its input tensor")
+        if i != len(self.calls):
+            raise NotScannable(f"layer {i} was called out of order")
+        if i and (args[0] is not self.pending[-1] or not _same((args[1:], kwargs), self.calls[0][1:])):
+            raise NotScannable(f"layer {i} did not get layer {i - 1}'s output and the same other arguments")
+        self.calls.append((args[0], args[1:], kwargs))
+        if i < len(self.layers) - 1:
+            return self.placeholder(args[0])
+        return self.run()
+
+    def run(self):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        env, first = self.env, self.layers[0]
+        x, rest, kwargs = self.calls[0]
+        hooks, pre = self.saved[0]
+        sink = _iteration_sink
+
+        def body(h, p):
+            import torch
+
+            p_t, h_t = env.j2t_iso((p, h))
+            mark = sink.mark() if sink is not None else None
+            first._forward_hooks, first._forward_pre_hooks = hooks, pre
+            del first.forward
+            try:
+                with _reparametrize_module(first, p_t):
+                    out = first(h_t, *rest, **kwargs)
+            finally:
+                first.forward = lambda *a, **k: self.call(0, a, k)
+                import collections
+
+                first._forward_hooks, first._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(h_t.shape):
+                raise NotScannable("a layer returns something other than one tensor shaped like its input")
+            records = sink.take(mark) if sink is not None else None
+            out = env.t2j_iso(out)
+            return out, (out, records)
+
+        h, (outs, records) = jax.lax.scan(body, env.t2j_iso(x), self.params)
+        if sink is not None:
+            sink.spread(records, len(self.layers))
+        for i, p in enumerate(self.pending):
+            p._elem = outs[i]
+        self.pending = []
+        return env.j2t_iso(h)
+
+
+def scanned_module_fn(fn, model):
+    """``fn`` (a module's extracted function, per-layer names) taking the stacked weights of its
+    ``identical_stack``: while it is traced the stack runs as one scan (``StackCalls``); where the
+    module does not call it as one chain, the same weights run unrolled, and ``why`` says why."""
+
+    def call(weights, args, kwargs=None):
+        views = per_layer_views(model, weights)
+        stack = StackCalls(model, {k: v for k, v in weights.items() if "*." in k})
+        try:
+            with stack:
+                return fn(views, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - the scan could not hold this module's stack
+            # Failing while placeholders were out: an op ran on one before the last layer.
+            if not isinstance(e, NotScannable) and not stack.pending:
+                raise
+            if not isinstance(e, NotScannable):
+                e = NotScannable(f"a layer's output was used before the last layer ran ({type(e).__name__})")
+            if call.why is None:
+                import sys
+
+                call.why = str(e).splitlines()[0]
+                print(f"note: {type(model).__name__}'s {stack_path(model)} runs unrolled: {call.why}", file=sys.stderr)
+            return fn(views, args, kwargs)
+
+    call.why = None
+
+    def training(weights, key, args, kwargs=None):
+        # Train mode updates buffers in place, which a scan body cannot hand out: unrolled, and the
+        # buffers of the stack stacked again.
+        out, buffers = fn.training(per_layer_views(model, weights), key, args, kwargs)
+        return out, restack(model, buffers, weights)
+
+    if hasattr(fn, "training"):
+        call.training = training
+    return call
+
+
+def restack(model, tensors: dict, like: dict) -> dict:
+    """Per-layer ``tensors`` back in the stacked layout of ``like`` (names with ``*``)."""
+    out = {k: v for k, v in tensors.items() if stacked_name(model, k) not in like}
+    for name in like:
+        if "*." in name:
+            parts = [tensors.get(name.replace("*.", f"{i}.", 1)) for i in range(like[name].shape[0])]
+            if all(p is not None for p in parts):
+                out[name] = jnp.stack(parts)
     return out

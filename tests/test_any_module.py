@@ -269,6 +269,77 @@ def test_a_module_in_train_mode_runs_as_torch_trains_it(n, devices):
     torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-6, atol=1e-7)
 
 
+class Block(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x, scale):
+        return x + scale * self.down(F.gelu(self.up(self.norm(x))))
+
+
+class Tower(nn.Module):
+    """A user's stack of identical blocks, called as a chain with a shared extra argument."""
+
+    def __init__(self, depth=6, residual_outside=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(depth))
+        self.head = nn.Linear(32, 8)
+        self.residual_outside = residual_outside
+
+    def forward(self, x, scale):
+        hidden = []
+        for block in self.blocks:
+            x = block(x, scale) + x if self.residual_outside else block(x, scale)
+            hidden.append(x)
+        return self.head(x), torch.stack(hidden)  # every block's output too
+
+
+def test_any_modules_stack_of_identical_layers_runs_as_one_scan(devices):
+    """Issue 31: a user's ``ModuleList`` of identical blocks is found, its weights stacked, and one
+    block's forward is the body of a scan (every block's own output still comes back, for the
+    module's own use and for check); outputs equal eager torch on 1 and 8 devices; a loop that is
+    not a plain chain runs unrolled on the same stacked weights, saying why."""
+    torch.manual_seed(0)
+    model, x, scale = Tower().eval(), torch.randn(8, 5, 32), torch.tensor(0.5)
+    with torch.no_grad():
+        want = model(x, scale)
+    for n in (1, 8):
+        lifted = lift(model, sharding.mesh_for("dp", n, devices=devices), "dp")
+        assert lifted.plan.scan_layers and "blocks.*.up.weight" in lifted.weights
+        got = lifted(x, scale)
+        assert rel(got[0], want[0].numpy()) < RTOL and rel(got[1], want[1].numpy()) < RTOL
+    call, arrays = lifted.jitted((x, scale), {})
+    text = call.lower(lifted.weights, arrays).as_text()
+    assert "while" in text and text.count("dot_general") <= 4  # one block's two products (+ the head)
+    unrolled = lift(model, one_device(), "dp", scan_layers=False)
+    assert not unrolled.plan.scan_layers and rel(unrolled(x, scale)[0], want[0].numpy()) < RTOL
+    assert check_module(model, (x, scale), mesh=sharding.mesh_for("dp", 8, devices=devices), scheme="dp").ok
+    # x = block(x) + x: not a chain of the blocks' own outputs. Unrolled, the same answer.
+    other = Tower(residual_outside=True).eval()
+    with torch.no_grad():
+        want = other(x, scale)
+    lifted = lift(other, one_device(), "dp")
+    assert rel(lifted(x, scale)[0], want[0].numpy()) < RTOL
+    assert "used before the last layer ran" in lifted.fn.why
+    before = other.blocks[3].up.weight.detach().clone()
+    lifted.weights["blocks.*.up.weight"] = lifted.weights["blocks.*.up.weight"] * 2
+    lifted.to_torch()  # the stacked weights go back into each block
+    torch.testing.assert_close(other.blocks[3].up.weight.detach(), 2 * before)
+
+
+def test_layers_that_differ_only_in_settings_are_not_one_stack():
+    """ResNet's block: two conv layers with the same tensors, only the first applies its ReLU."""
+    import transformers as T
+
+    from bridge import scan
+
+    resnet = T.ResNetModel(T.ResNetConfig(layer_type="basic", depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8))
+    assert scan.identical_stack(resnet) == ""
+    assert "no ModuleList or Sequential" in scan.why_not_scanned(resnet)
+    assert scan.identical_stack(Tower()) == "blocks"
+
+
 def test_inputs_batch_sharded_and_one_compile_per_shape(devices):
     model = Mixer().eval()
     lifted = lift(model, sharding.make_mesh({"data": 2, "model": 4}, devices), custom_scheme())
