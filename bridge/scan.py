@@ -15,6 +15,8 @@ layer dim is never sharded, so one table serves both layouts.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import re
 
 import jax
@@ -99,6 +101,12 @@ def why_not_scanned(model) -> str | None:
         if not identical_stack(model):
             return (f"{type(model).__name__} has no ModuleList or Sequential of two or more identical layers (same "
                     f"class and tensors) to scan")  # fmt: skip
+        return None
+    if not hasattr(type(model), "run_layers") and hasattr(model, "decoder_layers"):
+        # transformers' own classes: the generic scan (``StackCalls``), its cache stacked
+        if len({_layout(layer) for _, layer in model.decoder_layers()}) > 1:
+            return (f"{type(model).__name__}'s decoder layers differ (their tensors or settings, e.g. sliding and "
+                    f"global attention layers); one scan runs one body")  # fmt: skip
         return None
     if not hasattr(type(model), "run_layers") or not hasattr(model, "decoder_layers"):
         return (f"{type(model).__name__} has no run_layers loop to scan; scanning the decoder stack needs a "
@@ -330,6 +338,9 @@ def unstack_weights(weights: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Any module's stack of identical layers, scanned (no cooperation from the module)
 # ---------------------------------------------------------------------------------------------------
+_ARRAY = object()  # marks where a layer's output holds an array (its other leaves are static: None, ...)
+
+
 class NotScannable(Exception):
     """The stack was not called as one chain of identical calls; it runs unrolled instead."""
 
@@ -363,7 +374,9 @@ class StackCalls:
         prefix = layer_prefix(model) + "*."
         self.params = {k[len(prefix):]: v for k, v in stacked.items() if k.startswith(prefix)}
         self.calls: list = []
-        self.pending: list = []
+        self.pending: list = []  # placeholders not yet given their values
+        self.placeholders: list = []  # per call before the last: its output's leaves
+        self.chained = None  # the placeholder the next layer must be called with
 
     def __enter__(self):
         import collections
@@ -382,64 +395,167 @@ class StackCalls:
             layer._forward_hooks, layer._forward_pre_hooks = hooks, pre
         return False
 
-    def placeholder(self, like):
+    def placeholder(self, struct):
         from torchax.tensor import Tensor
 
         # Its value is a shape, not an array: any op on it before the scan has run fails.
-        p = Tensor(jax.ShapeDtypeStruct(tuple(like.shape), jnp.dtype(str(like.dtype).removeprefix("torch."))), self.env)
+        p = Tensor(jax.ShapeDtypeStruct(struct.shape, struct.dtype), self.env)
         self.pending.append(p)
         return p
 
     def call(self, i: int, args: tuple, kwargs: dict):
         import torch
+        from torch.utils import _pytree as torch_pytree
 
         if not args or not isinstance(args[0], torch.Tensor):
             raise NotScannable("a layer's first argument is not its input tensor")
         if i != len(self.calls):
             raise NotScannable(f"layer {i} was called out of order")
-        if i and (args[0] is not self.pending[-1] or not _same((args[1:], kwargs), self.calls[0][1:])):
+        if i and (args[0] is not self.chained or not _same((args[1:], kwargs), self.calls[0][1:])):
             raise NotScannable(f"layer {i} did not get layer {i - 1}'s output and the same other arguments")
         self.calls.append((args[0], args[1:], kwargs))
-        if i < len(self.layers) - 1:
-            return self.placeholder(args[0])
-        return self.run()
+        if i == len(self.layers) - 1:
+            return self.run()
+        if i == 0:  # what a layer returns (a tensor, a tuple with the hidden state first, ...)
+            self.structure = self.abstract_output()
+        leaves = [self.placeholder(x) if isinstance(x, jax.ShapeDtypeStruct) else x for x in self.structure[0]]
+        self.chained = leaves[0]
+        self.placeholders.append(leaves)
+        return torch_pytree.tree_unflatten(leaves, self.structure[1])
 
-    def run(self):
+    def layer(self, p, kv, h, sink=None):
+        """Layer 0's own forward with weights ``p`` and cache slice ``kv`` (jax) on hidden ``h``:
+        (its output's leaves, their tree, this call's cache columns, the hooks' records)."""
+        import collections
+
+        import torch
         from torch.nn.utils.stateless import _reparametrize_module
+        from torch.utils import _pytree as torch_pytree
 
-        env, first = self.env, self.layers[0]
+        env, first, cache = self.env, self.layers[0], self.cache
         x, rest, kwargs = self.calls[0]
         hooks, pre = self.saved[0]
+        p_t, h_t = env.j2t_iso((p, h))
+        if cache is not None:  # this layer's cache as the transformers cache's one layer
+            outer = cache.layers[0]
+            view = copy.copy(outer)
+            view.keys, view.values = env.j2t_iso(kv)
+            view.cumulative_length = env.j2t_iso(self.start) + 0  # update() advances it in place
+            cache.layers[0] = view
+        mark = sink.mark() if sink is not None else None
+        first._forward_hooks, first._forward_pre_hooks = hooks, pre
+        del first.forward
+        try:
+            with _reparametrize_module(first, p_t):
+                out = first(h_t, *rest, **kwargs)
+        finally:
+            first.forward = lambda *a, **k: self.call(0, a, k)
+            first._forward_hooks, first._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
+            if cache is not None:
+                cache.layers[0] = outer
+        leaves, tree = torch_pytree.tree_flatten(out)
+        if not leaves or not isinstance(leaves[0], torch.Tensor) or tuple(leaves[0].shape) != tuple(h_t.shape):
+            raise NotScannable("a layer's output does not start with a tensor shaped like its input")
+        records = sink.take(mark) if sink is not None else None
+        columns = None
+        if cache is not None:  # only this call's columns leave the scan (see StackRunner)
+            columns = tuple(jax.lax.dynamic_slice_in_dim(a, self.start, self.new, axis=2)
+                            for a in env.t2j_iso((view.keys, view.values)))  # fmt: skip
+        return [env.t2j_iso(v) if isinstance(v, torch.Tensor) else v for v in leaves], tree, columns, records
+
+    def prepare(self):
+        x, rest, kwargs = self.calls[0]
+        self.cache = stacked_transformers_cache((rest, kwargs))
+        self.stacked_kv = None if self.cache is None else tuple(
+            self.env.t2j_iso((self.cache.layers[0].keys, self.cache.layers[0].values)))  # fmt: skip
+        self.start = None if self.cache is None else self.env.t2j_iso(self.cache.layers[0].cumulative_length)
+        self.new = x.shape[-2]  # the positions this call writes into the cache
+
+    def abstract_output(self):
+        """(leaves as ShapeDtypeStructs or static values, tree) of one layer's output, from an
+        abstract trace of layer 0's forward (nothing computed)."""
+        self.prepare()
+        x = self.calls[0][0]
+        found = {}
+
+        def one(p, kv, h):
+            leaves, found["tree"], _, _ = self.layer(p, kv, h)
+            found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
+            return [v for v in leaves if isinstance(v, jax.Array)]
+
+        layer0 = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+        arrays = jax.eval_shape(one, jax.tree.map(layer0, self.params),
+                                None if self.stacked_kv is None else jax.tree.map(layer0, self.stacked_kv),
+                                jax.ShapeDtypeStruct(tuple(x.shape), self.env.t2j_iso(x).dtype))  # fmt: skip
+        it = iter(arrays)
+        return [next(it) if v is _ARRAY else v for v in found["static"]], found["tree"]
+
+    def run(self):
+        from torch.utils import _pytree as torch_pytree
+
+        env = self.env
+        x = self.calls[0][0]
         sink = _iteration_sink
+        self.prepare()
+        stacked_kv = self.stacked_kv
+        # With the CPU small-batch kernels, each layer's weights and cache are sliced in the body,
+        # where the kernels read them from the stack in place (``cpu_kernels.layer_slice``); scan's
+        # own slicing would hand them a copy of every layer's weights on every step.
+        rows = math.prod(x.shape[:-1])
+        by_index = cpu_kernels.active() and (cpu_kernels.takes_rows(rows) or rows == 1 and any(
+            w.ndim == 3 and w.shape[-1] >= cpu_kernels.ONE_ROW_MIN_K for w in self.params.values()))  # fmt: skip
+        xs = (jnp.arange(len(self.layers)), None) if by_index else (self.params, stacked_kv)
+        found = {}
 
-        def body(h, p):
-            import torch
+        def body(h, xs):
+            p, kv = xs
+            if by_index:
+                kv = None if stacked_kv is None else tuple(cpu_kernels.layer_slice(c, p) for c in stacked_kv)
+                p = {name: cpu_kernels.layer_slice(w, p) for name, w in self.params.items()}
+            leaves, found["tree"], columns, records = self.layer(p, kv, h, sink)
+            found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
+            arrays = [v for v in leaves if isinstance(v, jax.Array)]
+            return arrays[0], (arrays, records, columns)
 
-            p_t, h_t = env.j2t_iso((p, h))
-            mark = sink.mark() if sink is not None else None
-            first._forward_hooks, first._forward_pre_hooks = hooks, pre
-            del first.forward
-            try:
-                with _reparametrize_module(first, p_t):
-                    out = first(h_t, *rest, **kwargs)
-            finally:
-                first.forward = lambda *a, **k: self.call(0, a, k)
-                import collections
-
-                first._forward_hooks, first._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(h_t.shape):
-                raise NotScannable("a layer returns something other than one tensor shaped like its input")
-            records = sink.take(mark) if sink is not None else None
-            out = env.t2j_iso(out)
-            return out, (out, records)
-
-        h, (outs, records) = jax.lax.scan(body, env.t2j_iso(x), self.params)
+        with cpu_kernels.layer_slices():
+            h, (outs, records, columns) = jax.lax.scan(body, env.t2j_iso(x), xs)
         if sink is not None:
             sink.spread(records, len(self.layers))
-        for i, p in enumerate(self.pending):
-            p._elem = outs[i]
-        self.pending = []
-        return env.j2t_iso(h)
+        if self.cache is not None:  # the new columns written into the stacked cache, in place
+            k, v = (jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, self.start, 0))
+                    for c, n in zip(stacked_kv, columns))  # fmt: skip
+            self.cache.layers[0].keys, self.cache.layers[0].values = env.j2t_iso((k, v))
+        pending = {id(p) for p in self.pending}
+        for i, leaves in enumerate(self.placeholders):  # every layer's own outputs, as the module got them
+            arrays = iter(outs)
+            for p in leaves:
+                if id(p) in pending:
+                    p._elem = next(arrays)[i]
+        self.pending, self.placeholders = [], []
+        last = iter([h] + [o[-1] for o in outs[1:]])
+        leaves = [env.j2t_iso(next(last)) if v is _ARRAY else v for v in found["static"]]
+        return torch_pytree.tree_unflatten(leaves, found["tree"])
+
+
+def stacked_transformers_cache(tree):
+    """The transformers ``Cache`` among a layer call's arguments, holding the stack's cache as one
+    layer with a leading layer dim (``kv_cache.layout`` of a scanned model); None when there is no
+    cache. A per-layer cache cannot be scanned in place: ``NotScannable``."""
+    import sys
+
+    from torch.utils import _pytree as torch_pytree
+
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.cache_utils import Cache
+
+    caches = [x for x in torch_pytree.tree_leaves(tree) if isinstance(x, Cache)]
+    if not caches:
+        return None
+    cache = caches[0]
+    if len(cache.layers) != 1 or cache.layers[0].keys.ndim != 5:
+        raise NotScannable("the transformers cache holds one tensor per layer, not the stacked cache a scan writes")
+    return cache
 
 
 def scanned_module_fn(fn, model):
@@ -457,6 +573,11 @@ def scanned_module_fn(fn, model):
             # Failing while placeholders were out: an op ran on one before the last layer.
             if not isinstance(e, NotScannable) and not stack.pending:
                 raise
+            if _holds_stacked_cache((args, kwargs)):
+                from bridge.errors import UsageError
+
+                raise UsageError(f"{type(model).__name__}'s layers cannot run as one scan ({e}); run it with "
+                                 f"--no-scan-layers (scan_layers=False)") from None
             if not isinstance(e, NotScannable):
                 e = NotScannable(f"a layer's output was used before the last layer ran ({type(e).__name__})")
             if call.why is None:
@@ -477,6 +598,11 @@ def scanned_module_fn(fn, model):
     if hasattr(fn, "training"):
         call.training = training
     return call
+
+
+def _holds_stacked_cache(tree) -> bool:
+    """A stacked KV cache among the lifted function's inputs: the unrolled layers cannot read it."""
+    return any(getattr(x, "ndim", 0) == 5 for x in jax.tree.leaves(tree))
 
 
 def restack(model, tensors: dict, like: dict) -> dict:

@@ -98,7 +98,9 @@ class HFCausalLMAdapter(CausalLMContract):
             cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
         cache = self._wrap(kv_cache, cache_position[0])
         if attention_mask is None:  # every cache column up to the end of this call is a real token
-            cols = torch.arange(kv_cache[0][0].shape[2], device=input_ids.device)
+            # (the cache length is the keys' second-to-last dim, whatever the layout: a stacked cache
+            # has a leading layer dim)
+            cols = torch.arange(kv_cache[0][0].shape[-2], device=input_ids.device)
             attention_mask = (cols <= cache_position[-1]).to(torch.long)[None].expand(input_ids.shape[0], -1)
         if positions is None:
             positions = cache_position[None].expand(input_ids.shape[0], -1)
@@ -231,11 +233,11 @@ class HFCausalLMAdapter(CausalLMContract):
         from transformers.cache_utils import Cache, StaticLayer
 
         layers = []
-        for keys, values in kv_cache:
+        for keys, values in kv_cache:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
             layer = StaticLayer.__new__(StaticLayer)
-            layer.max_cache_len = keys.shape[2]
+            layer.max_cache_len = keys.shape[-2]
             layer.dtype, layer.device = keys.dtype, keys.device
-            layer.batch_size, layer.num_heads = keys.shape[:2]
+            layer.batch_size, layer.num_heads = keys.shape[-4:-2]
             layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
             layer.keys, layer.values = keys, values
             layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
