@@ -260,9 +260,10 @@ def per_layer_of_scan(layers_ms: dict, model) -> dict:
     """A scanned stack runs its first layer's modules as the loop body, so the trace files every
     layer's time under ``layers.0``: shown as ``layers.*``, the step's time per layer (the body's
     total over the layer count)."""
-    first = named_blocks(model)[0][0]  # e.g. "layers.0"
-    n = len(model.decoder_layers())
-    stem = first.rpartition(".")[0]
+    from bridge import scan
+
+    stem = scan.stack_path(model)  # e.g. "model.layers", "trunk"
+    first, n = f"{stem}.0", len(model.get_submodule(stem))
     out = {}
     for name, ms in layers_ms.items():
         if name == first or name.startswith(first + "."):
@@ -283,7 +284,10 @@ def profile_call(lifted, args=(), kwargs=None, steps: int = 3, logdir="/tmp/torc
         call, arrays = fresh.jitted(tuple(args), dict(kwargs or {}), name=f"profiled_{type(lifted.model).__name__}")
         compiled = call.lower(lifted.weights, arrays).compile()
     run = lambda: compiled(lifted.weights, arrays)  # noqa: E731
-    return trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
+    summary = trace_steps(run, steps, logdir, {name for name, _ in named_blocks(lifted.model)})
+    if lifted.plan is not None and lifted.plan.scan_layers and not getattr(lifted.fn, "why", None):
+        summary["layers_ms"] = per_layer_of_scan(summary["layers_ms"], lifted.model)
+    return summary
 
 
 def format_summary(s: dict) -> str:

@@ -95,9 +95,9 @@ def why_not_scanned(model) -> str | None:
     a causal LM scans its ``identical_stack`` (``scanned_module_fn``); a causal LM needs the
     ``run_layers`` loop of ``model_torch.common.CausalLM`` (transformers' own classes have none yet:
     their KV cache lives in a transformers ``Cache``) and layers that all hold the same tensors."""
-    from bridge.weight_plan import is_causal_lm
+    from model_torch.contract import CausalLMContract
 
-    if not is_causal_lm(model):
+    if not isinstance(model, CausalLMContract):
         if not identical_stack(model):
             return (f"{type(model).__name__} has no ModuleList or Sequential of two or more identical layers (same "
                     f"class and tensors) to scan")  # fmt: skip
@@ -479,7 +479,8 @@ class StackCalls:
         found = {}
 
         def one(p, kv, h):
-            leaves, found["tree"], _, _ = self.layer(p, kv, h)
+            # the sink's records of this trace are taken and dropped: they are the abstract trace's
+            leaves, found["tree"], _, _ = self.layer(p, kv, h, _iteration_sink)
             found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
             return [v for v in leaves if isinstance(v, jax.Array)]
 

@@ -150,8 +150,8 @@ def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
 
 
 def test_scanned_by_default_where_it_pays(devices):
-    """The default: model_torch families scan; a module without a run_layers loop does not (and
-    asking for it is an error naming why); bf16 models on CPU run unrolled, since XLA:CPU converts a
+    """The default: model_torch families scan, and so does any module with a stack of identical
+    layers; a module without one does not (and asking for it is an error naming why); bf16 models on CPU run unrolled, since XLA:CPU converts a
     bf16 stack to f32 to slice it (measured in ``scan._slow_16_bit_slices``); plan, which never
     runs the program, reports that same default and scans them when asked."""
     import jax
@@ -178,5 +178,8 @@ def test_scanned_by_default_where_it_pays(devices):
     assert scan.scans(fp32)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert not scan.scans(plain)
-    with pytest.raises(UsageError, match="no run_layers loop"):
+    with pytest.raises(UsageError, match="no ModuleList or Sequential of two or more identical layers"):
         scan.scans(plain, True)
+    tower = torch.nn.Sequential(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]), torch.nn.ReLU())
+    assert scan.scans(tower) and scan.stack_path(tower) == "0"  # any stack of identical layers
+

@@ -132,10 +132,10 @@ def test_two_processes_match_one_device(case, devices_n, extra, llama82, gpt2, o
 @pytest.mark.parametrize("case,devices_n,extra,scanned", [
     ("llama82", 8, ["--dtype", "float32", "--no-scan-layers"], False), ("llama82", 8, ["--dtype", "int8"], False),
     ("llama82", 8, ["--dtype", "float32", "--scan-layers"], True), ("llama82", 8, ["--dtype", "float32"], True),
-    ("gpt2", 4, ["--dtype", "float32"], False)])  # fmt: skip
+    ("gpt2", 4, ["--dtype", "float32"], True), ("gpt2", 4, ["--dtype", "float32", "--no-scan-layers"], False)])  # fmt: skip
 def test_plan_accepts_what_generate_accepts(case, devices_n, extra, scanned, llama82, gpt2, capsys):
     """plan's default layout is generate's: scanned where the model can scan, except 16-bit floats
-    on CPU (plan's int8 is int8 over bf16); GPT-2 runs through transformers' class, unrolled."""
+    on CPU (plan's int8 is int8 over bf16); GPT-2 runs through transformers' class, scanned too."""
     from bridge import cli
 
     path = {"llama82": llama82, "gpt2": gpt2}[case]
