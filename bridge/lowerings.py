@@ -160,7 +160,15 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = jnp.einsum("bhgtd,bhsd->bhgts", q.reshape(b, hkv, g, t, d), k).astype(jnp.float32) * scale
+    grouped_q = q.reshape(b, hkv, g, t, d)
+    # Decode (one new token a row) over a KV cache, as transformers' classes call it: the bridge's
+    # cache kernels, which read only the columns some row's mask lets through (the rest are not yet
+    # written), as model_torch's cache_scores / cache_mix do.
+    over_cache = t == 1 and cpu_kernels.active() and cpu_kernels.takes_cache(grouped_q, k)
+    if over_cache:
+        scores = cpu_kernels.cache_scores(grouped_q, k, _visible_columns(attn_mask, s)).astype(jnp.float32) * scale
+    else:
+        scores = jnp.einsum("bhgtd,bhsd->bhgts", grouped_q, k).astype(jnp.float32) * scale
 
     def grouped(m):  # a mask [B|1, Hq|1, T, S] -> [B|1, Hkv|1, G|1, T, S]
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
@@ -174,7 +182,20 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
         else:  # additive (0 / a large negative)
             scores = jnp.maximum(scores + grouped(attn_mask).astype(jnp.float32), MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if over_cache:  # exact: the kernel skips values past the last column with a nonzero probability
+        return cpu_kernels.cache_mix(probs, v).reshape(b, hq, t, v.shape[-1])
     return jnp.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(b, hq, t, v.shape[-1])
+
+
+def _visible_columns(attn_mask, s: int):
+    """One past the last cache column any row's mask lets through (every column: ``s``)."""
+    if attn_mask is None:
+        return s
+    open_ = attn_mask if attn_mask.dtype == jnp.bool_ else attn_mask > MASKED / 2
+    seen = open_.reshape(-1, open_.shape[-1]).any(axis=0)
+    if seen.shape[0] != s:  # a mask broadcast over the columns: all of them
+        return s
+    return jnp.where(seen.any(), s - jnp.argmax(seen[::-1]), 0).astype(jnp.int32)
 
 
 def batch_norm_stats(x, running_mean, running_var, weight, bias, training, momentum, eps):

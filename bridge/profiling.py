@@ -262,8 +262,10 @@ def per_layer_of_scan(layers_ms: dict, model) -> dict:
     total over the layer count)."""
     from bridge import scan
 
-    stem = scan.stack_path(model)  # e.g. "model.layers", "trunk"
-    first, n = f"{stem}.0", len(model.get_submodule(stem))
+    layers = model.get_submodule(scan.stack_path(model))
+    # the scope name the profile gives layer 0 (a causal LM's named_blocks are short: "layers.0")
+    first, n = next(name for name, m in named_blocks(model) if m is layers[0]), len(layers)
+    stem = first.rpartition(".")[0]
     out = {}
     for name, ms in layers_ms.items():
         if name == first or name.startswith(first + "."):
