@@ -161,10 +161,11 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     grouped_q = q.reshape(b, hkv, g, t, d)
-    # Decode (one new token a row) over a KV cache, as transformers' classes call it: the bridge's
-    # cache kernels, which read only the columns some row's mask lets through (the rest are not yet
-    # written), as model_torch's cache_scores / cache_mix do.
-    over_cache = t == 1 and cpu_kernels.active() and cpu_kernels.takes_cache(grouped_q, k)
+    # Decode over a KV cache (a decode step's program: ``cpu_kernels.active``), as transformers'
+    # classes call it (with grouped query heads folded into the query length for one new token): the
+    # bridge's cache kernels, which read only the columns some row's mask lets through (the rest are
+    # not yet written), as model_torch's cache_scores / cache_mix do.
+    over_cache = cpu_kernels.active() and cpu_kernels.takes_cache(grouped_q, k)
     if over_cache:
         scores = cpu_kernels.cache_scores(grouped_q, k, _visible_columns(attn_mask, s)).astype(jnp.float32) * scale
     else:

@@ -179,6 +179,33 @@ def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, pres
     assert cpu_kernels.target(cpu_kernels.CACHE_SCORES) in text and cpu_kernels.target(cpu_kernels.CACHE_MIX) in text
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_transformers_class_reaches_the_kernels_through_standard_torch(kernel, scan_layers, devices):
+    """Issue 31: transformers' own Llama, unchanged, at batch 8 on one CPU device: its
+    ``F.linear`` and its ``F.scaled_dot_product_attention`` over the cache (one new token a row)
+    run in the bridge's kernels, scanned or not, and the greedy tokens equal HF's."""
+    import transformers as T
+
+    from model_torch.hf_adapter import HFCausalLMAdapter
+
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128, eos_token_id=None)).eval()  # fmt: skip
+    hf.generation_config.eos_token_id = None
+    prompts = [[(7 * r + j) % 90 + 3 for j in range(12)] for r in range(8)]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(8, 12, dtype=torch.long),
+                           max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[:, 12:].tolist()  # fmt: skip
+    lifted = lift(HFCausalLMAdapter(hf), sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers)
+    gen = Generator(lifted, eos_token_ids=[])
+    assert gen.generate_ids(prompts, 16).token_ids == want
+    text = compiled_text(gen)
+    assert (cpu_kernels.target(cpu_kernels.STACKED_TARGET) if scan_layers else f'"{cpu_kernels.target(cpu_kernels.TARGET)}"') in text
+    assert cpu_kernels.target(cpu_kernels.CACHE_SCORES) in text and cpu_kernels.target(cpu_kernels.CACHE_MIX) in text
+
+
 @pytest.mark.parametrize("scheme", ["tp", "dp_tp"])
 def test_partitioned_on_a_sharded_mesh_and_off_when_switched_off(kernel, scheme, devices, monkeypatch):
     """On 8 devices each device runs the kernels on its own shards (a ``shard_map`` by the weight
