@@ -65,7 +65,9 @@ def identical_stack(model) -> str:
     for name, m in model.named_modules():
         if name and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > size:
             layouts = {_layout(layer) for layer in m}
-            if len(layouts) == 1 and any(True for _ in m[0].parameters()):
+            # each layer its own tensors (ALBERT-style sharing runs one module many times: unrolled)
+            tensors = [id(t) for layer in m for t in layer.state_dict(keep_vars=True).values()]
+            if len(layouts) == 1 and any(True for _ in m[0].parameters()) and len(set(tensors)) == len(tensors):
                 best, size = name, len(m)
     return best
 

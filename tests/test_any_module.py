@@ -338,6 +338,10 @@ def test_layers_that_differ_only_in_settings_are_not_one_stack():
     assert scan.identical_stack(resnet) == ""
     assert "no ModuleList or Sequential" in scan.why_not_scanned(resnet)
     assert scan.identical_stack(Tower()) == "blocks"
+    block = Block()  # one module called three times (ALBERT's sharing): no stack of its own tensors
+    shared = Tower()
+    shared.blocks = nn.ModuleList([block, block, block])
+    assert scan.identical_stack(shared) == ""
 
 
 def test_inputs_batch_sharded_and_one_compile_per_shape(devices):
