@@ -179,11 +179,12 @@ def test_batched_decode_on_one_device_uses_the_kernel_and_equals_hf(kernel, pres
     assert cpu_kernels.target(cpu_kernels.CACHE_SCORES) in text and cpu_kernels.target(cpu_kernels.CACHE_MIX) in text
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_a_transformers_class_reaches_the_kernels_through_standard_torch(kernel, scan_layers, devices):
-    """Issue 31: transformers' own Llama, unchanged, at batch 8 on one CPU device: its
+@pytest.mark.parametrize("scan_layers,n", [(True, 1), (False, 1), (True, 2)])
+def test_a_transformers_class_reaches_the_kernels_through_standard_torch(kernel, scan_layers, n, devices):
+    """Issue 31: transformers' own Llama, unchanged, at batch 8 on one CPU device (and tp on 2): its
     ``F.linear`` and its ``F.scaled_dot_product_attention`` over the cache (one new token a row)
-    run in the bridge's kernels, scanned or not, and the greedy tokens equal HF's."""
+    run in the bridge's kernels, scanned (the stacked cache carried through the scan, each layer's
+    new columns written into it in place) or not, and the greedy tokens equal HF's."""
     import transformers as T
 
     from model_torch.hf_adapter import HFCausalLMAdapter
@@ -198,7 +199,7 @@ def test_a_transformers_class_reaches_the_kernels_through_standard_torch(kernel,
         want = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(8, 12, dtype=torch.long),
                            max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, 12:].tolist()  # fmt: skip
-    lifted = lift(HFCausalLMAdapter(hf), sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers)
+    lifted = lift(HFCausalLMAdapter(hf), sharding.mesh_for("tp", n, devices=devices), "tp", scan_layers=scan_layers)
     gen = Generator(lifted, eos_token_ids=[])
     assert gen.generate_ids(prompts, 16).token_ids == want
     text = compiled_text(gen)
