@@ -320,6 +320,47 @@ class Trainer:
         batch = self.put_batch(batch)
         return self.step_fn(batch)(state, batch)
 
+    def save_state(self, state: TrainState, path) -> None:
+        """The whole training state (step, parameters, buffers, optimizer state) in directory
+        ``path`` (safetensors + the step), written to a temporary sibling and swapped in: a run
+        killed while saving keeps the previous save whole. ``load_state`` reads it back."""
+        import json
+        from pathlib import Path
+
+        from safetensors.numpy import save_file
+
+        from bridge.files import atomic_directory
+
+        path = Path(path)
+        tensors = {**{f"params/{k}": v for k, v in state.params.items()},
+                   **{f"buffers/{k}": v for k, v in state.buffers.items()},
+                   **{f"optimizer/{k}": v for k, v in _opt_leaves(state.opt_state).items()}}  # fmt: skip
+        new = path.with_name(f"{path.name}.new")
+        with atomic_directory(new) as tmp:
+            save_file({k: np.asarray(sharding.to_host(v)) for k, v in tensors.items()}, str(tmp.path / "state.safetensors"))
+            (tmp.path / "step.json").write_text(json.dumps({"step": int(sharding.to_host(state.step))}))
+            tmp.commit()
+        _swap_in(new, path)
+
+    def load_state(self, path) -> TrainState:
+        """A state saved by ``save_state``, placed like a fresh one (each tensor where its
+        parameter's placement says)."""
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path, fresh = Path(path), self.init()
+        with safe_open(str(path / "state.safetensors"), framework="numpy") as f:
+            params = {k: jax.device_put(f.get_tensor(f"params/{k}"), self.param_shardings[k]) for k in fresh.params}
+            buffers = {k: jax.device_put(f.get_tensor(f"buffers/{k}"), self.state_shardings.buffers[k]) for k in fresh.buffers}
+            shardings = _opt_leaves(self.opt_shardings)
+            leaves = {k: jax.device_put(f.get_tensor(f"optimizer/{k}"), shardings[k]) for k in _opt_leaves(fresh.opt_state)}
+        opt_state = jax.tree.unflatten(jax.tree.structure(fresh.opt_state), list(leaves.values()))
+        step = json.loads((path / "step.json").read_text())["step"]
+        return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), NamedSharding(self.lifted.mesh, P())), params,
+                          opt_state, buffers)  # fmt: skip
+
     def state_bytes_per_device(self, state: TrainState) -> dict:
         """Bytes one device holds of the parameters, their gradients (placed like them) and the
         optimizer state."""
@@ -384,8 +425,6 @@ def save(out, trainer: Trainer, state: TrainState, hf_config: dict, tokenizer, l
     swapped in: an interrupted save leaves the previous one whole."""
     import csv
     import json
-    import os
-    import shutil
     from pathlib import Path
 
     import torch
@@ -417,12 +456,20 @@ def save(out, trainer: Trainer, state: TrainState, hf_config: dict, tokenizer, l
             w.writerows(losses)
         plot_loss(losses, d / "loss.png", title)
         tmp.commit()
+    _swap_in(out.with_name(f"{out.name}.new"), out)
+    return out
+
+
+def _swap_in(new, out) -> None:
+    """``new`` (a complete directory) in place of ``out``, the old one removed after."""
+    import os
+    import shutil
+
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.replace(out, old)
-    os.replace(out.with_name(f"{out.name}.new"), out)
+    os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def plot_loss(losses: list[dict], path, title: str) -> None:
