@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -55,20 +56,33 @@ def _layout(module) -> tuple:
             tuple((name, type(m), settings(m)) for name, m in module.named_modules()))  # fmt: skip
 
 
+def _one_stack(layers) -> bool:
+    """Whether ``layers`` can run as one scan body: the same ``_layout`` each, and each layer its own
+    tensors (ALBERT-style sharing runs one module many times: unrolled)."""
+    tensors = [id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()]
+    return len({_layout(layer) for layer in layers}) == 1 and len(set(tensors)) == len(tensors)
+
+
+_stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (its modules' ids, path)
+
+
 def identical_stack(model) -> str:
     """The path of ``model``'s longest ``ModuleList``/``Sequential`` whose entries (at least two) are
     of one class and hold the same tensors: the stack a scan can run with one layer's forward as its
-    body (a transformer's blocks, BERT's layers). '' when there is none."""
+    body (a transformer's blocks, BERT's layers). '' when there is none. Remembered per model while
+    its module tree stays the same (names are mapped through it once per weight while planning)."""
     from torch import nn
 
+    tree = tuple(id(m) for m in model.modules())
+    known = _stacks.get(model)
+    if known is not None and known[0] == tree:
+        return known[1]
     best, size = "", 1
     for name, m in model.named_modules():
         if name and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > size:
-            layouts = {_layout(layer) for layer in m}
-            # each layer its own tensors (ALBERT-style sharing runs one module many times: unrolled)
-            tensors = [id(t) for layer in m for t in layer.state_dict(keep_vars=True).values()]
-            if len(layouts) == 1 and any(True for _ in m[0].parameters()) and len(set(tensors)) == len(tensors):
+            if any(True for _ in m[0].parameters()) and _one_stack(m):
                 best, size = name, len(m)
+    _stacks[model] = (tree, best)
     return best
 
 
@@ -94,9 +108,9 @@ def layer0_name(name: str) -> str:
 
 def why_not_scanned(model) -> str | None:
     """Why ``model``'s layer stack cannot run as one scan, or None when it can. A module that is not
-    a causal LM scans its ``identical_stack`` (``scanned_module_fn``); a causal LM needs the
-    ``run_layers`` loop of ``model_torch.common.CausalLM`` (transformers' own classes have none yet:
-    their KV cache lives in a transformers ``Cache``) and layers that all hold the same tensors."""
+    a causal LM scans its ``identical_stack``, and transformers' classes their decoder layers when
+    those are one stack (``scanned_module_fn``); our families run their ``run_layers`` loop as a scan
+    (``StackRunner``) when their layers all hold the same tensors."""
     from model_torch.contract import CausalLMContract
 
     if not isinstance(model, CausalLMContract):
@@ -106,7 +120,7 @@ def why_not_scanned(model) -> str | None:
         return None
     if not hasattr(type(model), "run_layers") and hasattr(model, "decoder_layers"):
         # transformers' own classes: the generic scan (``StackCalls``), its cache stacked
-        if len({_layout(layer) for _, layer in model.decoder_layers()}) > 1:
+        if not _one_stack([layer for _, layer in model.decoder_layers()]):
             return (f"{type(model).__name__}'s decoder layers differ (their tensors or settings, e.g. sliding and "
                     f"global attention layers); one scan runs one body")  # fmt: skip
         return None
@@ -524,14 +538,17 @@ class StackCalls:
         xs = (jnp.arange(len(self.layers)), None) if by_index else (self.params, stacked_kv)
         found = {}
 
+        def split(leaves):  # the output's arrays; its static leaves (None, ...) kept in ``found``
+            found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
+            return [v for v in leaves if isinstance(v, jax.Array)]
+
         def body(h, xs):
             p, kv = xs
             if by_index:
                 kv = None if stacked_kv is None else tuple(cpu_kernels.layer_slice(c, p) for c in stacked_kv)
                 p = {name: cpu_kernels.layer_slice(w, p) for name, w in self.params.items()}
             leaves, found["tree"], columns, records = self.layer(p, kv, h, sink)
-            found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
-            arrays = [v for v in leaves if isinstance(v, jax.Array)]
+            arrays = split(leaves)
             return arrays[0], (arrays, records, columns)
 
         def body_carrying_the_cache(carry, i):
@@ -539,8 +556,7 @@ class StackCalls:
             p = {name: cpu_kernels.layer_slice(w, i) for name, w in self.params.items()}
             carried = {"k": k, "v": v, "i": i}
             leaves, found["tree"], _, records = self.layer(p, None, h, sink, carried)
-            found["static"] = [_ARRAY if isinstance(v, jax.Array) else v for v in leaves]
-            arrays = [v for v in leaves if isinstance(v, jax.Array)]
+            arrays = split(leaves)
             return (arrays[0], carried["k"], carried["v"]), (arrays, records)
 
         with cpu_kernels.layer_slices():
