@@ -142,8 +142,8 @@ def main() -> int:
     # run of every engine and batch, best of the rounds kept: the machine's bandwidth drifts by tens
     # of percent between minutes, and interleaving gives every engine the same minutes.
     # Ours: fp32 (model_torch, scanned stack: the default), the same unrolled, int8 weight-only, bf16
-    # (unrolled by default on CPU: ``scan._slow_16_bit_slices``), and transformers' own class behind
-    # the adapter (unrolled: it has no run_layers loop to scan).
+    # (scanned where the kernels' layer copy slices its stack: ``scan._slow_16_bit_slices``), and
+    # transformers' own class behind the adapter (scanned by the bridge: ``scan.StackCalls``).
     # "XLA's GEMM": the same fp32 model with ``cpu_kernels`` switched off, so batch 8 shows the
     # small-batch kernel against XLA:CPU's own product side by side.
     engines = [

@@ -68,9 +68,9 @@ def _common(p: argparse.ArgumentParser, scheme_default: str = "tp") -> None:
                    help="int8: weight-only int8 with per-output-channel scales (grok-1's QuantizedWeight8bit)")  # fmt: skip
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the decoder stack as one jax.lax.scan over weights stacked per layer: compiles one "
-                        "layer instead of all (default: scanned whenever the model can be, i.e. model_torch "
-                        "families, except 16-bit models on CPU and every model on a GPU, where the slices cost more "
-                        "than they save; --no-scan-layers unrolls every layer)")  # fmt: skip
+                        "layer instead of all (default: scanned whenever the model can be, i.e. any stack of "
+                        "identical layers, except every model on a GPU and 16-bit models on CPU without the CPU "
+                        "kernels, where the slices cost more than they save; --no-scan-layers unrolls every layer)")  # fmt: skip
     p.add_argument("--no-cache", action="store_true",
                    help="trace and compile from scratch: skip the caches of traced programs and XLA executables "
                         "under $TORCHAX_BRIDGE_CACHE (same as TORCHAX_BRIDGE_NO_CACHE=1)")  # fmt: skip
@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt too long for the context")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (with its token ids) instead of text")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (/v1/completions, "
+                                      "/v1/chat/completions, /v1/models, /health)")  # fmt: skip
+    _common(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=_number(int, 0, high=65535, what="a port in [0, 65535]"), default=8000,
+                    help="0 picks a free port")  # fmt: skip
+    sv.add_argument("--max-batch", type=POSITIVE, default=8, help="slots decoded together in one step")
+    sv.add_argument("--max-seq", type=POSITIVE, default=2048, help="prompt + new tokens of one request, at most")
+    sv.add_argument("--queue", type=POSITIVE, default=64, help="requests that may wait for a slot; more get HTTP 429")
+    sv.add_argument("--model-name", help="the model id clients name (default: the --checkpoint value)")
+    sv.add_argument("--no-warmup", action="store_true", help="compile each prompt bucket on first use, not at start")
 
     s = sub.add_parser("shardings", help="where each weight goes under a scheme, and what one forward costs")
     _common(s)
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
                     help="plan the scanned decoder stack: one full compile, exact temporaries and collectives; "
                          "--no-scan-layers: 1- and 2-layer compiles, extrapolated (default: the layout generate "
-                         "runs on this backend; 16-bit models unroll on CPU, every model on a GPU)")  # fmt: skip
+                         "runs on this backend; every model unrolls on a GPU, 16-bit models on CPU without the kernels)")  # fmt: skip
     pl.add_argument("--json", action="store_true")
 
     la = sub.add_parser("launch", help="run a command in several local processes joined by jax.distributed")
@@ -256,6 +268,25 @@ def _setup(args, with_tokenizer: bool = True):
 def _no_chat_with_ids(args) -> None:
     if args.chat and args.input_ids is not None:
         raise UsageError("--chat applies the tokenizer's chat template to text; drop it with --input-ids")
+
+
+def cmd_serve(args) -> int:
+    lifted = _setup(args)
+    from bridge import server
+    from bridge.serving import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(lifted, slots=args.max_batch, max_seq=args.max_seq, queue_size=args.queue)
+    if not args.no_warmup:
+        engine.warm()
+    print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    name = args.model_name or args.checkpoint
+    try:
+        server.serve(engine, name, args.host, args.port, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # uvicorn raises the signal again after its graceful shutdown
+        pass
+    print("stopped: requests in flight finished", file=sys.stderr)
+    return 0
 
 
 def cmd_forward(args) -> int:
@@ -558,6 +589,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "profile": cmd_profile,
     "plan": cmd_plan,
+    "serve": cmd_serve,
     "launch": cmd_launch,
     "convert": cmd_convert,
     "check": cmd_check,

@@ -49,8 +49,9 @@ TARGET = "torchax_bridge_small_batch_matmul"
 STACKED_TARGET = "torchax_bridge_small_batch_matmul_stacked"  # w [L, N, K] and a layer index
 CACHE_SCORES = "torchax_bridge_cache_scores"  # decode attention over a KV cache: q . keys
 CACHE_MIX = "torchax_bridge_cache_mix"  # and probabilities . values
+LAYER_SLICE = "torchax_bridge_layer_slice"  # one layer of a stacked 16-bit tensor (``layer_slice``)
 _SYMBOLS = {TARGET: "small_batch_matmul", STACKED_TARGET: "small_batch_matmul_stacked",
-            CACHE_SCORES: "cache_scores", CACHE_MIX: "cache_mix"}  # fmt: skip
+            CACHE_SCORES: "cache_scores", CACHE_MIX: "cache_mix", LAYER_SLICE: "layer_slice"}  # fmt: skip
 MAX_ROWS = 16  # the kernel's limit; past it XLA's GEMM is compute-bound anyway
 MIN_ROWS = 2  # 1 row stays XLA's matrix-vector loop: 19-22 GB/s against the kernel's 17 (Zen 3, AVX2)
 # ... unless the weight's rows are this long: from K = 4096 (3584 does not) XLA:CPU re-lays-out the
@@ -66,7 +67,7 @@ FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC"]
 VARIANTS = ("native", "avx2")
 TARGETS = tuple(f"{base}__{v}" for base in _SYMBOLS for v in VARIANTS)  # every name a program may call
 _forbidden = contextvars.ContextVar("cpu_kernels_forbidden", default=False)
-_active = contextvars.ContextVar("cpu_kernels_active", default=False)
+_active = contextvars.ContextVar("cpu_kernels_active", default=0)  # the mesh's device count
 _using = contextvars.ContextVar("cpu_kernels_using", default=None)
 _why: dict[str, str] = {}
 
@@ -240,23 +241,35 @@ def applies(mesh) -> bool:
 
 
 def active() -> bool:
-    """Whether the program being traced uses the kernel (inside ``used_on``)."""
-    return _active.get()
+    """Whether the program being traced uses the kernel (inside ``used_on``; on a mesh of several
+    devices, only where ``placed`` says where the weights and the cache live)."""
+    devices = _active.get()
+    return devices == 1 or (devices > 1 and _placed.get() is not None)
 
 
 @contextlib.contextmanager
-def used_on(mesh, placement: "Placement | None" = None):
-    """Products traced inside use the kernel where it ``takes`` them, if it ``applies`` to ``mesh``;
-    on a mesh of several devices, where ``placement`` names the weight's and the cache's specs
+def used_on(mesh):
+    """Products traced inside use the kernel where it ``takes`` them, if it ``applies`` to ``mesh``
     (``programs.decode_step``: batched decode; training never, the kernel has no gradient)."""
-    several = mesh.devices.size > 1
-    token = _active.set(applies(mesh) and (not several or placement is not None))
-    placed = _placed.set(placement if several else None)
+    token = _active.set(mesh.devices.size if applies(mesh) else 0)
     try:
         yield
     finally:
         _active.reset(token)
-        _placed.reset(placed)
+
+
+@contextlib.contextmanager
+def placed(mesh, placement: "Placement"):
+    """Programs traced inside run on ``mesh`` with their weights and KV cache where ``placement``
+    says: on several devices the kernels run on each device's shards by it. Every lifted program is
+    traced inside (``lift.lifted_fn``)."""
+    on = _mesh.set(mesh)
+    token = _placed.set(placement if mesh.devices.size > 1 else None)
+    try:
+        yield
+    finally:
+        _mesh.reset(on)
+        _placed.reset(token)
 
 
 @contextlib.contextmanager
@@ -277,7 +290,12 @@ def takes_rows(rows: int) -> bool:
 def takes(x: jnp.ndarray, w: jnp.ndarray) -> bool:
     """Whether ``small_batch_matmul`` computes ``x @ w.T`` for these operands."""
     rows = x.size // x.shape[-1] if x.ndim else 0
-    rows_ok = takes_rows(rows) or rows == 1 and w.ndim == 2 and w.shape[1] >= ONE_ROW_MIN_K
+    src, _ = _in_place(w)
+    # One row: XLA's matrix-vector loop, but for long rows (``ONE_ROW_MIN_K``) and for a layer of
+    # a 16-bit stack, which XLA would get as a copy (SmolLM2 bf16 batch 1, scanned: 80.8 tokens/s
+    # on copies, against 96.2 unrolled; avx512f).
+    rows_ok = takes_rows(rows) or rows == 1 and w.ndim == 2 and (w.shape[1] >= ONE_ROW_MIN_K or
+                                                                 src is not w and copies_layers(src))  # fmt: skip
     ok = (rows_ok and w.ndim == 2 and w.shape[1] == x.shape[-1]
           and x.dtype in (jnp.float32, jnp.bfloat16) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.int8))  # fmt: skip
     if ok and _placed.get() is not None:  # on a mesh: a weight the bridge placed, rows it can split
@@ -302,13 +320,71 @@ def layer_slices():
         _slices.update(saved)
 
 
-def layer_slice(stacked: jnp.ndarray, layer: jnp.ndarray) -> jnp.ndarray:
+def layer_slice(stacked: jnp.ndarray, layer: jnp.ndarray, *, kv_cache: bool = False) -> jnp.ndarray:
     """``stacked[layer]``; a product with it in ``small_batch_matmul`` reads the stacked tensor in
     place instead (XLA hands a custom call a dynamic slice as a copy: every layer's weights copied
-    on every step; SmolLM2 fp32 batch 8 decode, scanned: 164 tokens/s with the copies, 208 unrolled)."""
-    out = jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+    on every step; SmolLM2 fp32 batch 8 decode, scanned: 164 tokens/s with the copies, 208 unrolled).
+    A 16-bit stack on CPU devices is sliced by the kernel's layer copy (``copies_layers``).
+    ``kv_cache``: ``stacked`` is the KV cache's stack (placed by the cache's spec, not a weight's)."""
+    where = _layer_copy(stacked, kv_cache)
+    if where is None:
+        out = jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+    else:
+        out = _copied_layer(stacked, jnp.asarray(layer, jnp.int32), where)
     _slices[id(out)] = (out, stacked, layer)
     return out
+
+
+def copies_layers(stacked: jnp.ndarray, kv_cache: bool = False) -> bool:
+    """Whether ``layer_slice`` copies one layer out of ``stacked`` with the kernel: a bf16/f16 stack
+    on CPU devices. XLA:CPU has no 16-bit dynamic slice: it converts the whole stack to f32 and
+    hoists that out of the scan (a scanned bf16 stack held twice its weights as temporaries, and
+    decoded SmolLM2 at 19-23 tokens/s against 62-72 unrolled; slicing the bits as uint16 copies
+    the whole stack once too: 31-33)."""
+    return _layer_copy(stacked, kv_cache) is not None
+
+
+def _layer_copy(stacked, kv_cache: bool):
+    """(mesh, the stack's spec or None on one device) where the layer copy applies, else None."""
+    mesh = _mesh.get()
+    if (stacked.dtype not in (jnp.bfloat16, jnp.float16) or stacked.ndim < 2 or mesh is None or _forbidden.get()
+            or any(d.platform != "cpu" for d in mesh.devices.flat) or not available()):  # fmt: skip
+        return None
+    if mesh.devices.size == 1:
+        return mesh, None
+    placed = _placed.get()
+    if kv_cache:
+        spec = _entries(placed.cache_spec(stacked.shape[1], stacked.shape[2], True), stacked.ndim)
+    else:
+        spec = weight_spec(stacked)
+    return None if spec is None or _axes(spec[0]) else (mesh, tuple(spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _copied_layer(stacked, layer, where):
+    mesh, spec = where
+
+    def local(s, i):
+        return _ffi(LAYER_SLICE, jax.ShapeDtypeStruct(s.shape[1:], s.dtype), s, i)
+
+    if spec is None:
+        return local(stacked, layer)
+    from jax.sharding import PartitionSpec as P
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P()), out_specs=P(*spec[1:]),
+                         check_vma=False)(stacked, layer)  # fmt: skip
+
+
+def _copied_layer_fwd(stacked, layer, where):
+    return _copied_layer(stacked, layer, where), (jax.ShapeDtypeStruct(stacked.shape, stacked.dtype), layer)
+
+
+def _copied_layer_bwd(where, residual, grad):
+    shape, layer = residual
+    return jnp.zeros(shape.shape, grad.dtype).at[layer].set(grad).astype(shape.dtype), None
+
+
+_copied_layer.defvjp(_copied_layer_fwd, _copied_layer_bwd)
 
 
 def _in_place(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -329,10 +405,10 @@ def bf16_pairs() -> bool:
 
 def small_batch_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """``x[..., K] @ w[N, K]^T`` in f32 (accumulated in f32; ``w`` f32, bf16 or int8), in ``x``'s dtype.
-    bf16 rows with bf16 weights go in as bf16 (``bf16_pairs``); everything else as f32 rows. On a
+    bf16 rows go in as they are (with bf16 weights on AVX512-BF16 as pairs, ``bf16_pairs``; else
+    widened by the kernel), other rows as f32. On a
     mesh of several devices each device multiplies its own shards (``_sharded_product``)."""
-    pairs = x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and bf16_pairs()
-    xf = x if pairs else x.astype(jnp.float32)
+    xf = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)  # bf16 rows are widened by the kernel
     src, layer = _in_place(w)
     stacked = src is not w  # a scanned layer's slice: the kernel reads the stack at ``layer``
     operands = (xf, src, layer) if stacked else (xf, w)
@@ -396,6 +472,7 @@ class Placement:
 
 
 _placed = contextvars.ContextVar("cpu_kernels_placed", default=None)
+_mesh = contextvars.ContextVar("cpu_kernels_mesh", default=None)
 
 
 def _entries(spec, ndim: int) -> tuple:

@@ -33,3 +33,12 @@ class LaunchError(BridgeError):
 
 class DoesNotFit(BridgeError):
     """What was asked for needs more memory than the devices that would hold it have."""
+
+
+class RequestError(BridgeError):
+    """An HTTP request to ``serve`` is wrong (or cannot be served now): its status code and the
+    OpenAI error type go back to the client."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param

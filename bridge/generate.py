@@ -90,6 +90,33 @@ def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling, knobs: Optiona
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def sample_rows(logits: jax.Array, temperature, top_k, top_p, keys) -> jax.Array:
+    """[B, V] logits -> [B] token ids with each row's own sampling values ([B] each; ``keys`` [B, 2]
+    raw key data): temperature 0 or top_k 1 is greedy, top_k 0 and top_p 1 switch those filters
+    off. The values are traced, so a batch of mixed settings runs one program (``bridge.serving``);
+    the sort the filters need runs only when some row samples."""
+    logits = logits.astype(jnp.float32)
+    greedy = (temperature == 0) | (top_k == 1)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        vocab = logits.shape[-1]
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        ranked = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+        ranked = jnp.where(ranked < kth, -jnp.inf, ranked)
+        # top-p: the smallest set of top tokens whose mass reaches top_p (always >= 1 token)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        kept = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        floor = jnp.min(jnp.where(kept & (ranked > -jnp.inf), ranked, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < floor, -jnp.inf, scaled)
+        draw = jax.vmap(lambda key, row: jax.random.categorical(jax.random.wrap_key_data(key), row))(keys, scaled)
+        return jnp.where(greedy, argmax, draw.astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(greedy), lambda _: argmax, sampled, None)
+
+
 @dataclasses.dataclass
 class Generation:
     """What a request returns, token ids in or text in: each row's prompt ids and new tokens (cut

@@ -324,12 +324,12 @@ def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies
     """The extracted ``fn`` as every ``Lifted`` runs it: traced with kv heads repeated (when they
     are), activations pinned (when the scheme asks), logits cut back to the true vocab (when it
     was padded), and the lowerings told the mesh's size (``lowerings.on_mesh``)."""
-    from bridge import lowerings
+    from bridge import cpu_kernels, lowerings
 
     traced = fn
 
     def fn(weights, args, kwargs=None):
-        with lowerings.on_mesh(mesh.size):
+        with lowerings.on_mesh(mesh.size), cpu_kernels.placed(mesh, kernel_placement(mesh, scheme, placements, weights)):
             return traced(weights, args, kwargs)
 
     if copies > 1:
@@ -340,6 +340,19 @@ def lifted_fn(fn, model, mesh: Mesh, scheme: sharding.Scheme, placements, copies
                 return inner(weights, args, kwargs)
 
     return cut_padded_vocab(constrain(fn, model, mesh, scheme), model, placements)
+
+
+def kernel_placement(mesh: Mesh, scheme: sharding.Scheme, placements, weights):
+    """Where the weights traced as ``weights`` and the KV cache live, for the CPU kernels on a mesh:
+    the weight plan's specs and the cache's layout (``kv_cache.spec``)."""
+    from bridge import cpu_kernels, kv_cache
+
+    return cpu_kernels.Placement(
+        mesh=mesh,
+        weights={id(w): (w, placements[k].spec) for k, w in weights.items() if k in placements},
+        batch_axes=lambda n: (tuple(sharding.batch_spec(scheme, mesh, n, 1)) or (None,))[0],
+        cache_spec=lambda batch, heads, stacked: kv_cache.spec(scheme, mesh, batch, heads, stacked),
+    )
 
 
 def lift_checkpoint(

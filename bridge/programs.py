@@ -28,8 +28,8 @@ def decode_step(lifted: Lifted, weights, token, cache, column, positions=None, k
     """One token per row: ``token`` [B] written at cache ``column`` (a scalar), RoPE ``positions``
     [B] (default: the column), ``key_mask`` [B, S] -> (logits [B, V], new cache). On CPU devices
     the rows' matrix products and the attention over the cache use ``cpu_kernels`` (on a mesh of
-    several devices, each on its own shards: ``kernel_placement``)."""
-    with cpu_kernels.used_on(lifted.mesh, kernel_placement(lifted, weights)):
+    several devices, each on its own shards: ``lift.kernel_placement``)."""
+    with cpu_kernels.used_on(lifted.mesh):
         logits, cache = lifted.fn(
             weights,
             (token[:, None],),
@@ -41,20 +41,6 @@ def decode_step(lifted: Lifted, weights, token, cache, column, positions=None, k
             ),
         )
     return logits[:, -1], cache
-
-
-def kernel_placement(lifted: Lifted, weights) -> cpu_kernels.Placement:
-    """Where the weights traced as ``weights`` and the KV cache live, for the CPU kernels on a mesh:
-    the weight plan's specs and the cache's layout (``kv_cache.spec``)."""
-    import sharding
-
-    scheme, mesh = lifted.scheme, lifted.mesh
-    return cpu_kernels.Placement(
-        mesh=mesh,
-        weights={id(w): (w, lifted.placements[k].spec) for k, w in weights.items() if k in lifted.placements},
-        batch_axes=lambda n: (tuple(sharding.batch_spec(scheme, mesh, n, 1)) or (None,))[0],
-        cache_spec=lambda batch, heads, stacked: kv_cache.spec(scheme, mesh, batch, heads, stacked),
-    )
 
 
 def step_program(lifted: Lifted, mode: str, batch: int, seq: int, *, abstract: bool = False):

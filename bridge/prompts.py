@@ -108,17 +108,23 @@ class ChatTokenizer:
         if self.tokenizer is None:
             raise GenerationError(NO_TOKENIZER)
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise GenerationError("this tokenizer has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = self.tokenizer.encode(prompt)
-        ids = list(ids)
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        ids = list(self.tokenizer.encode(prompt))
         if not ids:
             raise GenerationError(f"prompt {prompt!r} tokenizes to no tokens; give a non-empty prompt")
+        return ids
+
+    def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+        """A conversation (``[{"role": ..., "content": ...}, ...]``) through the chat template, with
+        the assistant's turn opened."""
+        if self.tokenizer is None:
+            raise GenerationError(NO_TOKENIZER)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GenerationError("this tokenizer has no chat template; send a plain prompt (drop --chat)")
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if not ids:
+            raise GenerationError("the conversation tokenizes to no tokens")
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -165,12 +165,18 @@ def _slow_gpu_slices() -> bool:
 
 def _slow_16_bit_slices(model) -> bool:
     """XLA:CPU does not dynamic-slice bf16/f16 tensors itself: it converts the whole stacked tensor
-    to f32, slices that, and hoists the conversion out of the scan, so every decode step makes f32
-    copies of all weights and of the KV cache. SmolLM2 bf16 decode, same run: 19-23 tokens/s scanned
-    against 62-72 unrolled; slicing the bits as uint16 instead still copies them (a bitcast-convert is
-    a copy there): 31-33. So on CPU a 16-bit model runs unrolled unless scanning is asked for."""
+    to f32, slices that, and hoists the conversion out of the scan, so every step makes f32 copies
+    of all weights and of the KV cache (SmolLM2 bf16 decode: 19-23 tokens/s scanned against 62-72
+    unrolled). The CPU kernels' layer copy slices them instead (``cpu_kernels.copies_layers``):
+    scanned bf16 then decodes faster than unrolled (SmolLM2 batch 1 103 against 95 tokens/s, batch
+    8 459 against 383; Llama-3-8B prefill-512 temporaries 27 -> 0.49 GiB; avx512f) and compiles in
+    2 s instead of 8-9. Without the kernels (no compiler, switched off) a 16-bit model on CPU runs
+    unrolled unless scanning is asked for."""
+    from bridge import cpu_kernels
+
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return jax.default_backend() == "cpu" and bool(floats) and all(dt.itemsize == 2 for dt in floats)
+    sixteen = jax.default_backend() == "cpu" and bool(floats) and all(dt.itemsize == 2 for dt in floats)
+    return sixteen and not cpu_kernels.available()
 
 
 def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:
@@ -252,6 +258,18 @@ def per_iteration_outputs(sink):
         _iteration_sink = previous
 
 
+def sliced_in_body(rows: int, stacked: dict) -> tuple[bool, bool]:
+    """(each layer's weights and cache are sliced in the scan's body by index, the CPU kernels read
+    them from the stack in place) for a call of ``rows`` token rows over ``stacked`` weights. In
+    place: scan's own slicing of ``xs`` would hand the kernels a copy of every layer's weights on
+    every step. By index also where ``cpu_kernels.copies_layers``: XLA:CPU slices a 16-bit stack
+    by converting all of it to f32 (see there)."""
+    in_place = cpu_kernels.active() and (cpu_kernels.takes_rows(rows) or rows == 1 and any(
+        w.ndim == 3 and (w.shape[-1] >= cpu_kernels.ONE_ROW_MIN_K or cpu_kernels.copies_layers(w))
+        for w in stacked.values()))  # fmt: skip
+    return in_place or any(cpu_kernels.copies_layers(w) for w in stacked.values()), in_place
+
+
 class StackRunner:
     """Runs ``model.run_layers``' loop as a scan; holds the stacked weights of the trace in flight."""
 
@@ -288,18 +306,13 @@ class StackRunner:
         columns = env.t2j_iso(cache_position)
         start, t = columns[0], columns.shape[0]
 
-        # With the CPU small-batch kernels the layer's weights and cache are sliced in the body,
-        # where the kernels read them from the stack in place (``cpu_kernels.layer_slice``); scan's
-        # own slicing of ``xs`` would hand them a copy of every layer's weights on every step.
-        rows = x.shape[0] * x.shape[1]
-        by_index = cpu_kernels.active() and (cpu_kernels.takes_rows(rows) or rows == 1 and any(
-            w.ndim == 3 and w.shape[-1] >= cpu_kernels.ONE_ROW_MIN_K for w in params.values()))  # fmt: skip
+        by_index, _ = sliced_in_body(x.shape[0] * x.shape[1], params)
         xs = (jnp.arange(len(layers)), None) if by_index else (params, cache)
 
         def body(h, xs):
             p, kv = xs
             if by_index:
-                kv = None if cache is None else tuple(cpu_kernels.layer_slice(c, p) for c in cache)
+                kv = None if cache is None else tuple(cpu_kernels.layer_slice(c, p, kv_cache=True) for c in cache)
                 p = {name: cpu_kernels.layer_slice(w, p) for name, w in params.items()}
             p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
             mark = sink.mark() if sink is not None else None
@@ -459,14 +472,15 @@ class StackCalls:
             outer = cache.layers[0]
             view = copy.copy(outer)
             if carried is not None:
-                kv = tuple(cpu_kernels.layer_slice(carried[n], carried["i"]) for n in ("k", "v"))
+                kv = tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True) for n in ("k", "v"))
 
                 def update(key_states, value_states, *args, **kw):
                     new = env.t2j_iso((key_states, value_states))
                     for n, a in zip(("k", "v"), new):
                         at = (carried["i"], 0, 0, self.start, 0)
                         carried[n] = jax.lax.dynamic_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
-                    return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"]) for n in ("k", "v")))
+                    return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
+                                             for n in ("k", "v")))  # fmt: skip
 
                 view.update = update
             view.keys, view.values = env.j2t_iso(kv)
@@ -529,12 +543,7 @@ class StackCalls:
         sink = _iteration_sink
         self.prepare()
         stacked_kv = self.stacked_kv
-        # With the CPU small-batch kernels, each layer's weights and cache are sliced in the body,
-        # where the kernels read them from the stack in place (``cpu_kernels.layer_slice``); scan's
-        # own slicing would hand them a copy of every layer's weights on every step.
-        rows = math.prod(x.shape[:-1])
-        by_index = cpu_kernels.active() and (cpu_kernels.takes_rows(rows) or rows == 1 and any(
-            w.ndim == 3 and w.shape[-1] >= cpu_kernels.ONE_ROW_MIN_K for w in self.params.values()))  # fmt: skip
+        by_index, in_place = sliced_in_body(math.prod(x.shape[:-1]), self.params)
         xs = (jnp.arange(len(self.layers)), None) if by_index else (self.params, stacked_kv)
         found = {}
 
@@ -545,7 +554,7 @@ class StackCalls:
         def body(h, xs):
             p, kv = xs
             if by_index:
-                kv = None if stacked_kv is None else tuple(cpu_kernels.layer_slice(c, p) for c in stacked_kv)
+                kv = None if stacked_kv is None else tuple(cpu_kernels.layer_slice(c, p, kv_cache=True) for c in stacked_kv)
                 p = {name: cpu_kernels.layer_slice(w, p) for name, w in self.params.items()}
             leaves, found["tree"], columns, records = self.layer(p, kv, h, sink)
             arrays = split(leaves)
@@ -560,7 +569,7 @@ class StackCalls:
             return (arrays[0], carried["k"], carried["v"]), (arrays, records)
 
         with cpu_kernels.layer_slices():
-            if by_index and stacked_kv is not None:
+            if in_place and stacked_kv is not None:
                 # Decode with the kernels: the stacked cache is the scan's carry, each layer writes its
                 # new columns into it in place and its attention reads its layer there, as the
                 # rewrite's does (transformers' update wrote into a copy of the layer's slice:
@@ -572,7 +581,7 @@ class StackCalls:
                 h, (outs, records, columns) = jax.lax.scan(body, env.t2j_iso(x), xs)
         if sink is not None:
             sink.spread(records, len(self.layers))
-        if self.cache is not None and not (by_index and stacked_kv is not None):  # new columns, in place
+        if self.cache is not None and not (in_place and stacked_kv is not None):  # new columns, in place
             k, v = (jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, self.start, 0))
                     for c, n in zip(stacked_kv, columns))  # fmt: skip
             self.cache.layers[0].keys, self.cache.layers[0].values = env.j2t_iso((k, v))

@@ -293,8 +293,9 @@ def test_decode_updates_the_kv_cache_in_place(scan_layers, devices, monkeypatch)
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dtype, devices, monkeypatch):
     """int8 weight-only and bf16 at batch 8, in every build: the kernel is handed the int8 / bf16
-    weights themselves (no f32 copy of them per step; bf16 rows stay bf16 where the build has
-    AVX512-BF16), and greedy tokens equal those of XLA's own path."""
+    weights themselves (no f32 copy of them per step; bf16 rows go in as bf16 too: multiplied as
+    pairs where the build has AVX512-BF16, widened inside the kernel elsewhere), and greedy tokens
+    equal those of XLA's own path."""
     from model_torch.common import quantize_int8
 
     _, ours = hf_twin("tiny-llama")
@@ -312,10 +313,8 @@ def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dt
     dtype_of = lambda name: re.search(rf"{re.escape(name)} = (\w+)\[", loop).group(1)  # noqa: E731
     rows, weight = {dtype_of(x) for x, _ in operands}, {dtype_of(w) for _, w in operands}
     assert len(calls) == (8 if scan_layers else 7 * ours.config.num_layers + 1), len(calls)
-    # bf16 rows stay bf16 where the build multiplies bf16 pairs; elsewhere the few rows are widened
-    # (the weights never are)
-    bf16_rows = "bf16" if cpu_kernels.bf16_pairs() else "f32"
-    assert (rows, weight) == (({"f32"}, {"s8"}) if dtype == "int8" else ({bf16_rows}, {"bf16"})), (rows, weight)
+    # bf16 rows enter as they are (no conversion op before each product); the weights never widen
+    assert (rows, weight) == (({"f32"}, {"s8"}) if dtype == "int8" else ({"bf16"}, {"bf16"})), (rows, weight)
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     off = Generator(lift(ours, mesh, "tp", scan_layers=scan_layers), eos_token_ids=[])
     want = off.generate_ids(prompts, 16).token_ids

@@ -24,12 +24,59 @@ def test_scanned_stack_equals_unrolled(preset, scheme, n, devices):
     model = model_torch.from_preset(preset)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
     mesh = sharding.mesh_for(scheme, n, devices=devices[:n])
-    unrolled, scanned = lift(model, mesh, scheme), lift(model, mesh, scheme, scan_layers=True)
+    unrolled, scanned = lift(model, mesh, scheme, scan_layers=False), lift(model, mesh, scheme, scan_layers=True)
     assert max_rel(scanned.forward(ids), unrolled.forward(ids)) < RTOL
     prompt = [list(ids[0]), list(ids[1][:7])]  # a left-padded batch through the cache
     want = Generator(unrolled, stop_at_eos=False).generate_ids(prompt, 8).token_ids
     got = Generator(scanned, stop_at_eos=False).generate_ids(prompt, 8).token_ids
     assert got == want
+
+
+@pytest.mark.parametrize("scheme,n", [("replicated", 1), ("tp", 8)])
+def test_scanned_bf16_stack_is_sliced_by_layer_not_converted(scheme, n, devices, monkeypatch):
+    """A bf16 stack on CPU: each layer copied out of the stack by the kernels' layer copy (XLA:CPU
+    would convert the whole stack to f32 and hoist that out of the scan), on 1 device and on each
+    device's shards under tp 8: the forward's logits bitwise those of XLA's own slicing (kernels
+    switched off), within bf16 rounding (3e-2 relative) of unrolled, the same greedy tokens as
+    unrolled; the compiled forward's temporaries hold no copy of the stack (XLA's slicing: two);
+    gradients through the copy equal those through XLA's slice."""
+    import jax
+    import jax.numpy as jnp
+
+    from bridge import cpu_kernels
+
+    torch.manual_seed(0)
+    model = model_torch.from_preset("tiny-llama").to(torch.bfloat16)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
+    mesh = sharding.mesh_for(scheme, n, devices=devices[:n])
+    unrolled, scanned = lift(model, mesh, scheme, scan_layers=False), lift(model, mesh, scheme, scan_layers=True)
+    assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+    logits = np.asarray(scanned.forward(ids), np.float32)
+    assert max_rel(logits, np.asarray(unrolled.forward(ids), np.float32)) < 3e-2
+    with monkeypatch.context() as m:
+        m.setenv(cpu_kernels.SWITCH, "0")
+        xla_sliced = lift(model, mesh, scheme, scan_layers=True)
+        assert not cpu_kernels.available()
+        assert np.array_equal(np.asarray(xla_sliced.forward(ids), np.float32), logits)
+    # XLA's slicing converts the whole stack: temporaries of twice its bytes; here less than once.
+    stack = sum(w.addressable_shards[0].data.nbytes for k, w in scanned.weights.items() if "*." in k)  # per device
+    temps = scanned.compiled_forward(ids).memory_analysis().temp_size_in_bytes
+    assert temps < stack <= xla_sliced.compiled_forward(ids).memory_analysis().temp_size_in_bytes / 2, (temps, stack)
+    prompt = [list(ids[0]), list(ids[1][:7])]
+    want = Generator(unrolled, stop_at_eos=False).generate_ids(prompt, 8).token_ids
+    assert Generator(scanned, stop_at_eos=False).generate_ids(prompt, 8).token_ids == want
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4, 5)), jnp.bfloat16)
+
+    def loss(w, sliced):
+        return sum(jnp.sum(sliced(w, i).astype(jnp.float32) ** 2) * (i + 1) for i in range(3))
+
+    one = sharding.mesh_for("replicated", 1, devices=devices[:1])
+    with cpu_kernels.placed(one, None):
+        assert cpu_kernels.copies_layers(w)
+        got = jax.grad(loss)(w, cpu_kernels.layer_slice)
+    want = jax.grad(loss)(w, lambda w, i: w[i])
+    assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_stacked_placements_follow_the_per_layer_table(devices):
@@ -149,14 +196,15 @@ def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
         assert abs(float(la) - float(lb)) < 1e-5 * float(la)
 
 
-def test_scanned_by_default_where_it_pays(devices):
+def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     """The default: model_torch families scan, and so does any module with a stack of identical
-    layers; a module without one does not (and asking for it is an error naming why); bf16 models on CPU run unrolled, since XLA:CPU converts a
-    bf16 stack to f32 to slice it (measured in ``scan._slow_16_bit_slices``); plan, which never
-    runs the program, reports that same default and scans them when asked."""
+    layers; a module without one does not (and asking for it is an error naming why); bf16 models on
+    CPU scan where the CPU kernels' layer copy slices their stack, and run unrolled without the
+    kernels, since XLA:CPU converts a bf16 stack to f32 to slice it (``scan._slow_16_bit_slices``);
+    plan, which never runs the program, reports that same default and scans them when asked."""
     import jax
 
-    from bridge import scan
+    from bridge import cpu_kernels, scan
     from bridge.errors import UsageError
     from bridge.plan import abstract_lifted, meta_model
 
@@ -165,12 +213,17 @@ def test_scanned_by_default_where_it_pays(devices):
     assert lift(fp32, mesh, "replicated").scan_layers
     assert not lift(fp32, mesh, "replicated", scan_layers=False).scan_layers
     bf16 = model_torch.from_preset("tiny-llama").to(torch.bfloat16)
-    assert jax.default_backend() == "cpu" and not lift(bf16, mesh, "replicated").scan_layers
-    assert lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
-    # plan reports the program generate runs here: the bf16 stack unrolled on CPU, scanned when asked.
     meta_bf16 = meta_model("tiny-llama", "bfloat16")
-    assert not abstract_lifted(meta_bf16, mesh, sharding.get_scheme("replicated"), "error").scan_layers
-    assert abstract_lifted(meta_bf16, mesh, sharding.get_scheme("replicated"), "error", scan_layers=True).scan_layers
+    replicated = sharding.get_scheme("replicated")
+    assert jax.default_backend() == "cpu"
+    assert lift(bf16, mesh, "replicated").scan_layers == cpu_kernels.available()
+    assert abstract_lifted(meta_bf16, mesh, replicated, "error").scan_layers == cpu_kernels.available()
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")  # no kernels (as with no compiler): unrolled
+    assert not lift(bf16, mesh, "replicated").scan_layers
+    assert lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
+    # plan reports the program generate runs here: the bf16 stack unrolled, scanned when asked.
+    assert not abstract_lifted(meta_bf16, mesh, replicated, "error").scan_layers
+    assert abstract_lifted(meta_bf16, mesh, replicated, "error", scan_layers=True).scan_layers
     # On a GPU every dtype runs unrolled by default (measured on an H200 in ``scan._slow_gpu_slices``);
     # asking for the scan still scans.
     with mock.patch.object(scan.jax, "default_backend", return_value="gpu"):

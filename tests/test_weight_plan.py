@@ -130,13 +130,16 @@ def test_two_processes_match_one_device(case, devices_n, extra, llama82, gpt2, o
 
 
 @pytest.mark.parametrize("case,devices_n,extra,scanned", [
-    ("llama82", 8, ["--dtype", "float32", "--no-scan-layers"], False), ("llama82", 8, ["--dtype", "int8"], False),
+    ("llama82", 8, ["--dtype", "float32", "--no-scan-layers"], False), ("llama82", 8, ["--dtype", "int8"], None),
     ("llama82", 8, ["--dtype", "float32", "--scan-layers"], True), ("llama82", 8, ["--dtype", "float32"], True),
     ("gpt2", 4, ["--dtype", "float32"], True), ("gpt2", 4, ["--dtype", "float32", "--no-scan-layers"], False)])  # fmt: skip
 def test_plan_accepts_what_generate_accepts(case, devices_n, extra, scanned, llama82, gpt2, capsys):
-    """plan's default layout is generate's: scanned where the model can scan, except 16-bit floats
-    on CPU (plan's int8 is int8 over bf16); GPT-2 runs through transformers' class, scanned too."""
-    from bridge import cli
+    """plan's default layout is generate's: scanned where the model can scan, 16-bit floats on CPU
+    only where the CPU kernels slice their stack (None: plan's int8 is int8 over bf16); GPT-2 runs
+    through transformers' class, scanned too."""
+    from bridge import cli, cpu_kernels
+
+    scanned = cpu_kernels.available() if scanned is None else scanned
 
     path = {"llama82": llama82, "gpt2": gpt2}[case]
     assert cli.main(["plan", "--checkpoint", str(path), "--devices", str(devices_n), "--scheme", "tp", *extra,

@@ -480,14 +480,23 @@ ffi::Error dispatch(ffi::AnyBuffer x, const W* w, ffi::ResultBuffer<ffi::F32> y,
     product(OwnPool{}, reinterpret_cast<const float*>(x.untyped_data()), w, yp, M, N, K);
     return ffi::Error::Success();
   }
+  if (x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("small_batch_matmul: x must be f32 or bf16");
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
   if constexpr (std::is_same_v<W, uint16_t> && kBf16Pairs) {
-    if (x.element_type() == ffi::DataType::BF16) {
-      run<uint16_t, uint16_t, kRowBlock, kColBlock>(OwnPool{}, reinterpret_cast<const uint16_t*>(x.untyped_data()), w, yp,
-                                                    M, N, K);
-      return ffi::Error::Success();
-    }
+    run<uint16_t, uint16_t, kRowBlock, kColBlock>(OwnPool{}, xb, w, yp, M, N, K);
+    return ffi::Error::Success();
   }
-  return ffi::Error::InvalidArgument("small_batch_matmul: x must be f32, or bf16 with bf16 weights on AVX512-BF16");
+  // bf16 rows widened here (M x K: a few KB) rather than by XLA: a conversion op before every
+  // product cost more than the product's own widening (SmolLM2 bf16 batch 8, AVX2 build: XLA's
+  // small fusions between the products took ~5 ms of a 33 ms step; avx512f machine).
+  auto xf = std::make_unique<float[]>(M * K);
+  for (int64_t i = 0; i < M * K; ++i) {
+    const uint32_t bits = uint32_t{xb[i]} << 16;
+    std::memcpy(&xf[i], &bits, sizeof bits);
+  }
+  product(OwnPool{}, xf.get(), w, yp, M, N, K);
+  return ffi::Error::Success();
 }
 
 // fn(the buffer's data from element `offset`, typed) for the element types the kernels read.
@@ -585,6 +594,21 @@ ffi::Error CacheMix(ffi::Buffer<ffi::F32> p, ffi::AnyBuffer values, Int32Scalar 
   });
 }
 
+// stacked[layer] (any element type): one layer's bytes copied out of a stacked tensor. XLA:CPU
+// has no 16-bit dynamic slice of its own: it converts the whole stacked bf16 tensor to f32 and
+// hoists that out of the scan (a scanned SmolLM2 bf16 prefill held 2x its weights as temporaries),
+// and slicing the bits as uint16 copies the whole stack once too.
+ffi::Error LayerSlice(ffi::AnyBuffer stacked, Int32Scalar layer, ffi::Result<ffi::AnyBuffer> out) {
+  auto d = stacked.dimensions();
+  const int64_t l = *layer.typed_data();
+  if (d.size() == 0 || l < 0 || l >= d[0] || out->element_type() != stacked.element_type() ||
+      out->size_bytes() * d[0] != stacked.size_bytes())
+    return ffi::Error::InvalidArgument("layer_slice: stacked [L, ...] -> [...] of the same type, 0 <= layer < L");
+  const size_t bytes = out->size_bytes();
+  std::memcpy(out->untyped_data(), static_cast<const char*>(stacked.untyped_data()) + l * bytes, bytes);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // What this build is, for cpu_kernels.isa(): the vector ISA the compiler targeted.
@@ -631,3 +655,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_scores, CacheScores,
                                   .Arg<Int32Scalar>()  // visible columns
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cache_mix, CacheMix, stacked_binding<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(layer_slice, LayerSlice,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<Int32Scalar>().Ret<ffi::AnyBuffer>());
