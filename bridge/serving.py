@@ -90,6 +90,8 @@ class _Slot:
     generated: list = dataclasses.field(default_factory=list)
     text: str = ""  # the text sent so far
     held: str = ""  # text withheld: it may be the start of a stop string
+    prefix_offset: int = 0  # incremental detokenization: the context tokens start here ...
+    read_offset: int = 0  # ... and the text up to here has been read
 
 
 class Engine:
@@ -333,10 +335,7 @@ class Engine:
         if token in self.eos and not request.ignore_eos:
             self._send(slot, slot.held, [token])
             return self._finish(row, slot, "stop")
-        text, sent = self.gen.decode(slot.generated), slot.text + slot.held
-        # an incomplete character (split over tokens) waits for the rest
-        new = text[len(sent):] if text.startswith(sent) and not text.endswith("\ufffd") else ""
-        pending = slot.held + new
+        pending = slot.held + self._new_text(slot)
         hits = [(pending.find(s), s) for s in request.stop if s and s in pending]
         if hits:
             self._send(slot, pending[: min(hits)[0]], [token])
@@ -349,6 +348,18 @@ class Engine:
         if len(slot.generated) >= request.max_tokens:
             self._send(slot, slot.held, [])
             return self._finish(row, slot, "length")
+
+    def _new_text(self, slot: _Slot) -> str:
+        """The text the last token adds, decoding only the tokens since the last piece and a few
+        before them for context (decoding the whole answer every step cost O(n) per token), as vLLM
+        and TGI do; an incomplete character (split over tokens) waits for the rest."""
+        tokens = slot.generated
+        before = self.gen.decode(tokens[slot.prefix_offset : slot.read_offset])
+        now = self.gen.decode(tokens[slot.prefix_offset :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        slot.prefix_offset, slot.read_offset = slot.read_offset, len(tokens)
+        return now[len(before) :]
 
     def _send(self, slot: _Slot, text: str, token_ids: list):
         if text or token_ids:
