@@ -9,9 +9,11 @@ program (``programs.decode_step``, as ``generate`` runs it), whatever each slot'
     so that its prompt ends right before the write column; its RoPE positions and its row of the key
     mask are its own. Attention never looks at where a key sits (RoPE is applied before caching;
     the mask says which columns a row sees), so rows of different ages live side by side.
-  * the cache has ``bucket(max_seq) + max_seq`` columns; when the write column reaches the end, the
-    cache and the mask move ``max_seq`` columns to the left (one copy program), which only drops
-    columns no live request can still see (a request holds at most ``max_seq`` real columns).
+  * the attention reads every column before the write column, so the write column is kept low:
+    the cache and the mask move left (one copy program, any distance) when the columns before the
+    oldest live request's first one reach ``SHIFT_AT``, or the write column reaches the end of the
+    cache (``bucket(max_seq) + max_seq`` columns); they move right when a joining prompt's bucket
+    does not fit before the write column. Only columns no live request sees fall off.
   * sampling is per row (``generate.sample_rows``): temperature, top-k, top-p and seed are values,
     not program shapes, so mixing them never recompiles.
 
@@ -39,6 +41,11 @@ from bridge.errors import GenerationError
 from bridge.generate import Generator, sample_rows
 from bridge.prompts import BUCKETS, left_pad
 
+# The cache moves left once this many columns before every live request's first are dead: a move
+# copies the cache once, and each step reads every column before the write column (SmolLM2 fp32, 8
+# slots, --max-seq 512: a step took ~43 ms with the write column kept at 512-1024, against ~29 ms for
+# generate's own loop).
+SHIFT_AT = 128
 QUEUE_SIZE = 64  # requests waiting for a slot beyond the slots themselves; more get "busy" (HTTP 429)
 
 
@@ -87,6 +94,7 @@ class _Slot:
     position: int  # the RoPE position of the token fed next
     token: int  # the token fed next (the last sampled)
     key: np.ndarray  # the request's PRNG key data
+    first: int  # its first real cache column
     generated: list = dataclasses.field(default_factory=list)
     text: str = ""  # the text sent so far
     held: str = ""  # text withheld: it may be the start of a stop string
@@ -111,9 +119,9 @@ class Engine:
         kv_cache.check_fits(lifted, slots, self.columns)
         self.waiting: "queue.Queue[Request]" = queue.Queue(maxsize=queue_size)
         self.active: dict[int, _Slot] = {}
-        self.column = self.lead
+        self.column = 0
         self.steps = 0
-        self.shifts = 0  # times the cache moved left
+        self.shifts = 0  # times the cache moved
         self._seeds = itertools.count(1 << 20)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -135,7 +143,8 @@ class Engine:
                          np.zeros((self.slots, 2), np.uint32), rows)  # fmt: skip
         args = (w, self.cache, self.key_mask, *args)
         self._step = self.gen._compile("serve/step", self._step_program, args, donate=(1, 2))
-        self._shift = self.gen._compile("serve/shift", self._shift_program, (self.cache, self.key_mask), donate=(0, 1))
+        self._shift = self.gen._compile("serve/shift", self._shift_program, (self.cache, self.key_mask, self._put(np.int32(0))),
+                                        donate=(0, 1))  # fmt: skip
         self._prefills: dict[int, tuple] = {}
 
     def _put(self, *arrays):
@@ -152,12 +161,21 @@ class Engine:
         keys = jax.vmap(lambda k, c: jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), c)))(keys, count)
         return cache, key_mask, sample_rows(logits, temperature, top_k, top_p, keys)
 
-    def _shift_program(self, cache, key_mask):
-        """Cache and mask moved ``context`` columns to the left (the dropped ones are dead)."""
-        move = lambda a, axis: jnp.concatenate(  # noqa: E731
-            [jax.lax.slice_in_dim(a, self.context, a.shape[axis], axis=axis),
-             jnp.zeros_like(jax.lax.slice_in_dim(a, 0, self.context, axis=axis))], axis=axis)  # fmt: skip
-        return jax.tree.map(lambda a: move(a, a.ndim - 2), cache), move(key_mask, 1)
+    def _shift_program(self, cache, key_mask, by):
+        """Cache and mask moved ``by`` columns to the left (right when negative); the columns that
+        come in are hidden (the ones that fall off are dead)."""
+        cache = jax.tree.map(lambda a: jnp.roll(a, -by, axis=a.ndim - 2), cache)
+        cols = jnp.arange(key_mask.shape[1])
+        kept = (cols < key_mask.shape[1] - by) & (cols >= -by)
+        return cache, jnp.where(kept[None, :], jnp.roll(key_mask, -by, axis=1), 0)
+
+    def _move(self, by: int) -> None:
+        """Everything ``by`` columns to the left (negative: right), the slots' first columns too."""
+        self.cache, self.key_mask = self._shift(self.cache, self.key_mask, self._put(np.int32(by)))
+        self.column -= by
+        for slot in self.active.values():
+            slot.first -= by
+        self.shifts += 1
 
     def _prefill_programs(self, bucket: int):
         """(prefill of one prompt padded to ``bucket`` -> its first token and cache, the write of that
@@ -285,12 +303,16 @@ class Engine:
         ids = list(request.prompt_ids)
         bucket = next(b for b in BUCKETS if b >= len(ids))
         run, put = self._prefill_programs(bucket)
+        if not self.active:
+            self.column = 0  # nothing live: the write column may start over
+        if self.column < bucket:  # room for the prompt's bucket before the write column
+            self._move(self.column - bucket)
         pids, positions, mask, _ = left_pad([ids], bucket, bucket, self.gen.pad_id)
         seed = request.seed if request.seed is not None else next(self._seeds)
         key = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         small, first = run(self.lifted.weights, *self._put(pids, positions, mask, *self._knobs([request]), key[None]))
         self.cache, self.key_mask = put(self.cache, self.key_mask, small, *self._put(mask, np.int32(row), np.int32(self.column)))
-        slot = _Slot(request, position=len(ids), token=int(np.asarray(first)[0]), key=key)
+        slot = _Slot(request, position=len(ids), token=int(np.asarray(first)[0]), key=key, first=self.column - len(ids))
         self.active[row] = slot
         self._emit(row, slot, slot.token)
 
@@ -299,15 +321,14 @@ class Engine:
                 np.asarray([r.top_p for r in requests], np.float32))  # fmt: skip
 
     def _decode(self):
-        if self.column >= self.columns:  # move everything left; only dead columns fall off
-            self.cache, self.key_mask = self._shift(self.cache, self.key_mask)
-            self.column -= self.context
-            self.shifts += 1
         for row, slot in list(self.active.items()):
             if slot.request.cancelled.is_set():
                 self._finish(row, slot, "cancelled")
         if not self.active:
             return
+        dead = min(slot.first for slot in self.active.values())  # columns before every live one
+        if dead >= SHIFT_AT or self.column >= self.columns:  # at the end: a request spans <= context
+            self._move(dead)
         token = np.full(self.slots, self.gen.pad_id, np.int32)
         positions = np.zeros(self.slots, np.int32)
         count = np.zeros(self.slots, np.int32)
