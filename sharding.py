@@ -556,6 +556,11 @@ def resolve_placements(
         if fallback_reason and padded_from is not None:  # replicated after all: no padding needed
             shape, padded_from = (padded_from, *shape[1:]), None
         out[name] = Placement(name, shape, dtype, P(*spec), pattern, fallback_reason, padded_from)
+    for name, p in out.items():  # a head's bias or scale kept whole still needs the padded rows (GPT-J's bias)
+        head = re.sub(r"(bias|scale)$", "weight", name)
+        padded = out.get(head) if head != name and VOCAB_TENSOR.search(name) else None
+        if padded is not None and padded.padded_from == p.shape[0] and p.padded_from is None:
+            out[name] = dataclasses.replace(p, shape=(padded.shape[0], *p.shape[1:]), padded_from=p.shape[0])
     for line in fallback_summary(out):
         warnings.warn(line, stacklevel=2)
     if problems:

@@ -15,8 +15,8 @@ What transformers 5.23's cache does, and what that means here:
   does the windowing (same numbers; costs the memory of a full-length cache for those layers).
 * MoE experts dispatch with ``nonzero()`` by default (data-dependent: fails under jit);
   ``experts_implementation="batched_mm"`` is used instead. Attention runs ``sdpa`` (the bridge
-  installs a lowering with a finite mask value and grouped kv heads), except where a model refuses
-  it (Gemma2's soft-capping): ``eager``.
+  installs a lowering with a finite mask value and grouped kv heads) where the class offers it, its
+  own ``eager`` attention elsewhere (GPT-J, GPT-Neo, BLOOM, ...) and for Gemma2's soft-capping.
 * ``ModelOutput`` is not a pytree: the adapter returns plain tensors.
 
 Architectures whose layers are not attention over a kv cache (linear attention, hybrid, encoder-
@@ -57,9 +57,17 @@ def check_architecture(config) -> None:
 
 
 def attention_implementation(config) -> str:
-    """``sdpa`` unless the model refuses it (soft-capped attention logits need ``eager``)."""
+    """``sdpa`` where the class offers it (the bridge lowers it, and reaches the cache kernels
+    through it), else the class's own ``eager`` attention, which torchax lowers op by op (GPT-J,
+    GPT-Neo, BLOOM, CodeGen, MPT, ... have no SDPA path); ``eager`` too where soft-capped attention
+    logits need it (Gemma-2)."""
     text = config.get_text_config(decoder=True)
-    return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+    if getattr(text, "attn_logit_softcapping", None):
+        return "eager"
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 class HFCausalLMAdapter(CausalLMContract):
@@ -288,5 +296,9 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
     """One token through ``hf_model`` with every parameter and buffer swapped for a meta tensor."""
     from torch.func import functional_call
 
-    state = {k: torch.empty_like(v, device="meta") for k, v in hf_model.state_dict(keep_vars=True).items()}
+    # Non-persistent buffers too (not in the state dict): a forward may replace one (GPT-J and
+    # CodeGen move their sin/cos table to the input's device), and functional_call restores only
+    # what it swapped in, so the model kept a meta table.
+    tensors = {**dict(hf_model.named_parameters(remove_duplicate=False)), **dict(hf_model.named_buffers(remove_duplicate=False))}
+    state = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
     functional_call(hf_model, state, (), dict(input_ids=ids, past_key_values=cache, use_cache=True), tie_weights=False, strict=False)

@@ -215,3 +215,24 @@ def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
     assert a == Generator(one, stop_at_eos=False).generate_ids(ids, 10).token_ids
     attn = tp.model.get_submodule("model.layers.0.self_attn")
     assert attn.num_key_value_groups == 4  # restored after tracing
+
+
+def test_classes_without_sdpa_run_their_eager_attention(tmp_path, devices):
+    """A class that offers no SDPA path (GPT-J, CodeGen, BLOOM, GPT-Neo, MPT, ...) runs its own eager
+    attention, lowered by torchax op by op. GPT-J also moves its sin/cos table to the input's
+    device inside forward, which must not leave a meta tensor behind after the adapter's meta-device
+    probe, and its head has a bias, padded with the vocabulary under tp (517 rows on 2 devices).
+    Greedy tokens equal transformers' on 1 device and under tp on 2."""
+    from model_torch.hf_adapter import attention_implementation
+
+    family = "gptj"
+    config = T.GPTJConfig(vocab_size=517, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=256,
+                          bos_token_id=1, eos_token_id=2)  # fmt: skip
+    assert attention_implementation(config) == "eager"
+    path = save(config, tmp_path / family)
+    hf = hf_reference(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:]
+    for n, scheme in [(1, "replicated"), (2, "tp")]:
+        lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
+        assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], 16).token_ids[0] == ref.tolist(), (n, scheme)
