@@ -449,7 +449,7 @@ def check_checkpoint(
 
         model = checkpoints.load(checkpoint, dtype, with_tokenizer=False, quantize=quantize,
                                  implementation=implementation).model  # fmt: skip
-    vocab = model.config.vocab_size
+    vocab = model.vocab_size
     if input_ids is None:
         input_ids = np.random.default_rng(0).integers(0, vocab, 16).tolist()
     check_token_ids([input_ids], vocab)

@@ -303,8 +303,8 @@ def cmd_forward(args) -> int:
 
     if ids is None:
         ids = Generator(lifted, lifted.tokenizer).encode(args.prompt, chat=args.chat)
-    check_token_ids([ids], lifted.model.config.vocab_size)
-    context = lifted.model.config.max_position_embeddings
+    check_token_ids([ids], lifted.model.vocab_size)
+    context = lifted.model.context_length
     if len(ids) > context:
         raise UsageError(f"the input is {len(ids)} tokens; this model's context is {context}: shorten it")
     import sharding

@@ -94,11 +94,11 @@ def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 6
     The loader left-pads prompts exactly as ``Generator`` does (``bridge.prompts``)."""
     from bridge.generate import Generator, Sampling
 
-    if prompt_len + max_new_tokens > lifted.model.config.max_position_embeddings:
+    if prompt_len + max_new_tokens > lifted.model.context_length:
         from bridge.errors import UsageError
 
         raise UsageError(f"prompt length {prompt_len} + {max_new_tokens} new tokens exceed the model context "
-                         f"({lifted.model.config.max_position_embeddings}); lower --prompt-len or --max-new-tokens")  # fmt: skip
+                         f"({lifted.model.context_length}); lower --prompt-len or --max-new-tokens")  # fmt: skip
     gen = Generator(lifted)
     greedy = Sampling()
     cache_len = cache_length(prompt_len, max_new_tokens)
@@ -128,7 +128,6 @@ def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 6
             "prefill": jax.export.export(prefill_jit)(*prefill_args),
             "decode_step": jax.export.export(jax.jit(decode_step, donate_argnums=(1,)))(w, state),
         }
-    config = lifted.model.config
     eos = sorted(int(e) for e in np.asarray(gen.eos).tolist() if e >= 0)
     manifest = {
         "kind": "causal_lm",
@@ -136,7 +135,7 @@ def export_causal_lm(lifted: Lifted, out, *, batch: int = 1, prompt_len: int = 6
         "prompt_len": prompt_len,
         "max_new_tokens": max_new_tokens,
         "cache_len": cache_len,
-        "vocab_size": int(config.vocab_size),
+        "vocab_size": int(lifted.model.vocab_size),
         "pad_id": int(gen.pad_id),
         "eos_token_ids": eos,
         "source": lifted.source,

@@ -181,7 +181,7 @@ class Generator:
                 f"model (llama, mistral, qwen2, mixtral, gpt_neox, grok)"
             )
         config = self.model.config
-        self.context = config.max_position_embeddings
+        self.context = self.model.context_length
         eos = set(eos_token_ids)
         for e in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)) if stop_at_eos else ():
             if isinstance(e, int):
@@ -384,7 +384,7 @@ class Generator:
         """Token ids in (no tokenizer needed), with ``stream(row, text_piece)`` called as tokens
         arrive; texts are decoded when the model has a tokenizer and the ids joined by spaces when
         it has none."""
-        check_token_ids(prompt_ids, self.model.config.vocab_size)
+        check_token_ids(prompt_ids, self.model.vocab_size)
         on_token = None
         if stream is not None:
             so_far: list[list[int]] = [[] for _ in prompt_ids]

@@ -69,7 +69,7 @@ def cut_padded_vocab(fn, model, placements):
     divide the mesh axis (the padded rows are zeros; their logits are dropped)."""
     if not any(p.padded_from is not None for p in placements.values()):
         return fn
-    vocab = model.config.vocab_size
+    vocab = model.vocab_size
 
     def cut(weights, args, kwargs=None):
         logits, *rest = fn(weights, args, kwargs)

@@ -109,8 +109,8 @@ class Engine:
     def __init__(self, lifted, tokenizer=None, *, slots: int = 8, max_seq: int = 2048, queue_size: int = QUEUE_SIZE):
         self.gen = Generator(lifted, tokenizer, after_request=())  # tokenizer, EOS, pad id, compiled programs
         self.lifted, self.slots, self.max_seq = lifted, slots, max_seq
-        self.context = min(max_seq, lifted.model.config.max_position_embeddings)
-        self.vocab = lifted.model.config.vocab_size
+        self.context = min(max_seq, lifted.model.context_length)
+        self.vocab = lifted.model.vocab_size
         self.eos = set(np.asarray(self.gen.eos).tolist()) - {-1}
         self.lead = next(b for b in BUCKETS if b >= self.context) if self.context <= BUCKETS[-1] else None
         if self.lead is None:

@@ -177,7 +177,7 @@ def check_trainable(lifted: LiftedModule) -> None:
                          f"the kv heads); train with a model axis of at most {lifted.model.kv_cache_heads}")  # fmt: skip
     if any(p.padded_from is not None for p in lifted.placements.values()):
         raise UsageError("the vocabulary was padded to divide the model axis; train with a model axis that divides "
-                         f"the vocab ({lifted.model.config.vocab_size}) or another scheme")  # fmt: skip
+                         f"the vocab ({lifted.model.vocab_size}) or another scheme")  # fmt: skip
 
 
 class Trainer:
@@ -380,7 +380,7 @@ def step_program(lifted: Lifted, batch: int, seq: int, lr: float = 1e-4):
 
     trainer = Trainer(lifted, optax.adamw(lr))
     state = trainer.init()
-    ids = trainer.put_batch(np.random.default_rng(0).integers(0, lifted.model.config.vocab_size, (batch, seq)))
+    ids = trainer.put_batch(np.random.default_rng(0).integers(0, lifted.model.vocab_size, (batch, seq)))
     return trainer.step_fn(batch), (state, ids), trainer.state_bytes_per_device(state)
 
 

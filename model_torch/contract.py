@@ -24,7 +24,8 @@ class CausalLMContract(nn.Module):
     """What the bridge needs from a causal LM. Subclasses fill in the class attributes and methods.
 
     ``config`` must carry ``vocab_size`` and ``max_position_embeddings`` (the context the generator
-    enforces).
+    enforces), or the subclass answers ``vocab_size`` and ``context_length`` itself (a composite
+    config keeps them in its text model's config).
     """
 
     config: Any
@@ -56,6 +57,16 @@ class CausalLMContract(nn.Module):
         Without a cache, the call is a plain causal forward over ``input_ids``.
         """
         raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding that token ids index."""
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        """Positions (prompt + new tokens) the generator allows."""
+        return self.config.max_position_embeddings
 
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
         """Zeros of the cache layout: one (keys, values) pair per layer, each

@@ -32,6 +32,9 @@ from torch import nn
 
 from .contract import CausalLMContract, HeadLayout, KVCache
 
+# The context of a model with no position limit (ALiBi), as the generator enforces it.
+NO_FIXED_CONTEXT = 16384
+
 # Cache layer types this adapter runs (everything else: refused, with the reason).
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -91,6 +94,20 @@ class HFCausalLMAdapter(CausalLMContract):
         self._kv_layout = None
 
     # -- the contract -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return getattr(self.text_config, "vocab_size", None) or self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        """The text model's position limit under whichever name its config uses; a model without
+        one (ALiBi: BLOOM) is held to ``NO_FIXED_CONTEXT``."""
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length"):
+            value = getattr(self.text_config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return NO_FIXED_CONTEXT
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -236,3 +236,24 @@ def test_classes_without_sdpa_run_their_eager_attention(tmp_path, devices):
     for n, scheme in [(1, "replicated"), (2, "tp")]:
         lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
         assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], 16).token_ids[0] == ref.tolist(), (n, scheme)
+
+
+def test_composite_config_reads_the_text_models_settings(tmp_path, devices):
+    """Gemma-3 saved as its multimodal class (``Gemma3Config`` with ``text_config`` and a vision
+    tower): the vocabulary and context come from the text model's config (the top-level config has
+    neither), and text-only greedy tokens equal transformers' on 1 device and under tp on 2."""
+    text = dict(HIDDEN, head_dim=32, sliding_window=8)
+    # The vision tower's heads are as wide as the text model's (32): tp judges every attention
+    # projection by the text model's head size (the tower's own config is not read yet).
+    vision = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    config = T.Gemma3Config(text_config=text, vision_config=vision)
+    assert not hasattr(config, "max_position_embeddings")
+    path = save(config, tmp_path / "gemma3")
+    hf = hf_reference(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:]
+    for n, scheme in [(1, "replicated"), (2, "tp")]:
+        lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
+        assert (lifted.model.vocab_size, lifted.model.context_length) == (517, 256)
+        assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], 16).token_ids[0] == ref.tolist(), (n, scheme)
