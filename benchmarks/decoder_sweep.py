@@ -1,0 +1,206 @@
+"""Every decoder-only type in transformers' causal-LM mapping through the bridge, against
+transformers' own greedy ``generate`` (not part of ``make test``: minutes).
+
+For each model type: a tiny config (the type's defaults with widths, depth, heads, experts and
+vocabulary shrunk, in its text config too for composite ones), random weights written with
+``save_pretrained`` (no tokenizer, as users make fixtures), transformers' greedy ``generate`` of 8
+tokens, then ``open_model(..., implementation="transformers")`` + ``Generator`` on 1 device, and on
+2 devices under tp for the types equal on 1. Each type runs in its own process (a crash or a hang
+in one is that type's row, ``--timeout`` seconds at most), ``--jobs`` at a time. Writes
+``benchmarks/results/decoder_sweep.json`` and ``decoder_sweep.md`` (one row per type: equal on 1
+device, equal under tp 2, or the reason).
+
+    python benchmarks/decoder_sweep.py [--jobs 2] [--timeout 240] [--types llama,gptj] [--no-tp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [5, 17, 42, 99, 7, 63, 11, 250, 31, 8, 77, 120]
+SMALL = {  # field -> value, wherever a config (or its text config) has the field
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "model_dim": 64,
+    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2,
+    "head_dim": 16, "kv_channels": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "q_lora_rank": 32, "kv_lora_rank": 16,
+    "vocab_size": 512, "padded_vocab_size": 512,
+    "max_position_embeddings": 256, "n_positions": 256, "max_seq_len": 256, "seq_length": 256,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+    "sliding_window": 8, "rotary_dim": 8, "partial_rotary_factor": 0.5,
+}
+
+
+def tiny_config(model_type: str):
+    import transformers as T
+
+    config = T.AutoConfig.for_model(model_type)
+    targets = [config]
+    for name in ("text_config", "llm_config", "language_config"):
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            targets.append(sub)
+    for c in targets:
+        for field, value in SMALL.items():
+            if isinstance(getattr(c, field, None), (int, float)) and not isinstance(getattr(c, field), bool):
+                _set(c, field, value)
+        for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth
+            v = getattr(c, field, None)
+            if isinstance(v, list) and v and not isinstance(v[0], list):
+                _set(c, field, (v * 2)[:2])
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if isinstance(getattr(c, field, None), int):
+                _set(c, field, min(getattr(c, field), 3))
+    return config
+
+
+def _set(config, field: str, value) -> None:
+    try:
+        setattr(config, field, value)
+    except (AttributeError, TypeError, ValueError):  # a derived property: the config computes it
+        pass
+
+
+def run_one(model_type: str, tp: bool) -> dict:
+    """In a fresh process: build, save, compare. The row as a dict."""
+    import numpy as np  # noqa: F401
+    import torch
+    import transformers as T
+
+    row = {"type": model_type}
+    try:
+        config = tiny_config(model_type)
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - the row says why
+        return {**row, "built": False, "reason": f"tiny config not built: {type(e).__name__}: {str(e)[:160]}"}
+    row["built"] = True
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            model.save_pretrained(d)
+            from model_torch.hf_adapter import attention_implementation
+
+            hf = T.AutoModelForCausalLM.from_pretrained(d, attn_implementation=attention_implementation(config),
+                                                        experts_implementation="batched_mm").eval()  # fmt: skip
+            ids = torch.tensor([[t % config.get_text_config(decoder=True).vocab_size for t in PROMPT]])
+            with torch.no_grad():
+                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            return {**row, "reason": f"transformers itself fails: {type(e).__name__}: {str(e)[:160]}"}
+        row["reference"] = ref
+        import jax
+
+        from bridge.generate import Generator
+        from bridge.models import open_model
+
+        for n, scheme, key in [(1, "replicated", "one_device")] + ([(2, "tp", "tp2")] if tp else []):
+            try:
+                lifted = open_model(d, devices=jax.devices()[:n], scheme=scheme, implementation="transformers",
+                                    with_tokenizer=False)  # fmt: skip
+                got = Generator(lifted, stop_at_eos=False).generate_ids([ids[0].tolist()], 8).token_ids[0]
+                row[key] = got == ref
+                if got != ref:
+                    row.setdefault("reason", f"{key}: tokens differ: {got} vs {ref}")
+            except Exception as e:  # noqa: BLE001
+                row[key] = False
+                row.setdefault("reason", f"{key}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            if not row[key]:
+                break
+    return row
+
+
+def decoder_only_types() -> list[str]:
+    import transformers as T
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = []
+    for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        try:
+            if getattr(T.AutoConfig.for_model(t), "is_encoder_decoder", False):
+                continue
+        except Exception:  # noqa: BLE001 - a type whose config cannot even be made stays in the list
+            pass
+        out.append(t)
+    return sorted(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=240)
+    ap.add_argument("--types", help="comma-separated model types (default: every decoder-only one)")
+    ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one type, its row as JSON
+    args = ap.parse_args()
+    if args.one:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+        sys.path.insert(0, str(ROOT))
+        import warnings
+
+        warnings.simplefilter("ignore")
+        print("ROW " + json.dumps(run_one(args.one, not args.no_tp)), flush=True)
+        return 0
+    types = args.types.split(",") if args.types else decoder_only_types()
+
+    def child(t: str) -> dict:
+        cmd = [sys.executable, __file__, "--one", t] + (["--no-tp"] if args.no_tp else [])
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"type": t, "reason": f"timed out after {args.timeout} s", "seconds": args.timeout}
+        rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if not rows:
+            tail = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+            return {"type": t, "reason": f"the process died (exit {done.returncode}): {tail}"}
+        return {**json.loads(rows[-1]), "seconds": round(time.perf_counter() - t0, 1)}
+
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(child, types):
+            results.append(row)
+            mark = "=" if row.get("one_device") else "x"
+            print(f"{mark} {row['type']:<28} {row.get('reason', 'equal' + (', tp2 equal' if row.get('tp2') else ''))}"[:200],
+                  flush=True)  # fmt: skip
+    built = [r for r in results if r.get("built")]
+    equal = [r for r in built if r.get("one_device")]
+    tp_equal = [r for r in equal if r.get("tp2")]
+    summary = {"types": len(results), "built": len(built), "equal_one_device": len(equal),
+               "equal_tp2": len(tp_equal), "fraction_equal_of_built": len(equal) / max(1, len(built))}  # fmt: skip
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.types:
+        import transformers
+
+        def write(name: str, text: str) -> None:  # whole or not at all
+            tmp = out / f"{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+
+        write("decoder_sweep.json", json.dumps({"transformers": transformers.__version__, "summary": summary,
+                                                "rows": results}, indent=1))  # fmt: skip
+        lines = ["| type | 1 device | tp 2 | reason |", "| --- | --- | --- | --- |"]
+        for r in results:
+            lines.append(f"| {r['type']} | {'equal' if r.get('one_device') else '-'} | {'equal' if r.get('tp2') else '-'} | "
+                         f"{r.get('reason', '').replace('|', '/')} |")  # fmt: skip
+        write("decoder_sweep.md", "\n".join(lines) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
