@@ -57,10 +57,11 @@ def tiny_config(model_type: str):
         for field, value in SMALL.items():
             if isinstance(getattr(c, field, None), (int, float)) and not isinstance(getattr(c, field), bool):
                 _set(c, field, value)
-        for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth
-            v = getattr(c, field, None)
+        for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth,
+            v = getattr(c, field, None)  # keeping one layer of each of the first two kinds (a hybrid stays hybrid)
             if isinstance(v, list) and v and not isinstance(v[0], list):
-                _set(c, field, (v * 2)[:2])
+                kinds = list(dict.fromkeys(v))
+                _set(c, field, (kinds + kinds)[:2])
         for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if isinstance(getattr(c, field, None), int):
                 _set(c, field, min(getattr(c, field), 3))
