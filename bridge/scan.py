@@ -167,25 +167,17 @@ def _slow_16_bit_slices(model) -> bool:
     """XLA:CPU does not dynamic-slice bf16/f16 tensors itself: it converts the whole stacked tensor
     to f32, slices that, and hoists the conversion out of the scan, so every step makes f32 copies
     of all weights and of the KV cache (SmolLM2 bf16 decode: 19-23 tokens/s scanned against 62-72
-    unrolled). The CPU kernels' layer copy slices them instead (``cpu_kernels.copies_layers``), so
-    ``--scan-layers`` is cheap for a bf16 model now (SmolLM2 batch 1 103 against 95 tokens/s
-    unrolled, batch 8 459 against 383, compile 2 s instead of 8-9; Llama-3-8B prefill-512
-    temporaries 0.49 GiB instead of 27; avx512f). Yet loading Llama-3-8B bf16 scanned peaked at
-    1.21-1.23x its weights against 1.08x unrolled (cause not found: the layer writes are in place),
-    so a model whose decoder matrices are 16-bit stays unrolled by default on CPU; an int8 model
-    (int8 matrices, bf16 scales and norms) scans (Llama-3-8B int8: load 123 s instead of 198,
-    decode 3.71 tok/s instead of 2.75, peak 9.2 GiB). Without the kernels every 16-bit model unrolls."""
+    unrolled). The CPU kernels' layer copy slices them instead (``cpu_kernels.copies_layers``), so a
+    16-bit model scans where the kernels build: SmolLM2 bf16 batch 1 103 against 95 tokens/s
+    unrolled, batch 8 459 against 383, compile 2 s instead of 8-9; Llama-3-8B bf16 prefill-512
+    temporaries 0.49 GiB instead of 27, compile 4.7 s, peak RSS 1.08x its weights as unrolled;
+    Llama-3-8B int8: load 123 s instead of 198, decode 3.71 tok/s instead of 2.75 (avx512f). Without
+    the kernels (no compiler, switched off) a 16-bit model on CPU runs unrolled."""
     from bridge import cpu_kernels
 
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     sixteen = jax.default_backend() == "cpu" and bool(floats) and all(dt.itemsize == 2 for dt in floats)
-    if not sixteen or not cpu_kernels.available():
-        return sixteen
-    try:
-        layer = model.get_submodule(stack_path(model))[0]
-    except Exception:  # noqa: BLE001 - no stack: nothing to scan anyway
-        return True
-    return any(p.is_floating_point() and p.ndim >= 2 for p in layer.parameters())
+    return sixteen and not cpu_kernels.available()
 
 
 def stack_layout(model, shapes: dict) -> tuple[dict, dict[str, list[str]]]:

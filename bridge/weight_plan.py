@@ -251,7 +251,10 @@ def load_weights(plan: WeightPlan, read: Callable, mesh: Mesh, label: str = "pla
             for i, k in enumerate(w.sources):
                 piece = jax.make_array_from_callback(p.shape[1:], layer_spec, lambda index, k=k: read_slice(
                     w, plan.kv_head_copies, read, k, index, p.shape[1:], p.dtype))  # fmt: skip
-                out = _write_layer(out, piece, i)
+                # Waited for: dispatch is asynchronous, and reading ran ahead of the writes, each
+                # layer's piece alive until its write ran (Llama-3-8B bf16 scanned peaked at 1.23x
+                # its weights, against 1.08x unrolled).
+                out = jax.block_until_ready(_write_layer(out, piece, i))
             return out
         return jax.make_array_from_callback(p.shape, NamedSharding(mesh, p.spec), lambda index: read_slice(
             w, plan.kv_head_copies, read, w.sources[0], index, p.shape, p.dtype))  # fmt: skip

@@ -198,11 +198,10 @@ def test_scanned_gradients_and_steps_equal_unrolled(remat, devices):
 
 def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     """The default: model_torch families scan, and so does any module with a stack of identical
-    layers; a module without one does not (and asking for it is an error naming why). On CPU a model
-    whose decoder matrices are bf16 runs unrolled (scanned when asked, through the kernels' layer
-    copy); an int8 model (bf16 scales and norms) scans where the kernels build, and unrolls without
-    them, since XLA:CPU converts a bf16 stack to f32 to slice it (``scan._slow_16_bit_slices``);
-    plan, which never runs the program, reports that same default and scans when asked."""
+    layers; a module without one does not (and asking for it is an error naming why); bf16 and int8
+    models on CPU scan where the CPU kernels' layer copy slices their stack, and run unrolled without
+    the kernels, since XLA:CPU converts a bf16 stack to f32 to slice it (``scan._slow_16_bit_slices``);
+    plan, which never runs the program, reports that same default and scans them when asked."""
     import jax
 
     from bridge import cpu_kernels, scan
@@ -221,13 +220,16 @@ def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     meta_bf16 = meta_model("tiny-llama", "bfloat16")
     replicated = sharding.get_scheme("replicated")
     assert jax.default_backend() == "cpu"
-    assert not lift(bf16, mesh, "replicated").scan_layers and lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
-    assert lift(int8, mesh, "replicated").scan_layers == cpu_kernels.available()
+    for model in (bf16, int8):
+        assert lift(model, mesh, "replicated").scan_layers == cpu_kernels.available()
+    assert abstract_lifted(meta_bf16, mesh, replicated, "error").scan_layers == cpu_kernels.available()
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")  # no kernels (as with no compiler): unrolled
+    for model in (bf16, int8):
+        assert not lift(model, mesh, "replicated").scan_layers
+    assert lift(bf16, mesh, "replicated", scan_layers=True).scan_layers
     # plan reports the program generate runs here: the bf16 stack unrolled, scanned when asked.
     assert not abstract_lifted(meta_bf16, mesh, replicated, "error").scan_layers
     assert abstract_lifted(meta_bf16, mesh, replicated, "error", scan_layers=True).scan_layers
-    monkeypatch.setenv(cpu_kernels.SWITCH, "0")  # no kernels (as with no compiler): every 16-bit model unrolls
-    assert not lift(int8, mesh, "replicated").scan_layers
     # On a GPU every dtype runs unrolled by default (measured on an H200 in ``scan._slow_gpu_slices``);
     # asking for the scan still scans.
     with mock.patch.object(scan.jax, "default_backend", return_value="gpu"):
