@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bridge import kv_cache, programs
 from bridge.errors import GenerationError
-from bridge.generate import Generator, sample_rows
+from bridge.generate import Generator, Sampling, check_token_ids, sample_rows
 from bridge.prompts import BUCKETS, left_pad
 
 # The cache moves left once this many columns before every live request's first are dead: a move
@@ -223,19 +223,14 @@ class Engine:
     def check(self, request: Request) -> None:
         """Refuses what can never be served, with the reason (HTTP 400)."""
         ids = request.prompt_ids
-        if not ids:
-            raise GenerationError("the prompt has no tokens")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab]
-        if bad:
-            raise GenerationError(f"token id {bad[0]} is outside this model's vocabulary [0, {self.vocab})")
+        check_token_ids([ids], self.vocab)
         if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
             raise GenerationError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
         if len(ids) + request.max_tokens > self.context:
             raise GenerationError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
                                   f"this server's context of {self.context} tokens; shorten the prompt or lower "
                                   f"max_tokens")  # fmt: skip
-        if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
-            raise GenerationError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+        Sampling(request.temperature, request.top_k, request.top_p)  # its own checks, its own messages
 
     def submit(self, request: Request) -> Request:
         """Queues ``request`` (``Busy`` when the queue is full); its events arrive on ``request.events``."""

@@ -39,6 +39,18 @@ def pytest_sessionfinish(session):
 RTOL = 1e-4  # fp32, relative to the largest logit magnitude
 
 
+def _no_compiler() -> bool:
+    from bridge import cpu_kernels
+
+    return cpu_kernels._compiler() is None
+
+
+# Tests of the CPU kernels skip, with this reason, only where no compiler can build them; with a
+# compiler a failed build is a failure (any CPU builds them: native and, on AVX-512, avx2).
+needs_compiler = pytest.mark.skipif(_no_compiler(), reason="no C++ compiler: the kernels cannot be built here "
+                                    "(test_without_a_compiler_... covers that machine)")  # fmt: skip
+
+
 def max_rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())

@@ -13,6 +13,7 @@ import torch
 
 import sharding
 from bridge import checkpoints, cpu_kernels
+from conftest import needs_compiler
 from bridge.generate import Generator
 from bridge.lift import lift
 from tests.test_generate import hf_twin
@@ -21,8 +22,6 @@ RTOL = 1e-5  # fp32 accumulation in another order than numpy's float64 reference
 
 
 NO_COMPILER = cpu_kernels._compiler() is None
-needs_compiler = pytest.mark.skipif(NO_COMPILER, reason="no C++ compiler: the kernels cannot be built here "
-                                    "(test_without_a_compiler_... covers that machine)")  # fmt: skip
 HAS_BF16_PAIRS = "avx512_bf16" in cpu_kernels._cpu_flags()
 
 

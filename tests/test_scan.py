@@ -14,7 +14,7 @@ import model_torch
 import sharding
 from bridge.generate import Generator
 from bridge.lift import lift
-from conftest import RTOL, max_rel
+from conftest import RTOL, max_rel, needs_compiler
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-neox", "tiny-mixtral", "tiny-grok"])
@@ -32,6 +32,7 @@ def test_scanned_stack_equals_unrolled(preset, scheme, n, devices):
     assert got == want
 
 
+@needs_compiler
 @pytest.mark.parametrize("scheme,n", [("replicated", 1), ("tp", 8)])
 def test_scanned_bf16_stack_is_sliced_by_layer_not_converted(scheme, n, devices, monkeypatch):
     """A bf16 stack on CPU: each layer copied out of the stack by the kernels' layer copy (XLA:CPU
@@ -50,7 +51,8 @@ def test_scanned_bf16_stack_is_sliced_by_layer_not_converted(scheme, n, devices,
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
     mesh = sharding.mesh_for(scheme, n, devices=devices[:n])
     unrolled, scanned = lift(model, mesh, scheme, scan_layers=False), lift(model, mesh, scheme, scan_layers=True)
-    assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+    if cpu_kernels.why_unavailable() is not None:  # any CPU builds them where a compiler is (see needs_compiler)
+        pytest.fail(f"the kernels failed to build with a compiler present: {cpu_kernels.why_unavailable()}")
     logits = np.asarray(scanned.forward(ids), np.float32)
     assert max_rel(logits, np.asarray(unrolled.forward(ids), np.float32)) < 3e-2
     with monkeypatch.context() as m:
