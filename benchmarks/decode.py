@@ -66,6 +66,11 @@ PROMPT = (
 )
 
 
+# transformers' class against our rewrite of the same dtype
+REWRITE_OF = {"ours fp32, transformers class": "ours fp32", "ours int8, transformers class": "ours int8 (weight-only)",
+              "ours bf16, transformers class": "ours bf16"}  # fmt: skip
+
+
 def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Best of ``repeats`` copies of a ``nbytes`` array, (read + write) bytes per second: on one
     thread (numpy) and on all cores (torch splits a large copy over its intra-op threads). Decode
@@ -153,6 +158,8 @@ def main() -> int:
         ("ours int8 (weight-only)", dict(quantize="int8")),
         ("ours bf16", dict(dtype="bfloat16")),
         ("ours fp32, transformers class", dict(implementation="transformers")),
+        ("ours int8, transformers class", dict(implementation="transformers", quantize="int8")),
+        ("ours bf16, transformers class", dict(implementation="transformers", dtype="bfloat16")),
     ]
     if "avx2" in cpu_kernels.runnable_variants():  # an AVX-512 CPU: what one without it gets, side by side
         avx2 = {cpu_kernels.SWITCH: "avx2"}
@@ -273,6 +280,9 @@ def main() -> int:
         base = by.get(("ours fp32", r["batch"]))
         r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
         r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
+        if r["engine"].endswith(", transformers class"):  # against our rewrite in the same dtype (issue 31)
+            rewrite = by.get((REWRITE_OF[r["engine"]], r["batch"]))
+            r["vs_rewrite"] = r["tokens_per_second"] / rewrite["tokens_per_second"] if rewrite else None
     peer = by.get(("llama.cpp F32", 1))
     # The same ratio round by round (runs a minute apart at most), median: steadier than best / best.
     per_round = [ours / theirs for (ours, _), (theirs, _) in
@@ -314,6 +324,9 @@ def main() -> int:
         print(f"{r['engine']:<30} {r['batch']:>5} {r['tokens_per_second']:>7.1f} {r['weight_bytes'] / 1e6:>10.0f} "
               f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} "
               f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}  {r['kernel']}")  # fmt: skip
+    for r in rows:
+        if r.get("vs_rewrite"):
+            print(f"{r['engine']} / our rewrite at batch {r['batch']}: {r['vs_rewrite']:.2f}x")
     if peer:
         print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%} (best / best); "
               f"round by round {', '.join(f'{r:.0%}' for r in per_round)}, median {float(np.median(per_round)):.0%}")

@@ -279,7 +279,7 @@ def open_stored(kind: str, path: Optional[Path], dtype: str = "float32", quantiz
         raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
     model, stored, hf_config = _open_stored(kind, path, dtype, preset)
     if quantize == "int8" and not any(b.dtype == torch.int8 for b in model.buffers()):
-        from model_torch.common import quantize_int8
+        from bridge.quantize import quantize_int8
 
         quantize_int8(model)
         stored = QuantizingWeights(stored, model)
@@ -305,7 +305,7 @@ def _open_stored(kind, path, dtype, preset):
         return model, stored, stored.hf_config
     if kind == "grok":
         from bridge.grok_checkpoint import GrokCheckpoint
-        from model_torch.common import quantize_int8
+        from bridge.quantize import quantize_int8
         from model_torch.grok import GrokForCausalLM
 
         stored = GrokCheckpoint(path)
@@ -512,14 +512,14 @@ class QuantizingWeights(StoredWeights):
             self._shapes = {**stored, **{k: tuple(stored[w][:-1]) for k, w in self.scale_of.items() if w in stored}}
         return self._shapes
 
-    # Rows quantized per torch call: _quantize_rows makes several f32 temporaries of its input, which
+    # Rows quantized per torch call: quantize_rows makes several f32 temporaries of its input, which
     # on Llama-3-8B's [128256, 4096] head whole were 2 GiB each, for two tensors in flight.
     CHUNK_ROWS = 2048
 
     def _quantized(self, weight: str, lead: tuple):
         """(int8 rows, their scales) of ``weight[lead]`` over its whole last dim (a row's scale needs
         the whole row), read and quantized chunk by chunk."""
-        from model_torch.common import _quantize_rows
+        from bridge.quantize import quantize_rows
 
         def make(_):
             a = np.asarray(self.stored.read(weight, lead + (slice(None),)))
@@ -528,7 +528,7 @@ class QuantizingWeights(StoredWeights):
             for r in range(0, flat.shape[0], self.CHUNK_ROWS):
                 block = torch_from_numpy(flat[r : r + self.CHUNK_ROWS])
                 # from the model's dtype, as quantize_int8 does on a loaded model
-                qb, sb = _quantize_rows(block.to(self.dtypes[self.scale_for[weight]]))
+                qb, sb = quantize_rows(block.to(self.dtypes[self.scale_for[weight]]))
                 q[r : r + len(block)], sc[r : r + len(block)] = qb.numpy(), sb.float().numpy()
             return q.reshape(a.shape), sc.reshape(a.shape[:-1])
 
@@ -610,7 +610,7 @@ def as_stored(model: nn.Module, hf_config) -> nn.Module:
     """``model`` in the layout its checkpoint stores: int8 + scales when config.json says so."""
     mark = getattr(hf_config, INT8_MARK, None)
     if mark:
-        from model_torch.common import quantize_int8
+        from bridge.quantize import quantize_int8
 
         quantize_int8(model, embeddings=mark.get("embeddings", True))
     return model
@@ -702,7 +702,7 @@ def load(
         raise CheckpointError(f"unknown implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     loaded = _load(checkpoint, dtype, with_tokenizer, implementation)
     if quantize == "int8" and not getattr(loaded.hf_config, INT8_MARK, None):  # else stored int8 already
-        from model_torch.common import quantize_int8
+        from bridge.quantize import quantize_int8
 
         quantize_int8(loaded.model)
     return loaded

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import model_torch.common  # noqa: F401  (defines the torch.ops.model_torch ops lowered here)
-from bridge import cpu_kernels
+from bridge import cpu_kernels, quantize  # noqa: F401  (quantize defines torch.ops.torchax_bridge.int8_linear)
 
 _installed: set[int] = set()
 
@@ -122,7 +122,7 @@ def ordered_after(values: list, first: jnp.ndarray) -> list:
 
 
 def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.int8_linear``: ``(x @ weight^T) * scale``. Batched decode on one CPU
+    """``bridge.quantize.int8_linear``: ``(x @ weight^T) * scale``. Batched decode on one CPU
     device reads the int8 weight in the small-batch kernel; a longer input on one CPU device
     converts it tile by tile (``tiled_product``); otherwise XLA fuses the conversion into its
     matrix-vector loop (1 row) or its GEMM."""
@@ -315,7 +315,7 @@ def install(env) -> None:
     for op, lowering in ((F.linear, linear), (F.scaled_dot_product_attention, sdpa),
                          (torch.ops.model_torch.cache_scores.default, cache_scores),
                          (torch.ops.model_torch.cache_mix.default, cache_mix),
-                         (torch.ops.model_torch.int8_linear.default, int8_linear),
+                         (torch.ops.torchax_bridge.int8_linear.default, int8_linear),
                          (torch.ops.model_torch.ordered_after.default, ordered_after),
                          (torch.ops.aten._embedding_bag.default, embedding_bag),
                          (torch.ops.aten._embedding_bag_forward_only.default, embedding_bag),

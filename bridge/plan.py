@@ -22,7 +22,7 @@ import torch
 
 import model_torch
 import sharding
-from bridge import hlo, kv_cache, programs, scan, weight_plan
+from bridge import hlo, kv_cache, programs, quantize, scan, weight_plan
 from bridge.extract import extract_fn
 from bridge.lift import Lifted, lifted_from_plan
 
@@ -61,7 +61,7 @@ def meta_model(preset_or_config, dtype: str = "bfloat16", num_layers: Optional[i
 
         checkpoints.as_stored(model, stored_as[0])  # e.g. Grok-1's ckpt-0: int8 but the embedding
     if dtype == "int8" and not any(b.dtype == torch.int8 for b in model.buffers()):
-        model_torch.common.quantize_int8(model)
+        quantize.quantize_int8(model)
     return model.eval()
 
 

@@ -92,89 +92,8 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-@torch.library.custom_op("model_torch::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (weight * scale)^T`` for int8 ``weight`` [out, in] and per-output-channel ``scale``
-    [out]: ``(x @ weight^T) * scale``, never materialising the float weight. One op, so a backend
-    can read the int8 weight as it is (the bridge: its CPU small-batch kernel for batched decode)."""
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-
-
-@int8_linear.register_fake
-def _(x, weight, scale):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-class QuantizedLinear(nn.Module):
-    """Weight-only int8 linear, grok-1's ``QuantizedWeight8bit``: ``weight.astype(scale.dtype) * scale``.
-
-    ``weight`` is int8 ``[out, in]``, ``scale`` is per output channel ``[out]`` (symmetric, absmax/127).
-    Holds the same names as ``nn.Linear`` plus ``scale``, so sharding rules place the scale with its
-    weight's output dim.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "QuantizedLinear":
-        w = linear.weight.detach()
-        with torch.device(w.device):  # meta stays meta (planning)
-            q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
-        q.weight, q.scale.data = _quantize_rows(w)
-        if linear.bias is not None:
-            q.bias.data = linear.bias.detach().clone()
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_linear(x, self.weight, self.scale)
-        return y if self.bias is None else y + self.bias
-
-
-class QuantizedEmbedding(nn.Module):
-    """int8 embedding table with one scale per row (token): ``weight[ids] * scale[ids]``.
-
-    A tied LM head shares this table and its scales (a row of the table is an output channel of the
-    head), so tying survives quantization with no second copy.
-    """
-
-    def __init__(self, num_embeddings: int, dim: int, dtype=torch.float32):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8))
-        self.scale = nn.Parameter(torch.ones(num_embeddings, dtype=dtype))
-
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding) -> "QuantizedEmbedding":
-        w = emb.weight.detach()
-        with torch.device(w.device):  # meta stays meta (planning)
-            q = cls(w.shape[0], w.shape[1], dtype=w.dtype)
-        q.weight, q.scale.data = _quantize_rows(w)
-        return q
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].to(self.scale.dtype) * self.scale[ids][..., None]
-
-
-def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: scale = absmax / 127."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(w.dtype)
-
-
-def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x @ table.T`` for a head tied to ``embedding`` (plain or int8)."""
-    if isinstance(embedding, QuantizedEmbedding):
-        return int8_linear(x, embedding.weight, embedding.scale)
-    return F.linear(x, embedding.weight)
-
-
 class TiedHead(nn.Module):
-    """An LM head that reads its embedding's table (int8 or not) instead of holding a copy.
+    """An LM head that reads its embedding's table instead of holding a copy.
 
     The embedding is kept out of this module's registered children, so its tensors are listed once
     (under the embedding's name) by ``state_dict`` and by ``torchax.extract_jax``.
@@ -185,43 +104,7 @@ class TiedHead(nn.Module):
         self._embedding = (embedding,)  # a tuple: not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tied_logits(self._embedding[0], x)
-
-
-def quantize_int8(model: nn.Module, embeddings: bool = True) -> nn.Module:
-    """Swaps every ``nn.Linear`` / ``nn.Embedding`` for its int8 version, in place; returns the model.
-
-    A head tied to the embedding (same weight tensor) becomes a ``TiedHead`` over the quantized table.
-    ``embeddings=False`` keeps embedding tables (and a head tied to one) in float, as grok-1's own
-    checkpoint stores them.
-    """
-    tables: dict[int, QuantizedEmbedding] = {}
-    kept: set[int] = set()  # float tables left as they are (and a head tied to one)
-
-    def swap(module: nn.Module):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Embedding) and not embeddings:
-                kept.add(id(child.weight))
-                continue
-            if isinstance(child, nn.Embedding):
-                q = QuantizedEmbedding.from_embedding(child)
-                tables[id(child.weight)] = q
-                setattr(module, name, q)
-            elif isinstance(child, Experts):
-                child.quantize()
-            elif isinstance(child, nn.Linear) and id(child.weight) in kept:
-                continue
-            elif isinstance(child, nn.Linear):
-                tied = tables.get(id(child.weight))
-                if tied is not None and child.bias is None:
-                    setattr(module, name, TiedHead(tied))
-                else:
-                    setattr(module, name, QuantizedLinear.from_linear(child))
-            else:
-                swap(child)
-
-    swap(model)
-    return model
+        return F.linear(x, self._embedding[0].weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,35 +324,18 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Stacked expert weights, the layout of transformers' Mixtral: ``gate_up_proj`` [E, 2F, H] and
-    ``down_proj`` [E, H, F], so one sharding rule places the expert dim of all of them.
-
-    int8 (``quantize()``): the same names hold int8, with per-output-channel ``gate_up_proj_scale``
-    [E, 2F] and ``down_proj_scale`` [E, H].
-    """
+    ``down_proj`` [E, H, F], so one sharding rule places the expert dim of all of them."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, dtype=torch.float32):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * ffn, hidden, dtype=dtype))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden, ffn, dtype=dtype))
-        self.quantized = False
-
-    def quantize(self) -> None:
-        for name in ("gate_up_proj", "down_proj"):
-            w = getattr(self, name).detach()
-            e, o, i = w.shape
-            q, scale = _quantize_rows(w.reshape(e * o, i))
-            delattr(self, name)
-            self.register_buffer(name, q.reshape(e, o, i))
-            setattr(self, f"{name}_scale", nn.Parameter(scale.reshape(e, o)))
-        self.quantized = True
 
     def project_in(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, E, 2F]
-        y = torch.einsum("nh,eoh->neo", x, self.gate_up_proj.to(x.dtype))
-        return y * self.gate_up_proj_scale.to(x.dtype) if self.quantized else y
+        return torch.einsum("nh,eoh->neo", x, self.gate_up_proj.to(x.dtype))
 
     def project_out(self, a: torch.Tensor) -> torch.Tensor:  # [N, E, F] -> [N, E, H]
-        y = torch.einsum("nef,ehf->neh", a, self.down_proj.to(a.dtype))
-        return y * self.down_proj_scale.to(a.dtype) if self.quantized else y
+        return torch.einsum("nef,ehf->neh", a, self.down_proj.to(a.dtype))
 
 
 class MoE(nn.Module):

@@ -27,10 +27,10 @@ from .common import (
     KVCache,
     MoE,
     RMSNorm,
+    TiedHead,
     apply_rope,
     attend,
     head_layout_for,
-    tied_logits,
     write_kv,
 )
 
@@ -154,6 +154,7 @@ class GrokForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = GrokModel(config)
+        self.lm_head = TiedHead(self.model.embed_tokens)  # grok-1 ties its head to the embedding
 
     def forward(
         self,
@@ -166,7 +167,7 @@ class GrokForCausalLM(CausalLM):
         c = self.config
         x = self.model.embed_tokens(input_ids) * c.embedding_multiplier_scale
         x, new_cache = self.run_layers(self.model.layers, x, positions, kv_cache, cache_position, attention_mask)
-        logits = tied_logits(self.model.embed_tokens, self.model.norm(x)) * c.output_multiplier_scale
+        logits = self.lm_head(self.model.norm(x)) * c.output_multiplier_scale
         return logits, new_cache
 
     def head_layout(self):

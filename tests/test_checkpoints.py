@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import model_torch
 import sharding
 from bridge import checkpoints, partitions
+from bridge.quantize import quantize_int8
 from bridge.checkpoints import CheckpointError
 from bridge.lift import lift, lift_checkpoint
 from conftest import RTOL, max_rel, random_ids
@@ -270,7 +271,7 @@ def test_int8_tp_sharded_equals_int8_unsharded(preset, devices):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    model_torch.common.quantize_int8(model)
+    quantize_int8(model)
     ids = random_ids(256, (2, 12)).numpy()
     ref = lift(model, sharding.mesh_for("replicated", 1, devices=devices), "replicated").forward(ids)
     lifted = lift(model, sharding.mesh_for("tp", 8, devices=devices), "tp")

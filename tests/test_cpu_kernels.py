@@ -295,7 +295,7 @@ def test_int8_and_bf16_batched_decode_read_their_weights(kernel, scan_layers, dt
     weights themselves (no f32 copy of them per step; bf16 rows go in as bf16 too: multiplied as
     pairs where the build has AVX512-BF16, widened inside the kernel elsewhere), and greedy tokens
     equal those of XLA's own path."""
-    from model_torch.common import quantize_int8
+    from bridge.quantize import quantize_int8
 
     _, ours = hf_twin("tiny-llama")
     if dtype == "int8":

@@ -27,7 +27,7 @@ NEW = 8
 def grok(tmp_path_factory):
     """(ckpt-0's parent, the reference safetensors directory) of one int8 Grok: 2 layers, 8 query / 2
     kv heads of grok-1's width 128, 4 experts."""
-    from model_torch.common import quantize_int8
+    from bridge.quantize import quantize_int8
     from model_torch.grok import GrokConfig, GrokForCausalLM
 
     torch.manual_seed(0)

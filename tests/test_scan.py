@@ -209,7 +209,7 @@ def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     from bridge import cpu_kernels, scan
     from bridge.errors import UsageError
     from bridge.plan import abstract_lifted, meta_model
-    from model_torch.common import quantize_int8
+    from bridge.quantize import quantize_int8
 
     mesh = sharding.mesh_for("replicated", 1, devices=devices)
     fp32 = model_torch.from_preset("tiny-llama")
