@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import model_torch.common  # noqa: F401  (defines the torch.ops.model_torch ops lowered here)
 from bridge import cpu_kernels, quantize  # noqa: F401  (quantize defines torch.ops.torchax_bridge.int8_linear)
 
 _installed: set[int] = set()
@@ -112,11 +111,10 @@ def linear(x: jnp.ndarray, weight: jnp.ndarray, bias: jnp.ndarray | None = None)
 
 
 def ordered_after(values: list, first: jnp.ndarray) -> list:
-    """``model_torch.common.ordered_after``: ``values`` with a data path from ``first``, so XLA
-    orders their use after it. Not an ``optimization_barrier``: XLA:CPU drops those before its copy
-    insertion, where the order matters (a KV-cache write after the attention read the old cache:
-    with the barrier every layer's cache was still copied twice per step). ``min(|x|, 0)`` is an
-    exact 0 for every finite or infinite ``x`` and XLA does not fold it away."""
+    """``values`` with a data path from ``first``, so XLA orders their use after it. Not an
+    ``optimization_barrier``: XLA:CPU drops those before its copy insertion, where the order
+    matters. ``min(|x|, 0)`` is an exact 0 for every finite or infinite ``x`` and XLA does not fold
+    it away."""
     zero = jnp.minimum(jnp.abs(first.ravel()[0]), 0)
     return [v + zero.astype(v.dtype) for v in values]
 
@@ -131,24 +129,11 @@ def int8_linear(x: jnp.ndarray, weight: jnp.ndarray, scale: jnp.ndarray) -> jnp.
     return _product(x, weight) * scale.astype(x.dtype)
 
 
-def cache_scores(q: jnp.ndarray, keys: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.cache_scores``; batched decode on CPU devices: ``cpu_kernels``, which
-    reads only the ``visible`` columns (XLA's einsum reads them all: its shapes are static)."""
-    if cpu_kernels.active() and cpu_kernels.takes_cache(q, keys):
-        return cpu_kernels.cache_scores(q, keys, visible)
-    return jnp.einsum("bhgtd,bhsd->bhgts", q, keys)
-
-
-def cache_mix(probs: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
-    """``model_torch.common.cache_mix``; batched decode on CPU devices: ``cpu_kernels``."""
-    if cpu_kernels.active() and cpu_kernels.takes_cache(probs, values):
-        return cpu_kernels.cache_mix(probs, values)
-    return jnp.einsum("bhgts,bhsd->bhgtd", probs, values)
-
-
-# Finite, as model_torch uses: a fully masked row (a left-padding query) gets a uniform softmax
-# instead of torchax's -inf -> NaN, which would poison the cache entries written for padding.
+# Finite: a fully masked row (a left-padding query) gets a uniform softmax instead of torchax's
+# -inf -> NaN, which would poison the cache entries written for padding.
 MASKED = -1e30
+# Queries per attention block in a long prefill (see ``sdpa``).
+QUERY_CHUNK = 1024
 
 
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -160,11 +145,26 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if t > QUERY_CHUNK:
+        # A long prefill attends one block of queries at a time, so its fp32 scores are [.., 1024, S]
+        # instead of [.., T, S]: an 8192-token SmolLM2 prefill otherwise passed 19 GiB of host memory
+        # and did not finish in 5 minutes.
+        rows = lambda m, a, z: m if m is None or m.ndim < 2 or m.shape[-2] == 1 else m[..., a:z, :]  # noqa: E731
+        causal = jnp.tril(jnp.ones((t, s), bool)) if is_causal else None  # top-left, as torch
+        blocks = []
+        for a in range(0, t, QUERY_CHUNK):
+            z = min(a + QUERY_CHUNK, t)
+            mask = rows(attn_mask, a, z)
+            if causal is not None:
+                mask = causal[a:z] if mask is None else (mask & causal[a:z] if mask.dtype == jnp.bool_ else
+                                                         jnp.where(causal[a:z], mask, MASKED))  # fmt: skip
+            blocks.append(sdpa(q[:, :, a:z], k, v, mask, scale=scale))
+        return jnp.concatenate(blocks, axis=2)
     grouped_q = q.reshape(b, hkv, g, t, d)
     # Decode over a KV cache (a decode step's program: ``cpu_kernels.active``), as transformers'
     # classes call it (with grouped query heads folded into the query length for one new token): the
     # bridge's cache kernels, which read only the columns some row's mask lets through (the rest are
-    # not yet written), as model_torch's cache_scores / cache_mix do.
+    # not yet written).
     over_cache = cpu_kernels.active() and cpu_kernels.takes_cache(grouped_q, k)
     if over_cache:
         scores = cpu_kernels.cache_scores(grouped_q, k, _visible_columns(attn_mask, s)).astype(jnp.float32) * scale
@@ -189,14 +189,30 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
 
 
 def _visible_columns(attn_mask, s: int):
-    """One past the last cache column any row's mask lets through (every column: ``s``)."""
+    """One past the last cache column each batch row's mask lets through ([B], or one count for a
+    mask shared by the rows; every column: ``s``). Per row, so that on a mesh each device reduces
+    its own rows (a count over all rows gathered the mask across the data axis every layer)."""
     if attn_mask is None:
         return s
     open_ = attn_mask if attn_mask.dtype == jnp.bool_ else attn_mask > MASKED / 2
-    seen = open_.reshape(-1, open_.shape[-1]).any(axis=0)
-    if seen.shape[0] != s:  # a mask broadcast over the columns: all of them
+    if open_.shape[-1] != s:  # a mask broadcast over the columns: all of them
         return s
-    return jnp.where(seen.any(), s - jnp.argmax(seen[::-1]), 0).astype(jnp.int32)
+    seen = open_.reshape(open_.shape[0] if open_.ndim == 4 else 1, -1, s).any(axis=1)  # [B|1, S]
+    last = jnp.where(seen.any(axis=1), s - jnp.argmax(seen[:, ::-1], axis=1), 0).astype(jnp.int32)
+    return last if last.shape[0] > 1 else last[0]
+
+
+def index_copy(x, dim, index, source):
+    """``Tensor.index_copy``: ``source`` written at ``index`` along ``dim``. The KV-cache write of
+    our models (``model_torch.common.write_kv``): inside a scanned stack that carries its cache
+    (``cpu_kernels.carried_cache``), the write goes into the stacked cache itself, in place, and the
+    layer's attention reads its layer there (a write into the layer's own slice copied that slice
+    every layer of every step)."""
+    written = cpu_kernels.carried_write(x, dim, index, source)
+    if written is not None:
+        return written
+    dim = dim % x.ndim
+    return x.at[(slice(None),) * dim + (index,)].set(source.astype(x.dtype))
 
 
 def batch_norm_stats(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -313,10 +329,8 @@ def install(env) -> None:
         return lambda *args, **kwargs: call_jax(lowering, *args, **kwargs)
 
     for op, lowering in ((F.linear, linear), (F.scaled_dot_product_attention, sdpa),
-                         (torch.ops.model_torch.cache_scores.default, cache_scores),
-                         (torch.ops.model_torch.cache_mix.default, cache_mix),
                          (torch.ops.torchax_bridge.int8_linear.default, int8_linear),
-                         (torch.ops.model_torch.ordered_after.default, ordered_after),
+                         (torch.ops.aten.index_copy.default, index_copy),
                          (torch.ops.aten._embedding_bag.default, embedding_bag),
                          (torch.ops.aten._embedding_bag_forward_only.default, embedding_bag),
                          (torch.ops.aten._upsample_bicubic2d_aa.default, antialiased_resize("bicubic")),

@@ -303,34 +303,54 @@ class StackRunner:
         # after it, in place. A layer returns its whole updated cache, and stacking those as the
         # scan's output copied the whole cache every step (SmolLM2 fp32, batch 8: 78.8 tokens/s
         # scanned against 108.2 unrolled at 128 new tokens, 57.1 against 83.4 at 400). The columns
-        # are contiguous from ``cache_position[0]``, as ``model_torch.common.Masks`` assumes too.
+        # are contiguous from ``cache_position[0]`` (every cache write here writes consecutive columns).
         columns = env.t2j_iso(cache_position)
         start, t = columns[0], columns.shape[0]
 
-        by_index, _ = sliced_in_body(x.shape[0] * x.shape[1], params)
+        by_index, in_place = sliced_in_body(x.shape[0] * x.shape[1], params)
         xs = (jnp.arange(len(layers)), None) if by_index else (params, cache)
+
+        def run_first(p, h, kv):
+            p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
+            mark = sink.mark() if sink is not None else None
+            with _reparametrize_module(first, p_t):
+                out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
+            return env.t2j_iso(out), new_kv, (sink.take(mark) if sink is not None else None)
 
         def body(h, xs):
             p, kv = xs
             if by_index:
                 kv = None if cache is None else tuple(cpu_kernels.layer_slice(c, p, kv_cache=True) for c in cache)
                 p = {name: cpu_kernels.layer_slice(w, p) for name, w in params.items()}
-            p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
-            mark = sink.mark() if sink is not None else None
-            with _reparametrize_module(first, p_t):
-                out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
-            records = sink.take(mark) if sink is not None else None
+            out, new_kv, records = run_first(p, h, kv)
             if kv is not None:
                 new_kv = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=2) for a in env.t2j_iso(tuple(new_kv)))
-            return env.t2j_iso(out), ((None if kv is None else new_kv), records)
+            return out, ((None if kv is None else new_kv), records)
+
+        def body_carrying_the_cache(carry, i):
+            # Decode with the kernels: the stacked cache is the scan's carry; the layer's cache write
+            # goes into it in place and its attention reads its layer there (``carried_cache``).
+            h, k, v = carry
+            p = {name: cpu_kernels.layer_slice(w, i) for name, w in params.items()}
+            carried = {"k": k, "v": v, "i": i}
+            with cpu_kernels.carried_cache(carried) as kv:
+                out, _, records = run_first(p, h, kv)
+            return (out, carried["k"], carried["v"]), records
 
         with cpu_kernels.layer_slices():
-            h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), xs)
+            if in_place and cache is not None:
+                (h, k, v), stacked_records = jax.lax.scan(body_carrying_the_cache, (env.t2j_iso(x), *cache),
+                                                          jnp.arange(len(layers)))  # fmt: skip
+                new_columns = ()
+            else:
+                h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), xs)
         if sink is not None:
             sink.spread(stacked_records, len(layers))
         if new_columns is None:
             return env.j2t_iso(h), None
-        k, v = (jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, start, 0)) for c, n in zip(cache, new_columns))
+        if new_columns:  # only this call's columns left the scan: written into the stacked cache, in place
+            k, v = (cpu_kernels.bitwise_update_slice(c, n.astype(c.dtype), (0, 0, 0, start, 0))
+                    for c, n in zip(cache, new_columns))  # fmt: skip
         if stacked_cache:
             return env.j2t_iso(h), [env.j2t_iso((k, v))]
         return env.j2t_iso(h), [env.j2t_iso((k[i], v[i])) for i in range(k.shape[0])]
@@ -479,7 +499,7 @@ class StackCalls:
                     new = env.t2j_iso((key_states, value_states))
                     for n, a in zip(("k", "v"), new):
                         at = (carried["i"], 0, 0, self.start, 0)
-                        carried[n] = jax.lax.dynamic_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
+                        carried[n] = cpu_kernels.bitwise_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
                     return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
                                              for n in ("k", "v")))  # fmt: skip
 
@@ -583,7 +603,7 @@ class StackCalls:
         if sink is not None:
             sink.spread(records, len(self.layers))
         if self.cache is not None and not (in_place and stacked_kv is not None):  # new columns, in place
-            k, v = (jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, self.start, 0))
+            k, v = (cpu_kernels.bitwise_update_slice(c, n.astype(c.dtype), (0, 0, 0, self.start, 0))
                     for c, n in zip(stacked_kv, columns))  # fmt: skip
             self.cache.layers[0].keys, self.cache.layers[0].values = env.j2t_iso((k, v))
         pending = {id(p) for p in self.pending}

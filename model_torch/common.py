@@ -16,8 +16,6 @@ from torch import nn
 
 from .contract import CausalLMContract, KVCache, LayerKV  # noqa: F401  (re-exported)
 
-QUERY_CHUNK = 1024  # queries per attention block in a long prefill (see ``attend``)
-MASKED = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, never NaN
 
 
 def init_kv_cache(
@@ -68,7 +66,8 @@ class CausalLM(CausalLMContract):
         window = getattr(c, "sliding_window", None)
         # The cache length is the keys' second-to-last dim, whatever the layout (a stacked cache has
         # a leading layer dim).
-        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[-2], attention_mask, window)
+        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[-2], attention_mask, window,
+                     x.dtype)  # fmt: skip
         if self.stack_runner is not None:
             return self.stack_runner(layers, x, cos, sin, mask, kv_cache, cache_position)
         new_cache = None if kv_cache is None else []
@@ -149,12 +148,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Masks and attention
 # ---------------------------------------------------------------------------------------------------
 class Masks:
-    """Which keys each new query sees, split into the cache written before this call (``old``,
-    [B|1, 1, 1, S]) and the ``T`` keys of this call (``new``, [B|1, 1, T, T]).
+    """Which keys each new query sees, as an additive bias in the activation dtype (0 where a key is
+    seen, the dtype's lowest value where not: finite, so a fully masked row, a left-padding query,
+    gets a uniform softmax instead of NaN).
 
-    Attention reads the old cache and the new keys separately (one joint softmax), so the updated
-    cache is only written, never read in the same call: XLA then updates the donated cache buffer in
-    place instead of copying it.
+    With a cache of ``cache_len`` columns the keys are the cache after this call's keys are written
+    at ``cache_position`` ([B|1, 1, T, S]); without one, this call's own keys ([B|1, 1, T, T]).
     """
 
     def __init__(
@@ -163,25 +162,18 @@ class Masks:
         cache_len: Optional[int],
         key_mask: Optional[torch.Tensor],
         window: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
     ):
-        t = cache_position.shape[0]
-        steps = torch.arange(t, device=cache_position.device)
-        new = (steps[None, :] <= steps[:, None])[None, None]  # causal among the new tokens
+        cols = cache_position if cache_len is None else torch.arange(cache_len, device=cache_position.device)
+        seen = cols[None, :] <= cache_position[:, None]  # causal: [T, S]
         if window is not None:  # sliding window: a query sees the `window` columns ending at its own
-            new = new & (steps[:, None] - steps[None, :] < window)[None, None]
-        self.old = None
-        # Cache columns from the first new token's on are masked in ``old`` (not yet written).
-        self.visible = cache_position[0]
+            seen = seen & (cache_position[:, None] - cols[None, :] < window)
+        seen = seen[None, None]
         if key_mask is not None:
             key_mask = key_mask.bool()
-            new = new & key_mask.index_select(1, cache_position)[:, None, None, :]
-        if cache_len is not None:
-            cols = torch.arange(cache_len, device=cache_position.device)
-            old = (cols < cache_position[0])[None, None, None, :]
-            if window is not None:  # per query now: [1, 1, T, S]
-                old = old & (cache_position[:, None] - cols[None, :] < window)[None, None]
-            self.old = old & key_mask[:, None, None, :] if key_mask is not None else old
-        self.new = new
+            seen = seen & (key_mask.index_select(1, cache_position) if cache_len is None else key_mask)[:, None, None, :]
+        zero = torch.zeros((), dtype=dtype, device=cache_position.device)
+        self.bias = torch.where(seen, zero, torch.finfo(dtype).min)
 
 
 def attend(
@@ -190,106 +182,37 @@ def attend(
     v: torch.Tensor,
     masks: Masks,
     scale: float,
-    softcap: Optional[float] = None,
     layer_kv: Optional[LayerKV] = None,
-) -> torch.Tensor:
-    """Grouped-query attention of q [B, Hq, T, D] over the cached keys/values (``layer_kv``, each
-    [B, Hkv, S, D], may be None) and this call's k/v [B, Hkv, T, D] -> [B, T, Hq*D].
+    cache_position: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+) -> tuple[torch.Tensor, Optional[LayerKV]]:
+    """Grouped-query attention of q [B, Hq, T, D] with this call's k/v [B, Hkv, T, D] -> (out
+    [B, T, Hq*D], the layer's new cache or None).
 
-    Query heads are grouped under their kv head by a reshape (keys and values are never repeated).
-    Scores and softmax are fp32; ``softcap`` applies ``c * tanh(s / c)`` (Grok-1).
+    With a cache (``layer_kv``, each [B, Hkv, S, D]) the new keys/values are written at
+    ``cache_position`` first and the queries attend over the whole cache, as transformers' caches
+    do (gpt-fast's ``KVCache.update``). ``F.scaled_dot_product_attention`` with ``enable_gqa``:
+    query heads grouped under their kv head, keys never repeated. ``softcap`` (Grok-1) applies
+    ``c * tanh(s / c)`` to the scores, which SDPA cannot: written out, fp32 scores.
     """
     b, hq, t, d = q.shape
-    if t > QUERY_CHUNK:
-        # A long prefill attends one block of queries at a time, so its fp32 scores are [.., 1024, S]
-        # instead of [.., T, S]: an 8192-token SmolLM2 prefill otherwise passed 19 GiB of host memory
-        # and did not finish in 5 minutes. Causal: queries [start, stop) see new keys [0, stop) only.
-        out = []
-        for start in range(0, t, QUERY_CHUNK):
-            stop = min(start + QUERY_CHUNK, t)
-            block = Masks.__new__(Masks)
-            old = masks.old
-            if old is not None and old.shape[2] > 1:  # per-query (sliding window)
-                old = old[:, :, start:stop]
-            block.old, block.new, block.visible = old, masks.new[:, :, start:stop, :stop], masks.visible
-            out.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], block, scale, softcap, layer_kv))
-        return torch.cat(out, dim=1)
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, t, d)
-
-    def scores(keys, mask, over_cache=False):
-        s = (cache_scores(qg, keys, masks.visible) if over_cache else torch.einsum("bhgtd,bhsd->bhgts", qg, keys))
-        s = s.float() * scale
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        return s.masked_fill(~mask[:, :, None], MASKED)
-
-    new = scores(k, masks.new)
-    if layer_kv is None:
-        probs = torch.softmax(new, dim=-1).to(v.dtype)
-        out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)
+    if layer_kv is not None:
+        layer_kv = write_kv(layer_kv, k, v, cache_position)
+        k, v = (x.to(q.dtype) for x in layer_kv)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.bias, scale=scale, enable_gqa=True)
     else:
-        old = scores(layer_kv[0], masks.old, over_cache=True)
-        probs = torch.softmax(torch.cat([old, new], dim=-1), dim=-1).to(v.dtype)
-        s = old.shape[-1]
-        out = cache_mix(probs[..., :s], layer_kv[1]) + torch.einsum(
-            "bhgts,bhsd->bhgtd", probs[..., s:], v
-        )
-    return out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
+        hkv = k.shape[1]
+        s = torch.einsum("bhgtd,bhsd->bhgts", q.reshape(b, hkv, hq // hkv, t, d), k).float() * scale
+        s = softcap * torch.tanh(s / softcap) + masks.bias[:, :, None].float()
+        probs = torch.softmax(s, dim=-1).to(v.dtype)
+        out = torch.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(b, hq, t, d)
+    return out.transpose(1, 2).reshape(b, t, hq * d), layer_kv
 
 
-@torch.library.custom_op("model_torch::ordered_after", mutates_args=())
-def ordered_after(values: list[torch.Tensor], first: torch.Tensor) -> list[torch.Tensor]:
-    """``values`` unchanged, to be used only once ``first`` is computed: an ordering a compiler
-    cannot see otherwise (the bridge lowers it to an exact ``+ min(|x|, 0)`` data path: XLA:CPU
-    drops an ``optimization_barrier`` before copy insertion). Eager: copies."""
-    return [v.clone() for v in values]
-
-
-@ordered_after.register_fake
-def _(values, first):
-    return [torch.empty_like(v) for v in values]
-
-
-# Attention over the KV cache, as ops of their own so a backend can read the cache its own way (the
-# bridge: a CPU kernel for batched decode, reading a scanned stack's cache in place).
-@torch.library.custom_op("model_torch::cache_scores", mutates_args=())
-def cache_scores(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """``einsum("bhgtd,bhsd->bhgts")``: queries grouped under their kv head against cached keys.
-    ``visible`` (0-d integer): the caller masks every column from there on (not yet written), so a
-    backend may leave them unread, with any score; this one computes them all."""
-    return torch.einsum("bhgtd,bhsd->bhgts", q, keys)
-
-
-@cache_scores.register_fake
-def _(q, keys, visible):
-    return q.new_empty((*q.shape[:4], keys.shape[2]))
-
-
-@torch.library.custom_op("model_torch::cache_mix", mutates_args=())
-def cache_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``einsum("bhgts,bhsd->bhgtd")``: attention probabilities over the cache times cached values."""
-    return torch.einsum("bhgts,bhsd->bhgtd", probs, values)
-
-
-@cache_mix.register_fake
-def _(probs, values):
-    return probs.new_empty((*probs.shape[:4], values.shape[3]))
-
-
-def write_kv(layer_kv: Optional[LayerKV], k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor,
-             after: Optional[torch.Tensor] = None):  # fmt: skip
-    """The layer's new cache: this call's keys/values written at ``cache_position`` columns.
-
-    ``after``: what read the old cache (the attention output). The write is ordered after it, so the
-    cache is updated in place: the attention reads the old cache and the new keys separately, and
-    with no data path between that read and the write XLA copied every layer's cache twice per
-    decode step to keep the old one (SmolLM2 fp32, batch 8, unrolled: 120 cache copies per step,
-    0 with the ordering; 186-193 -> 226-229 tokens/s)."""
-    if layer_kv is None:
-        return None
-    if after is not None:
-        k, v = ordered_after([k, v], after)
+def write_kv(layer_kv: LayerKV, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> LayerKV:
+    """The layer's cache with this call's keys/values written at ``cache_position`` columns (a
+    functional ``index_copy``: under the bridge the donated cache is updated in place)."""
     return (
         layer_kv[0].index_copy(2, cache_position, k.to(layer_kv[0].dtype)),
         layer_kv[1].index_copy(2, cache_position, v.to(layer_kv[1].dtype)),

@@ -31,7 +31,6 @@ from .common import (
     apply_rope,
     attend,
     head_layout_for,
-    write_kv,
 )
 
 
@@ -119,8 +118,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, mask, self.c.attn_output_multiplier, self.c.attn_softcap, layer_kv)
-        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position, after=out)
+        out, layer_kv = attend(q, k, v, mask, self.c.attn_output_multiplier, layer_kv, cache_position,
+                               softcap=self.c.attn_softcap)  # fmt: skip
+        return self.o_proj(out), layer_kv
 
 
 class DecoderLayer(nn.Module):

@@ -30,7 +30,6 @@ from .common import (
     apply_rope,
     attend,
     head_layout_for,
-    write_kv,
 )
 
 
@@ -154,8 +153,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, mask, d**-0.5, layer_kv=layer_kv)
-        return self.o_proj(out), write_kv(layer_kv, k, v, cache_position, after=out)
+        out, layer_kv = attend(q, k, v, mask, d**-0.5, layer_kv, cache_position)
+        return self.o_proj(out), layer_kv
 
 
 class MLP(nn.Module):

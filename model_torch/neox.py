@@ -20,7 +20,6 @@ from .common import (
     KVCache,
     apply_rope,
     attend,
-    write_kv,
 )
 
 
@@ -117,8 +116,8 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(b, t, -1, 3 * d).transpose(1, 2)  # per head [q|k|v]
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, mask, d**-0.5, layer_kv=layer_kv)
-        return self.dense(out), write_kv(layer_kv, k, v, cache_position, after=out)
+        out, layer_kv = attend(q, k, v, mask, d**-0.5, layer_kv, cache_position)
+        return self.dense(out), layer_kv
 
 
 class MLP(nn.Module):

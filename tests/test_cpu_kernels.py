@@ -269,23 +269,49 @@ def test_a_failed_build_leaves_xla_dots_and_says_why(monkeypatch):
         cpu_kernels._why.clear()
 
 
+def _cache_copies(gen, config, batch: int, dtype: str, scan_layers: bool) -> tuple[list[str], str]:
+    """(lines of the decode loop's HLO that copy a layer's or the stack's KV cache, the loop's HLO)."""
+    loop = next(c for k, c in gen._compiled.items() if k[0].startswith("loop/")).as_text()
+    per_layer = rf"{dtype}\[{batch},{config.num_kv_heads},[1-9]\d+,{config.hidden_size // config.num_heads}\]"
+    shape = rf"{dtype}\[{config.num_layers}," + per_layer[len(dtype) + 2 :] if scan_layers else per_layer
+    copies = [line for line in loop.splitlines()
+              if re.search(rf"= ({shape}|{per_layer})\S* (copy|convert)\(", line)]  # fmt: skip
+    assert re.search(shape, loop)  # the pattern does name the cache
+    return copies, loop
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_decode_updates_the_kv_cache_in_place(scan_layers, devices, monkeypatch):
-    """The decode loop copies no layer's KV cache: the cache write is ordered after the attention
-    read the old cache (``model_torch.common.ordered_after``); without that XLA copied every layer's
-    cache twice per step. Checked with XLA's own dots, where the copies were found."""
+    """The decode loop copies no layer's KV cache: each layer writes its new keys into the cache
+    (``index_copy``) and attends over the written cache, so XLA updates the donated buffer in place.
+    Checked with XLA's own dots (the attention reads the cache by an einsum)."""
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     hf, ours = hf_twin("tiny-llama")
     gen = Generator(lift(ours, sharding.mesh_for("tp", 1, devices=devices), "tp", scan_layers=scan_layers),
                     eos_token_ids=[])  # fmt: skip
     gen.generate_ids([[3, 4, 5, 6]] * 8, 8)
-    loop = next(c for k, c in gen._compiled.items() if k[0].startswith("loop/")).as_text()
-    c = ours.config
-    per_layer = rf"f32\[8,{c.num_kv_heads},[1-9]\d+,{c.hidden_size // c.num_heads}\]"
-    shape = rf"f32\[{c.num_layers},8," + per_layer[len(r"f32\[8,") :] if scan_layers else per_layer
-    copies = [line for line in loop.splitlines() if re.search(rf"= {shape}\S* copy\(", line)]
+    copies, _ = _cache_copies(gen, ours.config, 8, "f32", scan_layers)
     assert not copies, copies[:2]
-    assert re.search(shape, loop)  # the pattern does name the cache
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scanned_decode_with_the_kernels_writes_the_stacked_cache_in_place(kernel, dtype, devices):
+    """With the kernels, a scanned stack carries its cache through the scan: a layer's cache write
+    (our models' ``index_copy``, recognised by the bridge's lowering) goes into the stacked cache
+    and the attention kernels read their layer there, with no copy of a layer's cache or of the
+    stack, and no f32 conversion of a bf16 one (XLA:CPU updated a bf16 stack by converting it
+    whole, every layer of every step). Greedy tokens equal the unscanned model's."""
+    _, ours = hf_twin("tiny-llama")
+    ours = ours.to(getattr(torch, dtype))
+    mesh = sharding.mesh_for("tp", 1, devices=devices)
+    gen = Generator(lift(ours, mesh, "tp", scan_layers=True), eos_token_ids=[])
+    got = gen.generate_ids([[3, 4, 5, 6]] * 8, 8).token_ids
+    short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    copies, loop = _cache_copies(gen, ours.config, 8, short, True)
+    assert not copies, copies[:2]
+    assert "cache_scores" in loop and "cache_mix" in loop  # the attention did go to the kernels
+    unrolled = Generator(lift(ours, mesh, "tp", scan_layers=False), eos_token_ids=[])
+    assert got == unrolled.generate_ids([[3, 4, 5, 6]] * 8, 8).token_ids
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

@@ -71,6 +71,26 @@ def test_model_torch_has_no_jax_and_sharding_no_torch():
     assert not re.search(r"^\s*(import|from)\s+torch\b", graph_text["sharding"], re.M)
 
 
+def test_model_torch_is_plain_torch():
+    """``model_torch`` defines models as plain torch: it imports nothing from the bridge, defines no
+    custom ops (``torch.library``), and calls none of the bridge's own ops; the bridge recognises standard torch (``F.linear``, ``F.scaled_dot_product_attention``,
+    ``index_copy`` for the cache) and swaps modules at load (int8)."""
+    bridge_ops = {"int8_linear", "cache_scores", "cache_mix", "ordered_after", "materialized", "layer_slice",
+                  "small_batch_matmul"}  # fmt: skip
+    for m, path in project_modules().items():
+        if not m.startswith("model_torch"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                assert not [n for n in names if n.split(".")[0] in ("bridge", "sharding", "jax", "torchax")], (m, names)
+            if isinstance(node, ast.Attribute) and node.attr == "library":
+                raise AssertionError(f"{m} defines a custom op (torch.library): the bridge's job")
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            assert name not in bridge_ops, (m, name, getattr(node, "lineno", None))
+
+
 def test_user_errors_share_one_base_class():
     from bridge import errors
 
