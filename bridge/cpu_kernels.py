@@ -335,44 +335,6 @@ def layer_slice(stacked: jnp.ndarray, layer: jnp.ndarray, *, kv_cache: bool = Fa
     return out
 
 
-# A scanned body that carries the stacked KV cache (``carried_cache``): (the carry, {id(layer
-# slice): (slice, "k" or "v")}) for the trace in flight.
-_carried = contextvars.ContextVar("cpu_kernels_carried", default=None)
-
-
-@contextlib.contextmanager
-def carried_cache(carried: dict):
-    """Inside, a cache write (``carried_write``) into ``carried``'s layer slices goes into the
-    stacked cache itself. ``carried``: {"k", "v": the stacked keys/values [L, B, H, S, D], "i": this
-    layer}; yields this layer's (keys, values), slices of the stacks that the cache kernels read in
-    place. ``carried`` holds the updated stacks on leaving."""
-    kv = tuple(layer_slice(carried[n], carried["i"], kv_cache=True) for n in ("k", "v"))
-    token = _carried.set((carried, {id(a): (a, n) for a, n in zip(kv, ("k", "v"))}))
-    try:
-        yield kv
-    finally:
-        _carried.reset(token)
-
-
-def carried_write(target: jnp.ndarray, dim: int, index: jnp.ndarray, source: jnp.ndarray):
-    """``target`` with ``source`` written at ``index`` along ``dim`` when ``target`` is a layer slice
-    of a carried cache (``carried_cache``): written into the stack in place (``index`` holds
-    consecutive columns, as every cache write here does), and the layer's new slice returned. None
-    for any other array."""
-    state = _carried.get()
-    entry = None if state is None else state[1].get(id(target))
-    if entry is None or entry[0] is not target:
-        return None
-    carried, slices = state
-    name, stack = entry[1], carried[entry[1]]
-    at = [0] * stack.ndim
-    at[0], at[1 + dim % target.ndim] = carried["i"], jnp.asarray(index).reshape(-1)[0]
-    carried[name] = bitwise_update_slice(stack, source[None].astype(stack.dtype), at)
-    out = layer_slice(carried[name], carried["i"], kv_cache=True)
-    slices[id(out)] = (out, name)
-    return out
-
-
 def bitwise_update_slice(a: jnp.ndarray, update: jnp.ndarray, at) -> jnp.ndarray:
     """``jax.lax.dynamic_update_slice``; a 16-bit float array is updated as its uint16 bits: XLA:CPU
     updates a bf16 array by converting all of it to f32 and back (a scanned bf16 stack's cache, 30

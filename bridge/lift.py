@@ -311,9 +311,7 @@ def lifted_from_plan(model, fn, weights: dict, mesh: Mesh, plan: weight_plan.Wei
         if plan.scan_layers:
             fn = scan.scanned_module_fn(fn, model)
         return LiftedModule(model, fn, weights, mesh, plan.scheme, plan.placements, plan)
-    if plan.scan_layers and hasattr(type(model), "run_layers"):  # our families: their own loop's runner
-        fn = scan.scanned_fn(fn, model, scan.StackRunner(model))
-    elif plan.scan_layers:  # transformers' own classes: their calls of the stack, scanned
+    if plan.scan_layers:  # the model's own calls of its stack, scanned
         fn = scan.scanned_module_fn(fn, model)
     return Lifted(model, lifted_fn(fn, model, mesh, plan.scheme, plan.placements, plan.kv_head_copies), weights, mesh,
                   plan.scheme, plan.placements, kv_head_copies=plan.kv_head_copies, scan_layers=plan.scan_layers,

@@ -202,19 +202,6 @@ def _visible_columns(attn_mask, s: int):
     return last if last.shape[0] > 1 else last[0]
 
 
-def index_copy(x, dim, index, source):
-    """``Tensor.index_copy``: ``source`` written at ``index`` along ``dim``. The KV-cache write of
-    our models (``model_torch.common.write_kv``): inside a scanned stack that carries its cache
-    (``cpu_kernels.carried_cache``), the write goes into the stacked cache itself, in place, and the
-    layer's attention reads its layer there (a write into the layer's own slice copied that slice
-    every layer of every step)."""
-    written = cpu_kernels.carried_write(x, dim, index, source)
-    if written is not None:
-        return written
-    dim = dim % x.ndim
-    return x.at[(slice(None),) * dim + (index,)].set(source.astype(x.dtype))
-
-
 def batch_norm_stats(x, running_mean, running_var, weight, bias, training, momentum, eps):
     """``F.batch_norm`` as torch computes it: (output, new running mean, new running variance).
     In training (or without running statistics) the batch's own statistics normalise, and the
@@ -330,7 +317,6 @@ def install(env) -> None:
 
     for op, lowering in ((F.linear, linear), (F.scaled_dot_product_attention, sdpa),
                          (torch.ops.torchax_bridge.int8_linear.default, int8_linear),
-                         (torch.ops.aten.index_copy.default, index_copy),
                          (torch.ops.aten._embedding_bag.default, embedding_bag),
                          (torch.ops.aten._embedding_bag_forward_only.default, embedding_bag),
                          (torch.ops.aten._upsample_bicubic2d_aa.default, antialiased_resize("bicubic")),

@@ -1,11 +1,11 @@
 """The decoder stack as one ``jax.lax.scan`` over weights stacked on a leading layer dimension, so a
 model compiles one layer instead of every layer (MaxText's ``scan_layers``).
 
-The model keeps its one ``run_layers`` entry point and stays free of JAX: the bridge hands it a
-stack runner (``CausalLM.stack_runner``), as it hands torchax its lowerings. While the lifted
-function is traced, the runner takes the hidden state, the stacked weights and the stacked KV cache
-into JAX, and scans the first decoder layer's own torch forward over them (through torchax, with that
-layer's parameters swapped for the current slice).
+The model needs no cooperation (``StackCalls``): while the lifted function is traced, the bridge
+finds its stack of identical layers, records the module's own calls of them, and runs the first
+layer's torch forward as the body of a scan over the stacked weights and the stacked KV cache
+(through torchax, with that layer's parameters swapped for the current slice). The cache a layer
+writes is found among its arguments: transformers' ``Cache`` or model_torch's ``LayerCaches``.
 
 Names: every per-layer tensor ``model.layers.<i>.<rest>`` becomes one tensor ``model.layers.*.<rest>``
 of shape ``[num_layers, ...]``. Sharding rules are resolved on layer 0's name and shape, and the
@@ -26,6 +26,7 @@ import numpy as np
 
 import sharding
 from bridge import cpu_kernels
+from model_torch.contract import LayerCaches
 
 
 def layer_prefix(model) -> str:
@@ -47,8 +48,11 @@ def _layout(module) -> tuple:
     (``layer_idx``, for a cache) may differ."""
     import torch
 
+    def same(v):  # a function by its code (a lambda made per module is the same code each time)
+        return repr(v.__code__) if hasattr(v, "__code__") else repr(v)
+
     def settings(m):
-        return tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+        return tuple(sorted((k, same(v)) for k, v in vars(m).items()
                             if not k.startswith("_") and k not in ("training", "forward") and "layer_id" not in k
                             and not isinstance(v, (torch.Tensor, torch.nn.Module))))  # fmt: skip
 
@@ -108,9 +112,8 @@ def layer0_name(name: str) -> str:
 
 def why_not_scanned(model) -> str | None:
     """Why ``model``'s layer stack cannot run as one scan, or None when it can. A module that is not
-    a causal LM scans its ``identical_stack``, and transformers' classes their decoder layers when
-    those are one stack (``scanned_module_fn``); our families run their ``run_layers`` loop as a scan
-    (``StackRunner``) when their layers all hold the same tensors."""
+    a causal LM scans its ``identical_stack``, a causal LM (ours or transformers') its decoder
+    layers when those are one stack (``scanned_module_fn``)."""
     from model_torch.contract import CausalLMContract
 
     if not isinstance(model, CausalLMContract):
@@ -118,19 +121,9 @@ def why_not_scanned(model) -> str | None:
             return (f"{type(model).__name__} has no ModuleList or Sequential of two or more identical layers (same "
                     f"class and tensors) to scan")  # fmt: skip
         return None
-    if not hasattr(type(model), "run_layers") and hasattr(model, "decoder_layers"):
-        # transformers' own classes: the generic scan (``StackCalls``), its cache stacked
-        if not _one_stack([layer for _, layer in model.decoder_layers()]):
-            return (f"{type(model).__name__}'s decoder layers differ (their tensors or settings, e.g. sliding and "
-                    f"global attention layers); one scan runs one body")  # fmt: skip
-        return None
-    if not hasattr(type(model), "run_layers") or not hasattr(model, "decoder_layers"):
-        return (f"{type(model).__name__} has no run_layers loop to scan; scanning the decoder stack needs a "
-                f"model_torch family (llama, mistral, qwen2, mixtral, gpt_neox, grok)")  # fmt: skip
-    layouts = {tuple((k, tuple(t.shape), t.dtype) for k, t in layer.state_dict(keep_vars=True).items())
-               for _, layer in model.decoder_layers()}  # fmt: skip
-    if len(layouts) > 1:
-        return f"{type(model).__name__}'s decoder layers hold different tensors; one scan runs one body"
+    if not _one_stack([layer for _, layer in model.decoder_layers()]):
+        return (f"{type(model).__name__}'s decoder layers differ (their tensors or settings, e.g. sliding and "
+                f"global attention layers); one scan runs one body")  # fmt: skip
     return None
 
 
@@ -271,107 +264,6 @@ def sliced_in_body(rows: int, stacked: dict) -> tuple[bool, bool]:
     return in_place or any(cpu_kernels.copies_layers(w) for w in stacked.values()), in_place
 
 
-class StackRunner:
-    """Runs ``model.run_layers``' loop as a scan; holds the stacked weights of the trace in flight."""
-
-    def __init__(self, model):
-        self.model = model
-        self.stacked: dict[str, jax.Array] = {}
-
-    def __call__(self, layers, x, cos, sin, mask, kv_cache, cache_position):
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        from bridge import kv_cache as kv_cache_layout
-        from bridge.extract import torchax_with_lowerings
-
-        env = torchax_with_lowerings().default_env()
-        first = layers[0]
-        prefix = f"{layer_prefix(self.model)}*."
-        params = {name[len(prefix) :]: w for name, w in self.stacked.items() if name.startswith(prefix)}
-        cache, stacked_cache = None, False
-        if kv_cache is not None:
-            # The bridge's own cache for a scanned model is stacked already (``kv_cache.layout``);
-            # a per-layer list is stacked here.
-            stacked_cache = kv_cache_layout.is_stacked(kv_cache)
-            if stacked_cache:
-                cache = env.t2j_iso(tuple(kv_cache[0]))
-            else:
-                cache = (jnp.stack([env.t2j_iso(k) for k, _ in kv_cache]), jnp.stack([env.t2j_iso(v) for _, v in kv_cache]))
-
-        sink = _iteration_sink
-        # Only this call's cache columns leave the scan; they are written into the stacked cache
-        # after it, in place. A layer returns its whole updated cache, and stacking those as the
-        # scan's output copied the whole cache every step (SmolLM2 fp32, batch 8: 78.8 tokens/s
-        # scanned against 108.2 unrolled at 128 new tokens, 57.1 against 83.4 at 400). The columns
-        # are contiguous from ``cache_position[0]`` (every cache write here writes consecutive columns).
-        columns = env.t2j_iso(cache_position)
-        start, t = columns[0], columns.shape[0]
-
-        by_index, in_place = sliced_in_body(x.shape[0] * x.shape[1], params)
-        xs = (jnp.arange(len(layers)), None) if by_index else (params, cache)
-
-        def run_first(p, h, kv):
-            p_t, h_t, kv_t = env.j2t_iso((p, h, kv))
-            mark = sink.mark() if sink is not None else None
-            with _reparametrize_module(first, p_t):
-                out, new_kv = first(h_t, cos, sin, mask, kv_t, cache_position)
-            return env.t2j_iso(out), new_kv, (sink.take(mark) if sink is not None else None)
-
-        def body(h, xs):
-            p, kv = xs
-            if by_index:
-                kv = None if cache is None else tuple(cpu_kernels.layer_slice(c, p, kv_cache=True) for c in cache)
-                p = {name: cpu_kernels.layer_slice(w, p) for name, w in params.items()}
-            out, new_kv, records = run_first(p, h, kv)
-            if kv is not None:
-                new_kv = tuple(jax.lax.dynamic_slice_in_dim(a, start, t, axis=2) for a in env.t2j_iso(tuple(new_kv)))
-            return out, ((None if kv is None else new_kv), records)
-
-        def body_carrying_the_cache(carry, i):
-            # Decode with the kernels: the stacked cache is the scan's carry; the layer's cache write
-            # goes into it in place and its attention reads its layer there (``carried_cache``).
-            h, k, v = carry
-            p = {name: cpu_kernels.layer_slice(w, i) for name, w in params.items()}
-            carried = {"k": k, "v": v, "i": i}
-            with cpu_kernels.carried_cache(carried) as kv:
-                out, _, records = run_first(p, h, kv)
-            return (out, carried["k"], carried["v"]), records
-
-        with cpu_kernels.layer_slices():
-            if in_place and cache is not None:
-                (h, k, v), stacked_records = jax.lax.scan(body_carrying_the_cache, (env.t2j_iso(x), *cache),
-                                                          jnp.arange(len(layers)))  # fmt: skip
-                new_columns = ()
-            else:
-                h, (new_columns, stacked_records) = jax.lax.scan(body, env.t2j_iso(x), xs)
-        if sink is not None:
-            sink.spread(stacked_records, len(layers))
-        if new_columns is None:
-            return env.j2t_iso(h), None
-        if new_columns:  # only this call's columns left the scan: written into the stacked cache, in place
-            k, v = (cpu_kernels.bitwise_update_slice(c, n.astype(c.dtype), (0, 0, 0, start, 0))
-                    for c, n in zip(cache, new_columns))  # fmt: skip
-        if stacked_cache:
-            return env.j2t_iso(h), [env.j2t_iso((k, v))]
-        return env.j2t_iso(h), [env.j2t_iso((k[i], v[i])) for i in range(k.shape[0])]
-
-
-def scanned_fn(fn, model, runner: StackRunner):
-    """``fn`` (the extracted per-layer function) taking the stacked weights: while it is traced the
-    model's ``run_layers`` hands its loop to ``runner``."""
-
-    def call(weights, args, kwargs=None):
-        runner.stacked = {k: v for k, v in weights.items() if "*." in k}
-        model.stack_runner = runner
-        try:
-            return fn(per_layer_views(model, weights), args, kwargs)
-        finally:
-            model.stack_runner = None
-            runner.stacked = {}
-
-    return call
-
-
 def unstack_weights(weights: dict) -> dict:
     """The per-layer layout of stacked weights (host arrays), e.g. to save a checkpoint."""
     out = {}
@@ -434,16 +326,25 @@ class StackCalls:
         self.saved = []
         for i, layer in enumerate(self.layers):
             # The outer calls fire no hooks: layer 0's run inside the scan body, once per layer.
-            self.saved.append((layer._forward_hooks, layer._forward_pre_hooks))
+            # A forward set on the instance (training's ``remat_layers``) is the one the body runs.
+            self.saved.append((layer._forward_hooks, layer._forward_pre_hooks, layer.__dict__.get("forward")))
             layer._forward_hooks, layer._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
             layer.forward = lambda *a, _i=i, **k: self.call(_i, a, k)
         return self
 
     def __exit__(self, *exc):
-        for layer, (hooks, pre) in zip(self.layers, self.saved):
-            del layer.forward
-            layer._forward_hooks, layer._forward_pre_hooks = hooks, pre
+        for layer, saved in zip(self.layers, self.saved):
+            self._own_forward(layer, saved)
+            layer._forward_hooks, layer._forward_pre_hooks = saved[:2]
         return False
+
+    @staticmethod
+    def _own_forward(layer, saved):
+        """``layer``'s forward as it was before the stack was recorded."""
+        if saved[2] is None:
+            del layer.forward
+        else:
+            layer.forward = saved[2]
 
     def placeholder(self, struct):
         from torchax.tensor import Tensor
@@ -487,9 +388,28 @@ class StackCalls:
 
         env, first, cache = self.env, self.layers[0], self.cache
         x, rest, kwargs = self.calls[0]
-        hooks, pre = self.saved[0]
+        hooks, pre, _ = self.saved[0]
         p_t, h_t = env.j2t_iso((p, h))
-        if cache is not None:  # this layer's cache as the transformers cache's one layer
+        written = {}  # model_torch's cache: this call's columns, and where they go
+        if isinstance(cache, LayerCaches):
+
+            def update(layer, key_states, value_states, cache_position):
+                # Whatever ``layer`` the call names, the body's layer is the scan's (or carried["i"]).
+                new = env.t2j_iso((key_states, value_states))
+                written["position"] = cache_position
+                start = env.t2j_iso(cache_position).reshape(-1)[0]
+                if carried is not None:  # into the carried stack, in place; read there in place
+                    for n, a in zip(("k", "v"), new):
+                        at = (carried["i"], 0, 0, start, 0)
+                        carried[n] = cpu_kernels.bitwise_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
+                    return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
+                                             for n in ("k", "v")))  # fmt: skip
+                written["columns"] = tuple(a.astype(c.dtype) for a, c in zip(new, kv))
+                return env.j2t_iso(tuple(cpu_kernels.bitwise_update_slice(c, a, (0, 0, start, 0))
+                                         for c, a in zip(kv, written["columns"])))  # fmt: skip
+
+            cache.update = update
+        elif cache is not None:  # this layer's cache as the transformers cache's one layer
             outer = cache.layers[0]
             view = copy.copy(outer)
             if carried is not None:
@@ -509,32 +429,51 @@ class StackCalls:
             cache.layers[0] = view
         mark = sink.mark() if sink is not None else None
         first._forward_hooks, first._forward_pre_hooks = hooks, pre
-        del first.forward
+        self._own_forward(first, self.saved[0])
         try:
             with _reparametrize_module(first, p_t):
                 out = first(h_t, *rest, **kwargs)
         finally:
             first.forward = lambda *a, **k: self.call(0, a, k)
             first._forward_hooks, first._forward_pre_hooks = collections.OrderedDict(), collections.OrderedDict()
-            if cache is not None:
+            if isinstance(cache, LayerCaches):
+                del cache.update
+            elif cache is not None:
                 cache.layers[0] = outer
         leaves, tree = torch_pytree.tree_flatten(out)
         if not leaves or not isinstance(leaves[0], torch.Tensor) or tuple(leaves[0].shape) != tuple(h_t.shape):
             raise NotScannable("a layer's output does not start with a tensor shaped like its input")
         records = sink.take(mark) if sink is not None else None
         columns = None
-        if cache is not None and carried is None:  # only this call's columns leave the scan (see StackRunner)
+        if isinstance(cache, LayerCaches) and carried is None:
+            columns = written["columns"]
+            self.position = written["position"]
+        elif cache is not None and carried is None:
+            # Only this call's columns leave the scan, to be written into the stacked cache in place
+            # after it: a layer returns its whole updated cache, and stacking those as the scan's
+            # output copied the whole cache every step (SmolLM2 fp32, batch 8: 78.8 tokens/s scanned
+            # against 108.2 unrolled at 128 new tokens).
             columns = tuple(jax.lax.dynamic_slice_in_dim(a, self.start, self.new, axis=2)
                             for a in env.t2j_iso((view.keys, view.values)))  # fmt: skip
         return [env.t2j_iso(v) if isinstance(v, torch.Tensor) else v for v in leaves], tree, columns, records
 
+    def set_cache(self, k, v):
+        """The stacked cache after the scan, back in the module's cache object."""
+        if isinstance(self.cache, LayerCaches):
+            self.cache.layers[0] = self.env.j2t_iso((k, v))
+        else:
+            self.cache.layers[0].keys, self.cache.layers[0].values = self.env.j2t_iso((k, v))
+
     def prepare(self):
         x, rest, kwargs = self.calls[0]
-        self.cache = stacked_transformers_cache((rest, kwargs))
+        self.cache = stacked_cache((rest, kwargs))
+        self.new = x.shape[-2]  # the positions this call writes into the cache
+        if isinstance(self.cache, LayerCaches):  # the start is read from the cache write's position
+            self.stacked_kv, self.start = tuple(self.env.t2j_iso(tuple(self.cache.layers[0]))), None
+            return
         self.stacked_kv = None if self.cache is None else tuple(
             self.env.t2j_iso((self.cache.layers[0].keys, self.cache.layers[0].values)))  # fmt: skip
         self.start = None if self.cache is None else self.env.t2j_iso(self.cache.layers[0].cumulative_length)
-        self.new = x.shape[-2]  # the positions this call writes into the cache
 
     def abstract_output(self):
         """(leaves as ShapeDtypeStructs or static values, tree) of one layer's output, from an
@@ -597,15 +536,15 @@ class StackCalls:
                 # SmolLM2 b8 at 0.79x of the rewrite).
                 (h, k, v), (outs, records) = jax.lax.scan(body_carrying_the_cache, (env.t2j_iso(x), *stacked_kv),
                                                           jnp.arange(len(self.layers)))  # fmt: skip
-                self.cache.layers[0].keys, self.cache.layers[0].values = env.j2t_iso((k, v))
+                self.set_cache(k, v)
             else:
                 h, (outs, records, columns) = jax.lax.scan(body, env.t2j_iso(x), xs)
         if sink is not None:
             sink.spread(records, len(self.layers))
         if self.cache is not None and not (in_place and stacked_kv is not None):  # new columns, in place
-            k, v = (cpu_kernels.bitwise_update_slice(c, n.astype(c.dtype), (0, 0, 0, self.start, 0))
-                    for c, n in zip(stacked_kv, columns))  # fmt: skip
-            self.cache.layers[0].keys, self.cache.layers[0].values = env.j2t_iso((k, v))
+            start = self.start if self.start is not None else env.t2j_iso(self.position).reshape(-1)[0]
+            self.set_cache(*(cpu_kernels.bitwise_update_slice(c, n.astype(c.dtype), (0, 0, 0, start, 0))
+                             for c, n in zip(stacked_kv, columns)))  # fmt: skip
         pending = {id(p) for p in self.pending}
         for i, leaves in enumerate(self.placeholders):  # every layer's own outputs, as the module got them
             arrays = iter(outs)
@@ -618,19 +557,26 @@ class StackCalls:
         return torch_pytree.tree_unflatten(leaves, found["tree"])
 
 
-def stacked_transformers_cache(tree):
-    """The transformers ``Cache`` among a layer call's arguments, holding the stack's cache as one
-    layer with a leading layer dim (``kv_cache.layout`` of a scanned model); None when there is no
-    cache. A per-layer cache cannot be scanned in place: ``NotScannable``."""
+def stacked_cache(tree):
+    """The cache among a layer call's arguments (model_torch's ``LayerCaches`` or transformers'
+    ``Cache``), holding the stack's cache as one layer with a leading layer dim (``kv_cache.layout``
+    of a scanned model); None when there is no cache. A per-layer cache cannot be scanned in place:
+    ``NotScannable``."""
     import sys
 
     from torch.utils import _pytree as torch_pytree
 
+    leaves = torch_pytree.tree_leaves(tree)
+    ours = [x for x in leaves if isinstance(x, LayerCaches)]
+    if ours:
+        if not ours[0].stacked:
+            raise NotScannable("the cache holds one tensor per layer, not the stacked cache a scan writes")
+        return ours[0]
     if "transformers" not in sys.modules:
         return None
     from transformers.cache_utils import Cache
 
-    caches = [x for x in torch_pytree.tree_leaves(tree) if isinstance(x, Cache)]
+    caches = [x for x in leaves if isinstance(x, Cache)]
     if not caches:
         return None
     cache = caches[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import CausalLMContract, KVCache, LayerKV  # noqa: F401  (re-exported)
+from .contract import CausalLMContract, KVCache, LayerCaches, LayerKV  # noqa: F401  (re-exported)
 
 
 
@@ -32,10 +32,6 @@ class CausalLM(CausalLMContract):
     """What every model here shares: the activation dtype and a KV cache shaped from its config
     (``num_layers``, ``num_kv_heads``, ``head_dim``). Each family adds ``head_layout`` and the
     contract's class attributes."""
-
-    # Set by the bridge while it traces a scanned decoder stack (``bridge.scan.StackRunner``): a
-    # callable that runs ``run_layers``' loop as one scan. None: the layers run one after another.
-    stack_runner = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,8 +52,8 @@ class CausalLM(CausalLMContract):
 
     def run_layers(self, layers, x, positions, kv_cache, cache_position, attention_mask):
         """The decoder stack every model shares: RoPE tables (``rotary_dim`` of the config, else
-        ``head_dim``; ``rope_scaling`` when set), the masks, and each layer in turn, collecting the
-        new cache. Returns (hidden states, new cache or None)."""
+        ``head_dim``; ``rope_scaling`` when set), the masks, and each layer in turn, each writing its
+        part of the cache (``LayerCaches``). Returns (hidden states, new cache or None)."""
         c = self.config
         positions, cache_position = default_positions(x, positions, kv_cache, cache_position)
         rot_dim = getattr(c, "rotary_dim", c.head_dim)
@@ -66,16 +62,11 @@ class CausalLM(CausalLMContract):
         window = getattr(c, "sliding_window", None)
         # The cache length is the keys' second-to-last dim, whatever the layout (a stacked cache has
         # a leading layer dim).
-        mask = Masks(cache_position, None if kv_cache is None else kv_cache[0][0].shape[-2], attention_mask, window,
-                     x.dtype)  # fmt: skip
-        if self.stack_runner is not None:
-            return self.stack_runner(layers, x, cos, sin, mask, kv_cache, cache_position)
-        new_cache = None if kv_cache is None else []
-        for i, layer in enumerate(layers):
-            x, layer_kv = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], cache_position)
-            if new_cache is not None:
-                new_cache.append(layer_kv)
-        return x, new_cache
+        cache = None if kv_cache is None else LayerCaches(kv_cache)
+        mask = Masks(cache_position, None if cache is None else cache.length, attention_mask, window, x.dtype)
+        for layer in layers:
+            x = layer(x, cos, sin, mask, cache, cache_position)
+        return x, None if cache is None else cache.layers
 
 
 class RMSNorm(nn.Module):
@@ -182,23 +173,22 @@ def attend(
     v: torch.Tensor,
     masks: Masks,
     scale: float,
-    layer_kv: Optional[LayerKV] = None,
+    cache: Optional[LayerCaches] = None,
+    layer: int = 0,
     cache_position: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
-) -> tuple[torch.Tensor, Optional[LayerKV]]:
-    """Grouped-query attention of q [B, Hq, T, D] with this call's k/v [B, Hkv, T, D] -> (out
-    [B, T, Hq*D], the layer's new cache or None).
+) -> torch.Tensor:
+    """Grouped-query attention of q [B, Hq, T, D] with this call's k/v [B, Hkv, T, D] -> [B, T, Hq*D].
 
-    With a cache (``layer_kv``, each [B, Hkv, S, D]) the new keys/values are written at
-    ``cache_position`` first and the queries attend over the whole cache, as transformers' caches
-    do (gpt-fast's ``KVCache.update``). ``F.scaled_dot_product_attention`` with ``enable_gqa``:
-    query heads grouped under their kv head, keys never repeated. ``softcap`` (Grok-1) applies
-    ``c * tanh(s / c)`` to the scores, which SDPA cannot: written out, fp32 scores.
+    With a cache, the new keys/values are written into ``layer``'s part at ``cache_position`` first
+    and the queries attend over that layer's whole cache, as transformers' caches do.
+    ``F.scaled_dot_product_attention`` with ``enable_gqa``: query heads grouped under their kv head,
+    keys never repeated. ``softcap`` (Grok-1) applies ``c * tanh(s / c)`` to the scores, which SDPA
+    cannot: written out, fp32 scores.
     """
     b, hq, t, d = q.shape
-    if layer_kv is not None:
-        layer_kv = write_kv(layer_kv, k, v, cache_position)
-        k, v = (x.to(q.dtype) for x in layer_kv)
+    if cache is not None:
+        k, v = (x.to(q.dtype) for x in cache.update(layer, k, v, cache_position))
     if softcap is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks.bias, scale=scale, enable_gqa=True)
     else:
@@ -207,16 +197,7 @@ def attend(
         s = softcap * torch.tanh(s / softcap) + masks.bias[:, :, None].float()
         probs = torch.softmax(s, dim=-1).to(v.dtype)
         out = torch.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(b, hq, t, d)
-    return out.transpose(1, 2).reshape(b, t, hq * d), layer_kv
-
-
-def write_kv(layer_kv: LayerKV, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> LayerKV:
-    """The layer's cache with this call's keys/values written at ``cache_position`` columns (a
-    functional ``index_copy``: under the bridge the donated cache is updated in place)."""
-    return (
-        layer_kv[0].index_copy(2, cache_position, k.to(layer_kv[0].dtype)),
-        layer_kv[1].index_copy(2, cache_position, v.to(layer_kv[1].dtype)),
-    )
+    return out.transpose(1, 2).reshape(b, t, hq * d)
 
 
 def default_positions(input_ids: torch.Tensor, positions, kv_cache, cache_position):

@@ -16,6 +16,40 @@ from torch import nn
 # One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 KVCache = list[LayerKV]
+
+
+class LayerCaches:
+    """The KV cache as a forward writes it, gpt-fast's ``KVCache.update``: each layer hands its new
+    keys/values to ``update`` with its index and attends over what comes back. One object for every
+    layer, so the layers' calls differ only in their input (the bridge scans such a stack, and
+    swaps ``update`` for a write into the stack the scan carries).
+
+    ``layers``: the ``KVCache`` list, per layer (keys, values) [B, H, S, D], or one stacked pair
+    [L, B, H, S, D] (a scanned stack's layout). Functional: ``update`` replaces entries of
+    ``layers``, never writes a tensor in place."""
+
+    def __init__(self, layers: KVCache):
+        self.layers = list(layers)
+        self.stacked = len(self.layers) == 1 and self.layers[0][0].ndim == 5
+
+    @property
+    def length(self) -> int:
+        """Columns (positions) each layer's cache holds."""
+        return self.layers[0][0].shape[-2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> LayerKV:
+        """Writes ``k``/``v`` [B, H, T, D] at ``cache_position`` [T] columns of ``layer``'s cache;
+        returns that layer's whole (keys, values)."""
+        if self.stacked:  # outside a scan: the layer's slice written, then put back in the stack
+            stack = self.layers[0]
+            new = tuple(s[layer].index_copy(2, cache_position, x.to(s.dtype)) for s, x in zip(stack, (k, v)))
+            at = torch.tensor([layer], device=k.device)
+            self.layers[0] = tuple(s.index_copy(0, at, n[None]) for s, n in zip(stack, new))
+            return new
+        keys, values = self.layers[layer]
+        self.layers[layer] = (keys.index_copy(2, cache_position, k.to(keys.dtype)),
+                              values.index_copy(2, cache_position, v.to(values.dtype)))  # fmt: skip
+        return self.layers[layer]
 # (name regex, dim, unit): a tensor whose name matches keeps whole heads of ``unit`` rows on ``dim``.
 HeadLayout = list[tuple[str, int, int]]
 

@@ -103,47 +103,46 @@ PRESETS: dict[str, GrokConfig] = {
 
 
 class Attention(nn.Module):
-    def __init__(self, c: GrokConfig):
+    def __init__(self, c: GrokConfig, layer_idx: int):
         super().__init__()
-        self.c = c
+        self.c, self.layer_idx = c, layer_idx
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
+    def forward(self, x, cos, sin, mask, cache, cache_position):
         b, t, _ = x.shape
         d = self.c.head_dim
         q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, layer_kv = attend(q, k, v, mask, self.c.attn_output_multiplier, layer_kv, cache_position,
-                               softcap=self.c.attn_softcap)  # fmt: skip
-        return self.o_proj(out), layer_kv
+        out = attend(q, k, v, mask, self.c.attn_output_multiplier, cache, self.layer_idx, cache_position,
+                     softcap=self.c.attn_softcap)  # fmt: skip
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: GrokConfig):
+    def __init__(self, c: GrokConfig, layer_idx: int):
         super().__init__()
         self.pre_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, layer_idx)
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.pre_moe_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, "gelu", c.routing)
         self.post_moe_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
-        a, new_kv = self.self_attn(self.pre_attn_norm(x), cos, sin, mask, layer_kv, cache_position)
-        x = x + self.post_attn_norm(a)
-        return x + self.post_moe_norm(self.mlp(self.pre_moe_norm(x))), new_kv
+    def forward(self, x, cos, sin, mask, cache, cache_position):
+        x = x + self.post_attn_norm(self.self_attn(self.pre_attn_norm(x), cos, sin, mask, cache, cache_position))
+        return x + self.post_moe_norm(self.mlp(self.pre_moe_norm(x)))
 
 
 class GrokModel(nn.Module):
     def __init__(self, c: GrokConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 

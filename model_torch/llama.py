@@ -138,23 +138,22 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 class Attention(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.c = c
+        self.c, self.layer_idx = c, layer_idx
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
+    def forward(self, x, cos, sin, mask, cache, cache_position):
         b, t, _ = x.shape
         d = self.c.head_dim
         q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, layer_kv = attend(q, k, v, mask, d**-0.5, layer_kv, cache_position)
-        return self.o_proj(out), layer_kv
+        return self.o_proj(attend(q, k, v, mask, d**-0.5, cache, self.layer_idx, cache_position))
 
 
 class MLP(nn.Module):
@@ -169,9 +168,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, layer_idx)
         if c.num_experts:
             self.mlp = MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok,
                            c.hidden_act, routing="topk_softmax")  # fmt: skip
@@ -180,17 +179,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_kv, cache_position)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+    def forward(self, x, cos, sin, mask, cache, cache_position):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 

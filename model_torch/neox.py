@@ -104,20 +104,19 @@ def _activation(name: str):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: GPTNeoXConfig):
+    def __init__(self, c: GPTNeoXConfig, layer_idx: int):
         super().__init__()
-        self.c = c
+        self.c, self.layer_idx = c, layer_idx
         self.query_key_value = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=c.attention_bias)
         self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
+    def forward(self, x, cos, sin, mask, cache, cache_position):
         b, t, _ = x.shape
         d = self.c.head_dim
         qkv = self.query_key_value(x).view(b, t, -1, 3 * d).transpose(1, 2)  # per head [q|k|v]
         q, k, v = qkv.chunk(3, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, layer_kv = attend(q, k, v, mask, d**-0.5, layer_kv, cache_position)
-        return self.dense(out), layer_kv
+        return self.dense(attend(q, k, v, mask, d**-0.5, cache, self.layer_idx, cache_position))
 
 
 class MLP(nn.Module):
@@ -132,27 +131,27 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, c: GPTNeoXConfig):
+    def __init__(self, c: GPTNeoXConfig, layer_idx: int):
         super().__init__()
         self.parallel = c.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.attention = Attention(c)
+        self.attention = Attention(c, layer_idx)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_position):
-        a, new_kv = self.attention(self.input_layernorm(x), cos, sin, mask, layer_kv, cache_position)
+    def forward(self, x, cos, sin, mask, cache, cache_position):
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x + a + self.mlp(self.post_attention_layernorm(x)), new_kv
+            return x + a + self.mlp(self.post_attention_layernorm(x))
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPTNeoXModel(nn.Module):
     def __init__(self, c: GPTNeoXConfig):
         super().__init__()
         self.embed_in = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(Layer(c, i) for i in range(c.num_layers))
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
 

@@ -76,7 +76,7 @@ def test_model_torch_is_plain_torch():
     custom ops (``torch.library``), and calls none of the bridge's own ops; the bridge recognises standard torch (``F.linear``, ``F.scaled_dot_product_attention``,
     ``index_copy`` for the cache) and swaps modules at load (int8)."""
     bridge_ops = {"int8_linear", "cache_scores", "cache_mix", "ordered_after", "materialized", "layer_slice",
-                  "small_batch_matmul"}  # fmt: skip
+                  "small_batch_matmul", "stack_runner"}  # fmt: skip
     for m, path in project_modules().items():
         if not m.startswith("model_torch"):
             continue
