@@ -269,23 +269,28 @@ def test_smollm2_model_torch_matches_transformers(smollm2):
     assert int(ours[0, -1].argmax()) == int(ref[0, -1].argmax())
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-neox", "tiny-grok"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-neox"])
 def test_long_prefill_in_query_blocks_equals_one_block(preset, monkeypatch):
-    """A prefill longer than QUERY_CHUNK attends block by block (bounded memory); with blocks of 4
-    queries over a 13-token prompt, with and without a cache and with left padding, the logits equal
-    the single-block computation."""
-    from model_torch import common
+    """A prefill longer than the SDPA lowering's QUERY_CHUNK attends block by block (bounded
+    memory); with blocks of 4 queries over a 13-token prompt, with and without a cache and with left
+    padding, the lifted logits equal eager torch's single-block computation."""
+    from bridge import lowerings
 
     torch.manual_seed(0)
-    model = tiny_grok() if preset == "tiny-grok" else model_torch.from_preset(preset).eval()
+    model = model_torch.from_preset(preset).eval()
     ids = random_ids(model.config.vocab_size, (2, 13), seed=3)
     key_mask = torch.ones(2, 32, dtype=torch.int64)
     key_mask[1, :5] = 0  # row 1 left-padded by 5
     positions = torch.stack([torch.arange(13), (torch.arange(13) - 5).clamp(min=0)])
     with torch.no_grad():
         whole = model(ids)[0], model(ids, positions=positions, kv_cache=model.init_kv_cache(2, 32), attention_mask=key_mask)[0]
-        monkeypatch.setattr(common, "QUERY_CHUNK", 4)
-        blocks = model(ids)[0], model(ids, positions=positions, kv_cache=model.init_kv_cache(2, 32), attention_mask=key_mask)[0]
+    monkeypatch.setattr(lowerings, "QUERY_CHUNK", 4)
+    weights, fn = extract(model)
+    j = lambda t: jax.numpy.asarray(t.numpy())  # noqa: E731
+    cache = jax.tree.map(j, model.init_kv_cache(2, 32))
+    blocks = (np.asarray(jax.jit(lambda w, i: fn(w, (i,))[0])(weights, j(ids))),
+              np.asarray(jax.jit(lambda w, i, p, c, m: fn(w, (i,), dict(positions=p, kv_cache=c, attention_mask=m))[0])(
+                  weights, j(ids), j(positions), cache, j(key_mask))))  # fmt: skip
     assert max_rel(blocks[0], whole[0]) < RTOL
     assert max_rel(blocks[1][1, 5:], whole[1][1, 5:]) < RTOL and max_rel(blocks[1][0], whole[1][0]) < RTOL
 
