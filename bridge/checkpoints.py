@@ -617,14 +617,17 @@ def as_stored(model: nn.Module, hf_config) -> nn.Module:
 
 
 def map_tensors(fn, names, desc: str, workers: int, progress: bool = True) -> dict:
-    """``{name: fn(name)}`` over a thread pool, with a progress bar when it takes over a second."""
+    """``{name: fn(name)}`` over a thread pool, with a progress bar when it takes over a second and
+    stderr is a terminal (a log or a captured stderr gets no bar: a bad input's one error line stays
+    the only line when a slow machine takes over a second to place the weights)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     names = list(names)
     with ThreadPoolExecutor(workers) as pool:
-        done = tqdm(pool.map(fn, names), total=len(names), desc=desc, unit="tensor", delay=1.0, disable=not progress)
+        done = tqdm(pool.map(fn, names), total=len(names), desc=desc, unit="tensor", delay=1.0,
+                    disable=None if progress else True)  # fmt: skip
         return dict(zip(names, done))
 
 
