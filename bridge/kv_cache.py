@@ -68,12 +68,6 @@ def empty(lifted, batch: int, seq: int) -> list:
                         layout(lifted, batch, seq))  # fmt: skip
 
 
-def is_stacked(cache) -> bool:
-    """Whether ``cache`` (as a model's forward receives it) is the stacked layout of ``layout``: one
-    pair whose tensors carry the layer dim. A per-layer list (a user's ``init_kv_cache``) is not."""
-    return len(cache) == 1 and cache[0][0].ndim == STACKED_RANK
-
-
 def bytes_per_device(lifted, batch: int, seq: int) -> int:
     return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
                for s in jax.tree.leaves(layout(lifted, batch, seq)))  # fmt: skip

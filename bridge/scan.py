@@ -398,12 +398,8 @@ class StackCalls:
                 new = env.t2j_iso((key_states, value_states))
                 written["position"] = cache_position
                 start = env.t2j_iso(cache_position).reshape(-1)[0]
-                if carried is not None:  # into the carried stack, in place; read there in place
-                    for n, a in zip(("k", "v"), new):
-                        at = (carried["i"], 0, 0, start, 0)
-                        carried[n] = cpu_kernels.bitwise_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
-                    return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
-                                             for n in ("k", "v")))  # fmt: skip
+                if carried is not None:
+                    return self.write_carried(carried, new, start)
                 written["columns"] = tuple(a.astype(c.dtype) for a, c in zip(new, kv))
                 return env.j2t_iso(tuple(cpu_kernels.bitwise_update_slice(c, a, (0, 0, start, 0))
                                          for c, a in zip(kv, written["columns"])))  # fmt: skip
@@ -416,12 +412,7 @@ class StackCalls:
                 kv = tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True) for n in ("k", "v"))
 
                 def update(key_states, value_states, *args, **kw):
-                    new = env.t2j_iso((key_states, value_states))
-                    for n, a in zip(("k", "v"), new):
-                        at = (carried["i"], 0, 0, self.start, 0)
-                        carried[n] = cpu_kernels.bitwise_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
-                    return env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
-                                             for n in ("k", "v")))  # fmt: skip
+                    return self.write_carried(carried, env.t2j_iso((key_states, value_states)), self.start)
 
                 view.update = update
             view.keys, view.values = env.j2t_iso(kv)
@@ -456,6 +447,16 @@ class StackCalls:
             columns = tuple(jax.lax.dynamic_slice_in_dim(a, self.start, self.new, axis=2)
                             for a in env.t2j_iso((view.keys, view.values)))  # fmt: skip
         return [env.t2j_iso(v) if isinstance(v, torch.Tensor) else v for v in leaves], tree, columns, records
+
+    def write_carried(self, carried: dict, new: tuple, start) -> tuple:
+        """A layer's new keys/values (jax) written at column ``start`` of its layer (``carried["i"]``)
+        in the stacked cache the scan carries (``carried["k"]``, ``["v"]``, updated), in place; its
+        layer's (keys, values) returned as slices of the stack that the kernels read in place."""
+        for n, a in zip(("k", "v"), new):
+            at = (carried["i"], 0, 0, start, 0)
+            carried[n] = cpu_kernels.bitwise_update_slice(carried[n], a[None].astype(carried[n].dtype), at)
+        return self.env.j2t_iso(tuple(cpu_kernels.layer_slice(carried[n], carried["i"], kv_cache=True)
+                                      for n in ("k", "v")))  # fmt: skip
 
     def set_cache(self, k, v):
         """The stacked cache after the scan, back in the module's cache object."""
