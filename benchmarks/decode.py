@@ -283,6 +283,13 @@ def main() -> int:
         if r["engine"].endswith(", transformers class"):  # against our rewrite in the same dtype (issue 31)
             rewrite = by.get((REWRITE_OF[r["engine"]], r["batch"]))
             r["vs_rewrite"] = r["tokens_per_second"] / rewrite["tokens_per_second"] if rewrite else None
+            # Also round by round, each run against the bandwidth measured around it (the two rows
+            # run minutes apart within a round, and the bandwidth drifts): the median of the ratio
+            # of their paired roofline fractions.
+            if rewrite:
+                theirs = paired[(REWRITE_OF[r["engine"]], r["batch"])]
+                r["vs_rewrite_paired"] = float(np.median([(a / ba) / (b / bb) for (a, ba), (b, bb)
+                                                          in zip(paired[(r["engine"], r["batch"])], theirs)]))  # fmt: skip
     peer = by.get(("llama.cpp F32", 1))
     # The same ratio round by round (runs a minute apart at most), median: steadier than best / best.
     per_round = [ours / theirs for (ours, _), (theirs, _) in
@@ -326,7 +333,8 @@ def main() -> int:
               f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}  {r['kernel']}")  # fmt: skip
     for r in rows:
         if r.get("vs_rewrite"):
-            print(f"{r['engine']} / our rewrite at batch {r['batch']}: {r['vs_rewrite']:.2f}x")
+            print(f"{r['engine']} / our rewrite at batch {r['batch']}: {r['vs_rewrite']:.2f}x (best / best), "
+                  f"{r['vs_rewrite_paired']:.2f}x (paired, median of rounds)")
     if peer:
         print(f"ours fp32 / llama.cpp F32 at batch 1: {result['ours_fp32_vs_llama_cpp_f32']:.0%} (best / best); "
               f"round by round {', '.join(f'{r:.0%}' for r in per_round)}, median {float(np.median(per_round)):.0%}")

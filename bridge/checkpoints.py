@@ -294,7 +294,7 @@ def _open_stored(kind, path, dtype, preset):
     if kind == "dir":
         hf_config = load_config(path)
         model = meta_model(path, dtype, hf_config)
-        return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES), hf_config
+        return model, SafetensorsWeights(path, model.CHECKPOINT_RENAMES, hf_config.model_type), hf_config
     if kind == "neox":
         from bridge.partitions import NeoXSlimWeights
 
@@ -341,11 +341,11 @@ def grok_hf_config(config):
     return hf
 
 
-def stored_state_dict(stored: "StoredWeights") -> dict[str, torch.Tensor]:
-    """Every tensor of ``stored`` read whole into host memory (converting and host loading)."""
-    import numpy as np
-
-    return {name: torch_from_numpy(np.ascontiguousarray(stored.read(name))) for name in stored.shapes()}
+def stored_state_dict(stored: "StoredWeights", workers: int = 8) -> dict[str, torch.Tensor]:
+    """Every tensor of ``stored`` read whole into host memory (converting and host loading), in
+    parallel, with a progress bar when it takes over a second."""
+    return map_tensors(lambda name: torch_from_numpy(np.ascontiguousarray(stored.read(name))), stored.shapes(),
+                       stored.label.replace("placing", "loading"), workers)  # fmt: skip
 
 
 def has_model_torch(path: Path) -> bool:
@@ -468,20 +468,97 @@ class TensorSource:
         return out[index] if index else out
 
 
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    """A model tensor its checkpoint stores in pieces (transformers' ``WeightConverter``): per source
+    pattern, one stored tensor per expert, stacked on a new dim 0 (``MergeModulelist(dim=0)``);
+    several patterns concatenated on ``dim`` of the stack (``Concatenate``: Mixtral's ``w1``/``w3``
+    into ``gate_up_proj``)."""
+
+    parts: tuple[tuple[str, ...], ...]  # per source pattern, the stored names in expert order
+    dim: int  # of the merged tensor, where the patterns meet (0 when there is one)
+
+
+def hf_layout_conversions(model_type: str, keys) -> tuple[dict[str, str], dict[str, Merged]]:
+    """Stored names as the model names them, by transformers' own conversion table for the
+    checkpoints of ``model_type`` (``conversion_mapping``: the layout on the Hub, e.g. Mixtral's
+    ``block_sparse_moe.experts.N.w1/w2/w3``, into its classes' fused experts; our rewrites use the
+    same names): (model name -> stored name, model name -> ``Merged``). Refuses a conversion other
+    than stacking experts and concatenating the stacks (none is needed by a family we rewrite)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, rename_source_key
+
+    table = get_checkpoint_conversion_mapping(model_type) or []
+    converters = [t for t in table if isinstance(t, WeightConverter)]
+    renamings = [t for t in table if not isinstance(t, WeightConverter)]
+    plain, grouped = {}, {}
+    for key in keys:
+        target, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            plain[target] = key
+            continue
+        # the expert index: what the pattern's ``*`` stands for in the renamed key
+        renamed, _ = rename_source_key(key, renamings, [])
+        found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", renamed)
+        if found is None:
+            raise CheckpointError(f"{key}: transformers' {model_type} conversion {pattern!r} names no expert index in it")
+        grouped.setdefault(target, {}).setdefault(pattern, {})[int(found.group(1))] = key
+    merged = {}
+    for target, by_pattern in grouped.items():
+        converter = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
+        ops = list(converter.operations)
+        if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0 or any(
+                not isinstance(op, Concatenate) for op in ops[1:]):  # fmt: skip
+            raise CheckpointError(f"transformers' {model_type} conversion into {target} ({ops}) is not one this bridge "
+                                  f"reads; open it with --implementation transformers")  # fmt: skip
+        patterns = [p for p in converter.source_patterns if p in by_pattern]
+        parts = tuple(tuple(by_pattern[p][e] for e in sorted(by_pattern[p])) for p in patterns)
+        merged[target] = Merged(parts, ops[-1].dim if len(ops) > 1 else 0)
+    return plain, merged
+
+
 class SafetensorsWeights(StoredWeights):
     """A HF directory's tensor files (safetensors, or a torch state dict), renamed into the model's
-    names by its ``CHECKPOINT_RENAMES``."""
+    names by its ``CHECKPOINT_RENAMES``, and for a ``model_type`` with a conversion in transformers
+    (``hf_layout_conversions``) converted as transformers converts them on load."""
 
-    def __init__(self, path: Path, renames=()):
+    def __init__(self, path: Path, renames=(), model_type: Optional[str] = None):
         self.source = TensorSource(checkpoint_files(Path(path)))
         self.label = f"placing {Path(path).name}"
-        self.stored = rename_keys({k: k for k in self.source.keys()}, renames)  # model name -> stored name
+        plain, self.merged = hf_layout_conversions(model_type, self.source.keys()) if model_type else (
+            {k: k for k in self.source.keys()}, {})  # fmt: skip
+        self.stored = rename_keys(plain, renames)  # model name -> stored name
 
     def shapes(self):
-        return {k: self.source.shape(v) for k, v in self.stored.items()}
+        shapes = {k: self.source.shape(v) for k, v in self.stored.items()}
+        for name, m in self.merged.items():
+            piece = [self.source.shape(keys[0]) for keys in m.parts]  # each expert's, per pattern
+            shape = [len(m.parts[0]), *piece[0]]
+            shape[m.dim] = sum(p[m.dim - 1] for p in piece) if m.dim else shape[0]
+            shapes[name] = tuple(shape)
+        return shapes
 
     def read(self, name, index=()):
-        return self.source.read(self.stored[name], tuple(index))
+        if name not in self.merged:
+            return self.source.read(self.stored[name], tuple(index))
+        m = self.merged[name]
+        shape = self.shapes()[name]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        experts = range(shape[0])[index[0]]
+        if m.dim == 0:  # one pattern: its experts stacked
+            return np.stack([self.source.read(m.parts[0][e], index[1:]) for e in experts])
+        # patterns concatenated on ``dim``: each reads only the part of the slice that falls in it
+        want = range(shape[m.dim])[index[m.dim]]
+        out, start = [], 0
+        for keys in m.parts:
+            size = self.source.shape(keys[0])[m.dim - 1]
+            lo, hi = max(want.start, start), min(want.stop, start + size)
+            if hi > lo:
+                inner = list(index[1:])
+                inner[m.dim - 1] = slice(lo - start, hi - start)
+                out.append(np.stack([self.source.read(keys[e], tuple(inner)) for e in experts]))
+            start += size
+        return np.concatenate(out, axis=m.dim)
 
 
 class QuantizingWeights(StoredWeights):
@@ -631,13 +708,6 @@ def map_tensors(fn, names, desc: str, workers: int, progress: bool = True) -> di
         return dict(zip(names, done))
 
 
-def read_state_dict(path: Path, workers: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory (single or sharded safetensors, or pytorch_model.bin), read in
-    parallel, with a progress bar when the load takes over a second."""
-    source = TensorSource(checkpoint_files(path))
-    return map_tensors(source.get, source.keys(), f"loading {path.name}", workers, progress)
-
-
 def rename_keys(state: dict, rules, verbose: bool = False) -> dict:
     """Applies ordered (regex, replacement) rules to each key: the first rule that matches wins."""
     if not rules:
@@ -760,9 +830,9 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str
     cls, config = found
     with torch.device("meta"):
         model = as_stored(cls(config), hf_config)
-    state = read_state_dict(path) if state is None else state
-    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    load_into(model, state, renames=model.CHECKPOINT_RENAMES)
+    if state is None:  # read as direct-to-mesh loading reads it: renamed, and converted as transformers would
+        state = stored_state_dict(SafetensorsWeights(path, model.CHECKPOINT_RENAMES, hf_config.model_type))
+    load_into(model, {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()})
     return Loaded(model.eval(), tokenizer, str(path), hf_config.model_type, hf_config)
 
 

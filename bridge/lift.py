@@ -366,8 +366,9 @@ def lift_checkpoint(
     is built on the meta device (no memory), every placement is validated first, then each
     device's slice of each tensor is read from the safetensors files into place
     (``lift(..., stored=...)``)."""
+    from pathlib import Path
+
     from bridge import checkpoints
 
-    model = checkpoints.meta_model(path, dtype)
-    return lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers,
-                stored=checkpoints.SafetensorsWeights(path, model.CHECKPOINT_RENAMES))  # fmt: skip
+    model, stored, _ = checkpoints.open_stored("dir", Path(path), dtype)
+    return lift(model, mesh, scheme, fallback=fallback, scan_layers=scan_layers, stored=stored)

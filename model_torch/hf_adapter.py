@@ -238,8 +238,8 @@ class HFCausalLMAdapter(CausalLMContract):
 
     # -- helpers ------------------------------------------------------------------------------------
     def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
-        """(kv heads, key dim, value dim) per layer, read off one forward on the meta device (no
-        memory): every family names these config fields its own way; its cache update does not."""
+        """(kv heads, key dim, value dim) per layer, read off one forward on fake tensors (no memory,
+        no data): every family names these config fields its own way; its cache update does not."""
         if self._kv_layout is None:
             from transformers.cache_utils import DynamicCache
 
@@ -310,12 +310,20 @@ def _layer_blocks(layer: nn.Module) -> tuple[str, ...]:
 
 
 def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
-    """One token through ``hf_model`` with every parameter and buffer swapped for a meta tensor."""
+    """One token through ``hf_model`` with every parameter and buffer swapped for a fake tensor (shapes
+    only, backed by the meta device)."""
     from torch.func import functional_call
 
     # Non-persistent buffers too (not in the state dict): a forward may replace one (GPT-J and
     # CodeGen move their sin/cos table to the input's device), and functional_call restores only
     # what it swapped in, so the model kept a meta table.
     tensors = {**dict(hf_model.named_parameters(remove_duplicate=False)), **dict(hf_model.named_buffers(remove_duplicate=False))}
-    state = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    functional_call(hf_model, state, (), dict(input_ids=ids, past_key_values=cache, use_cache=True), tie_weights=False, strict=False)
+    # Fake tensors, not plain meta ones: transformers takes them for a trace (``is_tracing``) and
+    # skips the data-dependent shortcuts (``fast_all(padding_mask)`` is an ``.item()``) that a
+    # meta tensor cannot answer (BioGPT, BigBird).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
+        functional_call(hf_model, state, (), dict(input_ids=mode.from_tensor(ids), past_key_values=cache, use_cache=True),
+                        tie_weights=False, strict=False)  # fmt: skip

@@ -69,6 +69,19 @@ def hf_reference(path: str):
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(0, 517, 12)]
 
 
+def greedy_equals_transformers(path: str, devices, new_tokens: int = 16):
+    """Asserts greedy tokens equal transformers' ``generate`` on 1 device and under tp on 2; returns
+    the tp lift."""
+    hf = hf_reference(path)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False)[0, len(PROMPT):].tolist()  # fmt: skip
+    for n, scheme in [(1, "replicated"), (2, "tp")]:
+        lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
+        assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], new_tokens).token_ids[0] == ref, (n, scheme)
+    return lifted
+
+
 @pytest.mark.parametrize("devices_n,scheme", [(1, "replicated"), (2, "tp")])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_equals_transformers(family, devices_n, scheme, checkpoints_dir):
@@ -230,12 +243,7 @@ def test_classes_without_sdpa_run_their_eager_attention(tmp_path, devices):
                           bos_token_id=1, eos_token_id=2)  # fmt: skip
     assert attention_implementation(config) == "eager"
     path = save(config, tmp_path / family)
-    hf = hf_reference(path)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:]
-    for n, scheme in [(1, "replicated"), (2, "tp")]:
-        lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
-        assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], 16).token_ids[0] == ref.tolist(), (n, scheme)
+    greedy_equals_transformers(path, devices)
 
 
 def test_composite_config_reads_the_text_models_settings(tmp_path, devices):
@@ -250,10 +258,15 @@ def test_composite_config_reads_the_text_models_settings(tmp_path, devices):
     config = T.Gemma3Config(text_config=text, vision_config=vision)
     assert not hasattr(config, "max_position_embeddings")
     path = save(config, tmp_path / "gemma3")
-    hf = hf_reference(path)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:]
-    for n, scheme in [(1, "replicated"), (2, "tp")]:
-        lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
-        assert (lifted.model.vocab_size, lifted.model.context_length) == (517, 256)
-        assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], 16).token_ids[0] == ref.tolist(), (n, scheme)
+    lifted = greedy_equals_transformers(path, devices)
+    assert (lifted.model.vocab_size, lifted.model.context_length) == (517, 256)
+
+
+def test_a_forward_that_reads_its_masks_data_is_probed(tmp_path, devices):
+    """BioGPT builds its own padding mask, and transformers' SDPA mask reads its data (a shortcut
+    taken when every column is real: an ``.item()``), which a meta tensor cannot answer: the
+    adapter's probe of the cache layout runs on fake tensors, which transformers treats as a trace.
+    Greedy tokens equal transformers' on 1 device and under tp on 2."""
+    config = T.BioGptConfig(vocab_size=517, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256)  # fmt: skip
+    greedy_equals_transformers(save(config, tmp_path / "biogpt"), devices, new_tokens=8)

@@ -283,3 +283,41 @@ def test_int8_tp_sharded_equals_int8_unsharded(preset, devices):
             dim0 = lambda spec: spec[0] if len(spec) else None  # noqa: E731
             assert dim0(lifted.placements[k].spec) == dim0(lifted.placements[wname].spec), k
     assert max_rel(lifted.forward(ids), ref) < RTOL
+
+
+def test_mixtral_as_the_hub_stores_it_opens_in_our_rewrite(tmp_path, devices):
+    """transformers saves Mixtral as every Hub checkpoint stores it, one ``w1``/``w2``/``w3`` per expert
+    under ``block_sparse_moe``, while our rewrite keeps transformers' fused experts (``gate_up_proj``
+    [E, 2F, H] = [w1; w3], ``down_proj`` = w2): both loaders convert it by transformers' own table.
+    The host loader's tensors equal transformers' loaded model's; a slice across the w1/w3 seam reads
+    what the whole tensor holds; greedy tokens equal transformers' on 1 device, with the experts
+    over 2 devices (ep) and under tp on 4 (each device's slice of gate_up_proj read from both)."""
+    from safetensors import safe_open
+
+    from bridge.generate import Generator
+    from bridge.models import open_model
+    from model_torch.llama import LlamaForCausalLM
+
+    hc = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(hc).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in f.keys()
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = checkpoints.load(str(tmp_path), with_tokenizer=False)
+    assert isinstance(loaded.model, LlamaForCausalLM)
+    want = hf.state_dict()
+    for name, t in loaded.model.state_dict().items():
+        assert torch.equal(t, want[name]), name
+    stored = checkpoints.SafetensorsWeights(tmp_path, (), "mixtral")
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    assert np.array_equal(stored.read(name, (slice(1, 3), slice(90, 100))), want[name][1:3, 90:100].numpy())
+    prompt = [5, 17, 42, 99, 7, 63, 11, 250]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 8:].tolist()
+    for n, scheme in [(1, "replicated"), (2, "ep"), (4, "tp")]:
+        lifted = open_model(str(tmp_path), devices=devices[:n], scheme=scheme, with_tokenizer=False)
+        assert isinstance(lifted.model, LlamaForCausalLM)
+        assert Generator(lifted, stop_at_eos=False).generate_ids([prompt], 8).token_ids[0] == ref, (n, scheme)
