@@ -121,6 +121,7 @@ def main() -> int:
     from bridge import checkpoints, cpu_kernels
     from bridge.files import atomic_write
     from bridge.generate import Generator
+    from bridge.host_memory import HugePagesAfterFirstRequest
     from bridge.models import open_model
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -151,14 +152,17 @@ def main() -> int:
     # transformers' own class behind the adapter (scanned by the bridge: ``scan.StackCalls``).
     # "XLA's GEMM": the same fp32 model with ``cpu_kernels`` switched off, so batch 8 shows the
     # small-batch kernel against XLA:CPU's own product side by side.
+    # Each transformers-class row right after our rewrite in its dtype: loaded next to each other (the
+    # later a model is loaded, the more fragmented memory is when its weights ask for huge pages) and
+    # timed next to each other in every round.
     engines = [
         ("ours fp32", dict()),
+        ("ours fp32, transformers class", dict(implementation="transformers")),
         ("ours fp32, XLA's GEMM", dict(env={cpu_kernels.SWITCH: "0"})),
         ("ours fp32, unrolled", dict(scan_layers=False)),
         ("ours int8 (weight-only)", dict(quantize="int8")),
-        ("ours bf16", dict(dtype="bfloat16")),
-        ("ours fp32, transformers class", dict(implementation="transformers")),
         ("ours int8, transformers class", dict(implementation="transformers", quantize="int8")),
+        ("ours bf16", dict(dtype="bfloat16")),
         ("ours bf16, transformers class", dict(implementation="transformers", dtype="bfloat16")),
     ]
     if "avx2" in cpu_kernels.runnable_variants():  # an AVX-512 CPU: what one without it gets, side by side
@@ -166,6 +170,7 @@ def main() -> int:
         engines += [("ours fp32, AVX2 build", dict(env=avx2)), ("ours int8, AVX2 build", dict(env=avx2, quantize="int8")),
                     ("ours bf16, AVX2 build", dict(env=avx2, dtype="bfloat16"))]  # fmt: skip
     builds = {}  # engine -> the kernel build it runs: its ISA, or why none
+    huge_pages = {}  # engine -> its generator's huge-page hook (what the kernel refused, after the runs)
     runners = {}  # (engine, batch) -> run() returning (tokens/s, greedy tokens of row 0, extra)
     prefill_runners = {}  # engine -> run() returning prompt tokens/s
     for engine, kw in engines:
@@ -178,6 +183,7 @@ def main() -> int:
             ids = lifted.tokenizer.encode(PROMPT)[: args.prompt_tokens]
             assert len(ids) == args.prompt_tokens, "prompt too short for --prompt-tokens"
         gen = Generator(lifted, stop_at_eos=False)  # every run decodes exactly n tokens
+        huge_pages[engine] = next((h for h in gen.after_request if isinstance(h, HugePagesAfterFirstRequest)), None)
         nbytes = weight_bytes(lifted)
         for batch in batches:
             first = gen.generate_ids([ids] * batch, n)  # compiles
@@ -277,6 +283,9 @@ def main() -> int:
     hf_tokens = by[("HF transformers eager", 1)]["token_ids"]
     for r in rows:
         r["kernel"] = builds.get(r["engine"], "-")
+        hook = huge_pages.get(r["engine"])
+        if hook is not None:  # a refused range stays on 4 KiB pages: slower reads (see bridge.host_memory)
+            r["huge_page_refusals"] = [f"{advice} errno {errno}" for advice, errno in hook.refusals]
         base = by.get(("ours fp32", r["batch"]))
         r["vs_ours_fp32"] = r["tokens_per_second"] / base["tokens_per_second"] if base else None
         r["same_greedy_tokens_as_hf"] = r["token_ids"] == hf_tokens
@@ -331,6 +340,10 @@ def main() -> int:
         print(f"{r['engine']:<30} {r['batch']:>5} {r['tokens_per_second']:>7.1f} {r['weight_bytes'] / 1e6:>10.0f} "
               f"{r['roofline_tokens_per_second']:>9.1f} {r['fraction_of_roofline']:>11.0%} "
               f"{r['fraction_of_paired_roofline']:>6.0%} {vs:>12} {str(r['same_greedy_tokens_as_hf']):>10}  {r['kernel']}")  # fmt: skip
+    for r in rows:
+        if r.get("huge_page_refusals") and r["batch"] == batches[0]:
+            print(f"{r['engine']}: {len(r['huge_page_refusals'])} weight range(s) left on 4 KiB pages "
+                  f"({r['huge_page_refusals'][0]}, ...)")  # fmt: skip
     for r in rows:
         if r.get("vs_rewrite"):
             print(f"{r['engine']} / our rewrite at batch {r['batch']}: {r['vs_rewrite']:.2f}x (best / best), "

@@ -118,8 +118,9 @@ class HugePagesAfterFirstRequest:
     def __init__(self, arrays):
         self.arrays = arrays
         self.state = None
+        self.refusals = []  # (advice, errno) of each range the kernel refused (``back_with_huge_pages``)
 
     def __call__(self, *_):
         if self.state is None:
-            self.state = back_with_huge_pages(self.arrays, background=True) or False
+            self.state = back_with_huge_pages(self.arrays, background=True, refusals=self.refusals) or False
             self.arrays = None  # the thread holds them while it works; this hook need not

@@ -17,7 +17,7 @@ import transformers as T
 
 from jax.sharding import PartitionSpec as P
 
-from bridge import hlo
+from bridge import hlo, scan
 from bridge.generate import Generator
 from bridge.models import open_model
 from conftest import RTOL, max_rel
@@ -82,17 +82,22 @@ def greedy_equals_transformers(path: str, devices, new_tokens: int = 16):
     return lifted
 
 
-@pytest.mark.parametrize("devices_n,scheme", [(1, "replicated"), (2, "tp")])
+# The default (the stack scanned where its layers are identical) on 1 device and under tp on 2, and
+# every layer unrolled (``--no-scan-layers``) on 1.
+@pytest.mark.parametrize("devices_n,scheme,scan_layers", [(1, "replicated", None), (2, "tp", None), (1, "replicated", False)],
+                         ids=["1-replicated", "2-tp", "1-unrolled"])  # fmt: skip
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_transformers(family, devices_n, scheme, checkpoints_dir):
+def test_greedy_equals_transformers(family, devices_n, scheme, scan_layers, checkpoints_dir):
     path = checkpoints_dir[family]
     hf = hf_reference(path)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
         ref_logits = hf(torch.tensor([PROMPT])).logits.numpy()
     lifted = open_model(path, devices=jax.devices()[:devices_n], scheme=scheme, implementation="transformers",
-                        with_tokenizer=False)  # fmt: skip
+                        with_tokenizer=False, scan_layers=scan_layers)  # fmt: skip
     assert type(lifted.model).__name__ == "HFCausalLMAdapter"
+    # scanned by default wherever the stack's layers are identical (else unrolled, for a stated reason)
+    assert lifted.scan_layers == (scan_layers is None and scan.why_not_scanned(lifted.model) is None)
     gen = Generator(lifted, stop_at_eos=False)
     out = gen.generate_ids([PROMPT], 32)
     assert out.token_ids[0] == ref.tolist()
