@@ -4,7 +4,7 @@ states its cache and the bridge decides the rest):
   * the model's part (``model_torch.contract``): ``init_kv_cache`` gives per-layer (keys, values)
     of ``[batch, kv_heads, max_seq, head_dim]``, which ``forward`` takes and returns updated;
   * layout: per layer, or for a scanned stack one (keys, values) pair with a leading layer dim
-    (``STACKED_RANK``), written in place by the scan (``scan.StackCalls``);
+    (``model_torch.contract.STACKED_KV_RANK``), written in place by the scan (``scan.StackCalls``);
   * placement: batch like the inputs, kv heads on the scheme's head axis, repeated as the weight plan
     repeats the kv heads of the weights; the layer dim unsharded;
   * allocation: zeros on the mesh inside jit (no host copy), and a fresh copy to rerun a donating step.
@@ -20,8 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from bridge.extract import jax_dtype
-
-STACKED_RANK = 5  # [layers, batch, kv_heads, seq, head_dim]: a scanned stack's one pair
 
 
 def spec(scheme: sharding.Scheme, mesh: Mesh, batch: int, kv_heads: int, stacked: bool = False) -> P:

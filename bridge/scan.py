@@ -26,7 +26,7 @@ import numpy as np
 
 import sharding
 from bridge import cpu_kernels
-from model_torch.contract import LayerCaches
+from model_torch.contract import LayerCaches, is_stacked
 
 
 def layer_prefix(model) -> str:
@@ -630,7 +630,7 @@ def scanned_module_fn(fn, model):
 
 def _holds_stacked_cache(tree) -> bool:
     """A stacked KV cache among the lifted function's inputs: the unrolled layers cannot read it."""
-    return any(getattr(x, "ndim", 0) == 5 for x in jax.tree.leaves(tree))
+    return any(is_stacked(x) for x in jax.tree.leaves(tree))
 
 
 def restack(model, tensors: dict, like: dict) -> dict:

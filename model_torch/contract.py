@@ -16,6 +16,15 @@ from torch import nn
 # One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 KVCache = list[LayerKV]
+# A scanned stack's cache is one (keys, values) pair with a leading layer dim: [layers, batch,
+# kv_heads, max_seq, head_dim]. The bridge chooses the layout (``bridge.kv_cache``); this rank is how
+# the model, the scan and the kernels tell the two apart.
+STACKED_KV_RANK = 5
+
+
+def is_stacked(keys) -> bool:
+    """Whether ``keys`` (a cache tensor, or an array standing for one) is a scanned stack's."""
+    return getattr(keys, "ndim", 0) == STACKED_KV_RANK
 
 
 class LayerCaches:
@@ -30,7 +39,7 @@ class LayerCaches:
 
     def __init__(self, layers: KVCache):
         self.layers = list(layers)
-        self.stacked = len(self.layers) == 1 and self.layers[0][0].ndim == 5
+        self.stacked = len(self.layers) == 1 and is_stacked(self.layers[0][0])
 
     @property
     def length(self) -> int:
