@@ -508,7 +508,7 @@ def hf_layout_conversions(model_type: str, keys) -> tuple[dict[str, str], dict[s
         converter = next(c for c in converters if set(by_pattern) <= set(c.source_patterns))
         ops = list(converter.operations)
         if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0 or any(
-                not isinstance(op, Concatenate) for op in ops[1:]):  # fmt: skip
+                not isinstance(op, Concatenate) or op.dim < 1 for op in ops[1:]):  # fmt: skip
             raise CheckpointError(f"transformers' {model_type} conversion into {target} ({ops}) is not one this bridge "
                                   f"reads; open it with --implementation transformers")  # fmt: skip
         patterns = [p for p in converter.source_patterns if p in by_pattern]
@@ -528,15 +528,18 @@ class SafetensorsWeights(StoredWeights):
         plain, self.merged = hf_layout_conversions(model_type, self.source.keys()) if model_type else (
             {k: k for k in self.source.keys()}, {})  # fmt: skip
         self.stored = rename_keys(plain, renames)  # model name -> stored name
+        self._shapes = None
 
     def shapes(self):
-        shapes = {k: self.source.shape(v) for k, v in self.stored.items()}
-        for name, m in self.merged.items():
-            piece = [self.source.shape(keys[0]) for keys in m.parts]  # each expert's, per pattern
-            shape = [len(m.parts[0]), *piece[0]]
-            shape[m.dim] = sum(p[m.dim - 1] for p in piece) if m.dim else shape[0]
-            shapes[name] = tuple(shape)
-        return shapes
+        if self._shapes is None:
+            shapes = {k: self.source.shape(v) for k, v in self.stored.items()}
+            for name, m in self.merged.items():
+                piece = [self.source.shape(keys[0]) for keys in m.parts]  # each expert's, per pattern
+                shape = [len(m.parts[0]), *piece[0]]
+                shape[m.dim] = sum(p[m.dim - 1] for p in piece) if m.dim else shape[0]
+                shapes[name] = tuple(shape)
+            self._shapes = shapes
+        return self._shapes
 
     def read(self, name, index=()):
         if name not in self.merged:

@@ -18,7 +18,7 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 KVCache = list[LayerKV]
 # A scanned stack's cache is one (keys, values) pair with a leading layer dim: [layers, batch,
 # kv_heads, max_seq, head_dim]. The bridge chooses the layout (``bridge.kv_cache``); this rank is how
-# the model, the scan and the kernels tell the two apart.
+# the model's cache and the bridge's scan tell the two apart.
 STACKED_KV_RANK = 5
 
 

@@ -90,7 +90,7 @@ def test_generator_collapses_its_weights_once_after_its_first_request(devices, m
     from bridge.lift import lift
 
     calls = []
-    monkeypatch.setattr(host_memory, "back_with_huge_pages", lambda arrays, background=False: calls.append(
+    monkeypatch.setattr(host_memory, "back_with_huge_pages", lambda arrays, background=False, refusals=None: calls.append(
         (set(arrays), background)) or 0)  # fmt: skip
     lifted = lift(model_torch.from_preset("tiny-llama").eval(), sharding.mesh_for("tp", 1, devices=devices), "tp")
     gen = Generator(lifted, eos_token_ids=[])
