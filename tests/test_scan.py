@@ -244,3 +244,42 @@ def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     tower = torch.nn.Sequential(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]), torch.nn.ReLU())
     assert scan.scans(tower) and scan.stack_path(tower) == "0"  # any stack of identical layers
 
+
+
+def test_a_scanned_transformers_class_checks_profiles_plans_and_exports(tmp_path, devices):
+    """transformers' own Llama through the adapter, its stack scanned by the bridge, under tp on 2:
+    ``check`` compares every layer with eager torch, ``profile`` reports time per layer block of the
+    scan, ``plan`` compiles the whole scanned model once (exact, not extrapolated) and places what
+    generate places, and an export decodes generate's greedy tokens. (Training through the adapter:
+    ``test_train.py``'s Qwen3 rows.)"""
+    import re
+
+    import transformers as T
+
+    from bridge import exported, profiling
+    from bridge import plan as planner
+    from bridge.check import check_module, format_check
+    from bridge.export import export_causal_lm
+    from bridge.models import open_model
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    lifted = open_model(str(tmp_path / "llama"), devices=devices[:2], scheme="tp", implementation="transformers",
+                        with_tokenizer=False)  # fmt: skip
+    assert type(lifted.model).__name__ == "HFCausalLMAdapter" and lifted.scan_layers
+    ids = torch.randint(0, 256, (2, 12))
+    report = check_module(lifted.model, (ids,), mesh=lifted.mesh, scheme="tp", scan_layers=True)
+    assert report.ok, format_check(report)
+    assert {m.group(1) for r in report.rows if (m := re.search(r"\.layers\.(\d+)\.", r.module))} == {"0", "1", "2"}
+    summary = profiling.profile(lifted, "decode", steps=2, logdir=tmp_path / "trace", batch=1, seq=32)
+    per_layer = [k for k in summary["layers_ms"] if "(per layer, 3 scanned)" in k]
+    assert any("self_attn" in k for k in per_layer) and any("mlp" in k for k in per_layer), summary["layers_ms"]
+    p = planner.plan(config, lifted.mesh, "tp", dtype="float32", mode="decode", batch=1, seq=32, scan_layers=True)
+    assert p["extrapolated"] is None and p["scan_layers"] and "once" in p["compiled"]
+    assert p["param_bytes_per_device"] == sum(a.addressable_shards[0].data.nbytes for a in lifted.weights.values())
+    prompt = [5, 6, 7, 8, 9]
+    want = Generator(lifted, stop_at_eos=False).generate_ids([prompt], 6).token_ids
+    export_causal_lm(lifted, tmp_path / "exp", prompt_len=16, max_new_tokens=8)
+    assert exported.load(tmp_path / "exp", devices[:2]).generate([prompt], 6) == want
