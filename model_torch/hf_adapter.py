@@ -122,11 +122,13 @@ class HFCausalLMAdapter(CausalLMContract):
         if cache_position is None:
             cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
         cache = self._wrap(kv_cache, cache_position[0])
-        if attention_mask is None:  # every cache column up to the end of this call is a real token
-            # (the cache length is the keys' second-to-last dim, whatever the layout: a stacked cache
-            # has a leading layer dim)
-            cols = torch.arange(kv_cache[0][0].shape[-2], device=input_ids.device)
-            attention_mask = (cols <= cache_position[-1]).to(torch.long)[None].expand(input_ids.shape[0], -1)
+        # Columns past the end of this call hold nothing yet: hidden whatever the mask says (a causal
+        # model's own mask hides them too; a bidirectional one, BERT-style with is_decoder=False,
+        # would attend to the empty columns). The cache length is the keys' second-to-last dim,
+        # whatever the layout (a stacked cache has a leading layer dim).
+        cols = torch.arange(kv_cache[0][0].shape[-2], device=input_ids.device)
+        written = (cols <= cache_position[-1]).to(torch.long)[None]
+        attention_mask = written.expand(input_ids.shape[0], -1) if attention_mask is None else attention_mask * written
         if positions is None:
             positions = cache_position[None].expand(input_ids.shape[0], -1)
         out = self.hf(

@@ -275,3 +275,16 @@ def test_a_forward_that_reads_its_masks_data_is_probed(tmp_path, devices):
     config = T.BioGptConfig(vocab_size=517, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=256)  # fmt: skip
     greedy_equals_transformers(save(config, tmp_path / "biogpt"), devices, new_tokens=8)
+
+
+def test_a_bidirectional_class_never_sees_the_caches_empty_columns(tmp_path, devices):
+    """RoBERTa as a causal LM with its default ``is_decoder=False`` attends bidirectionally, under
+    a padding mask only: the adapter hides the cache columns past the current call whatever the
+    mask says (the prefill had attended to them as zeros, and the first token differed from its own
+    forward's). Greedy tokens equal transformers' on 1 device and under tp on 2."""
+    # vocab 512: RoBERTa's head keeps its bias as a separate tensor, which is not padded with an odd
+    # vocabulary under tp yet (517 rows on 2 devices fails to broadcast: a known gap, issue 33)
+    config = T.RobertaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=256)  # fmt: skip
+    assert not config.is_decoder
+    greedy_equals_transformers(save(config, tmp_path / "roberta"), devices, new_tokens=8)
