@@ -63,7 +63,9 @@ def smollm2():
     return checkpoints.load("smollm2")
 
 
-@pytest.fixture(scope="session")
+# Autouse: jax's backend starts with 8 devices before any test runs, whatever runs first in a
+# worker (a CLI call with --devices 4 starting it first had left that worker 4 devices).
+@pytest.fixture(scope="session", autouse=True)
 def devices():
     assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
     return jax.devices()
