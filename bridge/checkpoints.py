@@ -493,12 +493,12 @@ def hf_layout_conversions(model_type: str, keys) -> tuple[dict[str, str], dict[s
     renamings = [t for t in table if not isinstance(t, WeightConverter)]
     plain, grouped = {}, {}
     for key in keys:
-        target, pattern = rename_source_key(key, renamings, converters)
+        renamed, _ = rename_source_key(key, renamings, [])  # renamings first, then at most one converter
+        target, pattern = rename_source_key(renamed, [], converters)
         if pattern is None:
             plain[target] = key
             continue
         # the expert index: what the pattern's ``*`` stands for in the renamed key
-        renamed, _ = rename_source_key(key, renamings, [])
         found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", renamed)
         if found is None:
             raise CheckpointError(f"{key}: transformers' {model_type} conversion {pattern!r} names no expert index in it")

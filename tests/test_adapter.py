@@ -69,13 +69,17 @@ def hf_reference(path: str):
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(0, 517, 12)]
 
 
+def reference_tokens(hf, new_tokens: int) -> list[int]:
+    """transformers' own greedy ``generate`` of ``new_tokens`` after ``PROMPT``."""
+    with torch.no_grad():
+        return hf.generate(torch.tensor([PROMPT]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)[0, len(PROMPT):].tolist()  # fmt: skip
+
+
 def greedy_equals_transformers(path: str, devices, new_tokens: int = 16):
     """Asserts greedy tokens equal transformers' ``generate`` on 1 device and under tp on 2; returns
     the tp lift."""
-    hf = hf_reference(path)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False)[0, len(PROMPT):].tolist()  # fmt: skip
+    ref = reference_tokens(hf_reference(path), new_tokens)
     for n, scheme in [(1, "replicated"), (2, "tp")]:
         lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
         assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], new_tokens).token_ids[0] == ref, (n, scheme)
@@ -90,8 +94,8 @@ def greedy_equals_transformers(path: str, devices, new_tokens: int = 16):
 def test_greedy_equals_transformers(family, devices_n, scheme, scan_layers, checkpoints_dir):
     path = checkpoints_dir[family]
     hf = hf_reference(path)
+    ref = reference_tokens(hf, 32)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
         ref_logits = hf(torch.tensor([PROMPT])).logits.numpy()
     lifted = open_model(path, devices=jax.devices()[:devices_n], scheme=scheme, implementation="transformers",
                         with_tokenizer=False, scan_layers=scan_layers)  # fmt: skip
@@ -100,7 +104,7 @@ def test_greedy_equals_transformers(family, devices_n, scheme, scan_layers, chec
     assert lifted.scan_layers == (scan_layers is None and scan.why_not_scanned(lifted.model) is None)
     gen = Generator(lifted, stop_at_eos=False)
     out = gen.generate_ids([PROMPT], 32)
-    assert out.token_ids[0] == ref.tolist()
+    assert out.token_ids[0] == ref
     assert max_rel(np.asarray(lifted.forward([PROMPT])), ref_logits) < RTOL
     again = gen.generate_ids([PROMPT], 32)  # same bucket: compiled once
     assert again.compile_seconds == 0.0 and again.token_ids == out.token_ids
