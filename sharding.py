@@ -556,9 +556,14 @@ def resolve_placements(
         if fallback_reason and padded_from is not None:  # replicated after all: no padding needed
             shape, padded_from = (padded_from, *shape[1:]), None
         out[name] = Placement(name, shape, dtype, P(*spec), pattern, fallback_reason, padded_from)
-    for name, p in out.items():  # a head's bias or scale kept whole still needs the padded rows (GPT-J's bias)
+    # A head's bias or scale kept whole still needs the padded rows: GPT-J's ``lm_head.bias`` beside its
+    # weight, RoBERTa's ``lm_head.bias`` beside a head tied to the (padded) embedding.
+    vocab_padded = [p for p in out.values() if p.padded_from is not None]
+    for name, p in out.items():
         head = re.sub(r"(bias|scale)$", "weight", name)
-        padded = out.get(head) if head != name and VOCAB_TENSOR.search(name) else None
+        padded = None
+        if head != name and VOCAB_TENSOR.search(name):
+            padded = out.get(head) or next((v for v in vocab_padded if v.padded_from == p.shape[0]), None)
         if padded is not None and padded.padded_from == p.shape[0] and p.padded_from is None:
             out[name] = dataclasses.replace(p, shape=(padded.shape[0], *p.shape[1:]), padded_from=p.shape[0])
     for line in fallback_summary(out):

@@ -20,6 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from bridge.extract import jax_dtype
+from model_torch.contract import StateCache
+
+# The compile cache stores programs (``jax.export``) whose arguments and results hold state caches.
+jax.export.register_namedtuple_serialization(StateCache, serialized_name="torchax_bridge.StateCache")
 
 
 def spec(scheme: sharding.Scheme, mesh: Mesh, batch: int, kv_heads: int, stacked: bool = False) -> P:
@@ -45,19 +49,32 @@ def placement(lifted, batch: int) -> NamedSharding:
 
 def layout(lifted, batch: int, seq: int) -> list:
     """The cache as ``ShapeDtypeStruct``s with their shardings: shapes from the model's own
-    ``init_kv_cache`` (built on the meta device: no memory), kv heads repeated as the plan says."""
+    ``init_kv_cache`` (built on the meta device: no memory), kv heads repeated as the plan says. A
+    layer's recurrent state (``StateCache``: no sequence dim) is split by batch like the inputs and
+    whole on every other axis."""
     shard = placement(lifted, batch)
     copies = lifted.kv_head_copies
     layers = lifted.model.init_kv_cache(batch, seq, device="meta")
     lead = (len(layers),) if lifted.scan_layers else ()
+    b = sharding.batch_spec(lifted.scheme, lifted.mesh, batch, 1)
+
+    def kv(t):
+        return jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
+
+    def state(t):
+        return jax.ShapeDtypeStruct(t.shape, jax_dtype(t.dtype), sharding=NamedSharding(lifted.mesh, P(*b, *[None] * (t.ndim - len(b)))))
+
     out = [
-        tuple(
-            jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
-            for t in layer
-        )
+        StateCache(*(tuple(map(state, part)) for part in layer[:2]), tuple(map(kv, layer.kv)))
+        if isinstance(layer, StateCache) else tuple(map(kv, layer))
         for layer in layers
-    ]
+    ]  # fmt: skip
     return out[:1] if lifted.scan_layers else out
+
+
+def holds_state(model) -> bool:
+    """Whether some layer of a causal LM keeps a recurrent state (``StateCache``), not only keys and values."""
+    return model.HAS_KV_CACHE and any(isinstance(layer, StateCache) for layer in model.init_kv_cache(1, 1, device="meta"))
 
 
 def empty(lifted, batch: int, seq: int) -> list:

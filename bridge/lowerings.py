@@ -335,4 +335,16 @@ def install(env) -> None:
         return y
 
     env.override_op_definition(F.batch_norm, batch_norm)
+
+    # torchax 0.0.13's copy_ reads the source's array directly, which a view (a slice not yet
+    # materialised) does not have: ``state.copy_(window[..., -k:])``, how transformers' recurrent
+    # layers keep their last k inputs, failed with "'View' object has no attribute '_elem'".
+    from torchax.view import View
+
+    torchax_copy = env._ops[torch.ops.aten.copy_].func
+
+    def copy(x, y, memory_format=None):
+        return torchax_copy(x, y.torch() if isinstance(y, View) else y, env=env)
+
+    env.override_op_definition(torch.ops.aten.copy_, copy, is_view_op=True)
     _installed.add(id(env))

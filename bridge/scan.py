@@ -124,6 +124,11 @@ def why_not_scanned(model) -> str | None:
     if not _one_stack([layer for _, layer in model.decoder_layers()]):
         return (f"{type(model).__name__}'s decoder layers differ (their tensors or settings, e.g. sliding and "
                 f"global attention layers); one scan runs one body")  # fmt: skip
+    from bridge import kv_cache
+
+    if kv_cache.holds_state(model):
+        return (f"{type(model).__name__}'s layers keep a recurrent state (Mamba-style), which the scan's stacked "
+                f"cache does not hold; its layers run unrolled")  # fmt: skip
     return None
 
 

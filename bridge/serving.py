@@ -107,6 +107,9 @@ class Engine:
     tokens must fit ``max_seq`` (and the model's context)."""
 
     def __init__(self, lifted, tokenizer=None, *, slots: int = 8, max_seq: int = 2048, queue_size: int = QUEUE_SIZE):
+        if kv_cache.holds_state(lifted.model):
+            raise GenerationError(f"{type(lifted.model).__name__} keeps a recurrent state per layer; the server's slots "
+                                  f"share cache columns, which a state has none of yet: use generate for this model")  # fmt: skip
         self.gen = Generator(lifted, tokenizer, after_request=())  # tokenizer, EOS, pad id, compiled programs
         self.lifted, self.slots, self.max_seq = lifted, slots, max_seq
         self.context = min(max_seq, lifted.model.context_length)

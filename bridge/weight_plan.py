@@ -93,7 +93,7 @@ def kv_head_copies(model, mesh_shape: Mapping[str, int], scheme: sharding.Scheme
         return 1
     n = mesh_shape.get(scheme.head_axis, 1) if scheme.head_axis else 1
     kv = model.kv_cache_heads
-    if n <= kv or n % kv or not model.kv_projections() or model.query_heads % n:
+    if not kv or n <= kv or n % kv or not model.kv_projections() or model.query_heads % n:  # kv 0: no attention (Mamba)
         return 1
     return n // kv
 

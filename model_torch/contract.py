@@ -8,14 +8,31 @@ model from elsewhere (a transformers class through an adapter) implements the sa
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-# One layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
+# One attention layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]
-KVCache = list[LayerKV]
+
+
+class StateCache(NamedTuple):
+    """One layer's cache that is a state rather than (only) keys and values: a Mamba or linear-
+    attention layer's convolution window and recurrent state, each [batch, ...] with no sequence dim,
+    read and returned whole by every step (as functional as a KV pair, and donated the same way).
+    ``kv``: a hybrid layer's own (keys, values) beside its state; empty otherwise. A layer with no
+    cache at all (one that reads another layer's) is a StateCache of empty tuples.
+
+    A state has no columns: a call of several tokens starts it from zeros (the generator's prefill
+    writes columns 0..T-1), a call of one token continues it."""
+
+    conv: tuple = ()
+    recurrent: tuple = ()
+    kv: tuple = ()
+
+
+KVCache = list[Union[LayerKV, StateCache]]
 # A scanned stack's cache is one (keys, values) pair with a leading layer dim: [layers, batch,
 # kv_heads, max_seq, head_dim]. The bridge chooses the layout (``bridge.kv_cache``); this rank is how
 # the model's cache and the bridge's scan tell the two apart.

@@ -19,8 +19,14 @@ What transformers 5.23's cache does, and what that means here:
   own ``eager`` attention elsewhere (GPT-J, GPT-Neo, BLOOM, ...) and for Gemma2's soft-capping.
 * ``ModelOutput`` is not a pytree: the adapter returns plain tensors.
 
-Architectures whose layers are not attention over a kv cache (linear attention, hybrid, encoder-
-decoder) are refused with one clear error.
+* Recurrent and linear-attention layers (Mamba, Qwen3-Next's gated delta net, LFM's convolutions,
+  hybrids) keep a state instead of, or beside, keys and values: transformers' ``LinearAttentionLayer``
+  holds it, and here it is a ``StateCache`` (its conv and recurrent tensors, [batch, ...]) passed in
+  and returned like a KV pair. The layer takes its decode path on a one-token call (a zero state
+  continued is the prefill of one token) and its full-sequence path on a longer one, which starts
+  from zeros (the generator's prefill).
+
+Encoder-decoders are refused with one clear error; any other layer type is tried.
 """
 
 from __future__ import annotations
@@ -30,33 +36,40 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .contract import CausalLMContract, HeadLayout, KVCache
+import inspect
+from dataclasses import dataclass, field
 
-# The context of a model with no position limit (ALiBi), as the generator enforces it.
+from .contract import CausalLMContract, HeadLayout, KVCache, StateCache
+
+# The context of a model with no position limit (ALiBi, or a recurrent state), as the generator enforces it.
 NO_FIXED_CONTEXT = 16384
-
-# Cache layer types this adapter runs (everything else: refused, with the reason).
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class UnsupportedArchitecture(ValueError):
-    """The model's layers cannot run as attention over a functional KV cache."""
+    """The model cannot run as a decoder over a functional cache."""
 
 
 def check_architecture(config) -> None:
-    """Raises UnsupportedArchitecture naming the model type and why, or returns."""
+    """Raises UnsupportedArchitecture naming the model type and why, or returns. Only encoder-
+    decoders are refused up front: any layer type of a decoder is tried (its cache layer, as
+    transformers builds it, says what the step carries)."""
     model_type = getattr(config, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitecture(f"model type {model_type!r} is an encoder-decoder; only decoder-only causal LMs run here")
-    from transformers.cache_utils import get_layer_types_and_kwargs
 
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    other = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-    if other:
-        raise UnsupportedArchitecture(
-            f"model type {model_type!r} has {', '.join(other)} layers (linear-attention or hybrid state, not a "
-            f"key/value cache); only attention layers run through the functional KV cache"
-        )
+
+@dataclass
+class LayerCacheShapes:
+    """One layer's cache as the probe found it (batch 1): its kv heads and key/value dims when it
+    keeps keys and values, and (shape, dtype) of each conv / recurrent state it keeps, by state index."""
+
+    kv: Optional[tuple[int, int, int]] = None
+    conv: dict = field(default_factory=dict)
+    recurrent: dict = field(default_factory=dict)
+
+    @property
+    def has_state(self) -> bool:
+        return self.kv is None or bool(self.conv or self.recurrent)
 
 
 def attention_implementation(config) -> str:
@@ -91,7 +104,7 @@ class HFCausalLMAdapter(CausalLMContract):
         # decoder layers), not from a table of names.
         self.DECODER_LAYERS = _decoder_stack_path(hf_model)
         self.LAYER_BLOCKS = _layer_blocks(self.get_submodule(self.DECODER_LAYERS)[0]) if self.DECODER_LAYERS else ()
-        self._kv_layout = None
+        self._cache_shapes = None
 
     # -- the contract -------------------------------------------------------------------------------
     @property
@@ -121,37 +134,58 @@ class HFCausalLMAdapter(CausalLMContract):
             return out.logits, None
         if cache_position is None:
             cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cache = self._wrap(kv_cache, cache_position[0])
+        shapes = self.cache_shapes()
+        decode = input_ids.shape[1] == 1
+        cache = self._wrap(kv_cache, cache_position[0], continue_state=decode)
         # Columns past the end of this call hold nothing yet: hidden whatever the mask says (a causal
         # model's own mask hides them too; a bidirectional one, BERT-style with is_decoder=False,
         # would attend to the empty columns). The cache length is the keys' second-to-last dim,
         # whatever the layout (a stacked cache has a leading layer dim).
-        cols = torch.arange(kv_cache[0][0].shape[-2], device=input_ids.device)
-        written = (cols <= cache_position[-1]).to(torch.long)[None]
-        attention_mask = written.expand(input_ids.shape[0], -1) if attention_mask is None else attention_mask * written
+        length = _cache_length(kv_cache)
+        if length is not None:
+            cols = torch.arange(length, device=input_ids.device)
+            written = (cols <= cache_position[-1]).to(torch.long)[None]
+            attention_mask = written.expand(input_ids.shape[0], -1) if attention_mask is None else attention_mask * written
+        if any(s.has_state for s in shapes) and attention_mask is not None:
+            # State layers read the mask's last T columns as this call's padding (transformers' own
+            # masks are as long as the tokens seen): a prefill's are its first T; a decode step
+            # has no padding (a model without attention layers takes no mask then).
+            if not decode:
+                attention_mask = attention_mask[:, : input_ids.shape[1]]
+            elif length is None:
+                attention_mask = None
         if positions is None:
             positions = cache_position[None].expand(input_ids.shape[0], -1)
         out = self.hf(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(self.hf): cache},
         )
-        return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
+        return out.logits, [_unwrap(layer, s) for layer, s in zip(cache.layers, shapes)]
 
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
-        heads, k_dim, v_dim = self.kv_layout()
         dtype = dtype or self.dtype
+
+        def kv(heads, kd, vd):
+            return (torch.zeros(batch, heads, max_seq, kd, dtype=dtype, device=device),
+                    torch.zeros(batch, heads, max_seq, vd, dtype=dtype, device=device))  # fmt: skip
+
+        def state(found: dict):  # a state kept in float32 by a bf16 model stays float32
+            return tuple(torch.zeros(batch, *shape[1:], dtype=dtype if probe_dtype == self.dtype else probe_dtype, device=device)
+                         for shape, probe_dtype in found.values())  # fmt: skip
+
         return [
-            (torch.zeros(batch, h, max_seq, kd, dtype=dtype, device=device),
-             torch.zeros(batch, h, max_seq, vd, dtype=dtype, device=device))
-            for h, kd, vd in zip(heads, k_dim, v_dim)
-        ]  # fmt: skip
+            StateCache(state(s.conv), state(s.recurrent), kv(*s.kv) if s.kv else ()) if s.has_state else kv(*s.kv)
+            for s in self.cache_shapes()
+        ]
 
     @property
     def kv_cache_heads(self) -> int:
-        return self.kv_layout()[0][0]
+        """The kv heads of the first attention layer (0 for a model without one: Mamba)."""
+        heads = self.kv_layout()[0]
+        return heads[0] if heads else 0
 
     @property
     def query_heads(self) -> int:
@@ -215,7 +249,9 @@ class HFCausalLMAdapter(CausalLMContract):
         whose outputs are concatenated; each part splits by heads, and XLA folds the model's own
         slicing of the concatenation back onto the parts (no collective). Idempotent."""
         text = self.text_config
-        heads = text.num_attention_heads
+        heads = getattr(text, "num_attention_heads", None)
+        if not heads:  # no attention (Mamba): no heads to split by
+            return
         kv = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         for name, module in list(self.hf.named_modules()):
@@ -239,39 +275,74 @@ class HFCausalLMAdapter(CausalLMContract):
             setattr(self.hf.get_submodule(parent_name), leaf, FusedAsParts(parts))
 
     # -- helpers ------------------------------------------------------------------------------------
-    def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
-        """(kv heads, key dim, value dim) per layer, read off one forward on fake tensors (no memory,
-        no data): every family names these config fields its own way; its cache update does not."""
-        if self._kv_layout is None:
-            from transformers.cache_utils import DynamicCache
+    def cache_shapes(self) -> list[LayerCacheShapes]:
+        """Each layer's cache, read off one forward on fake tensors (no memory, no data): every family
+        names these config fields its own way; its cache update does not."""
+        if self._cache_shapes is None:
+            from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
 
             probe = DynamicCache(config=self.config)
             with torch.device("meta"), torch.no_grad():
                 ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
                 _meta_call(self.hf, ids, probe)
-            self._kv_layout = (
-                [layer.keys.shape[1] for layer in probe.layers],
-                [layer.keys.shape[-1] for layer in probe.layers],
-                [layer.values.shape[-1] for layer in probe.layers],
-            )
-        return self._kv_layout
+            shapes = []
+            for layer in probe.layers:
+                found = LayerCacheShapes()
+                if getattr(layer, "keys", None) is not None:
+                    found.kv = (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1])
+                if isinstance(layer, LinearAttentionCacheLayerMixin):
+                    found.conv = {i: (tuple(t.shape), t.dtype) for i, t in layer.conv_states.items() if t is not None}
+                    found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
+                shapes.append(found)
+            self._cache_shapes = shapes
+        return self._cache_shapes
 
-    def _wrap(self, kv_cache: KVCache, start: torch.Tensor):
-        from transformers.cache_utils import Cache, StaticLayer
+    def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
+        """(kv heads, key dim, value dim) of each layer that keeps keys and values."""
+        kv = [s.kv for s in self.cache_shapes() if s.kv]
+        return [k[0] for k in kv], [k[1] for k in kv], [k[2] for k in kv]
+
+    def _wrap(self, kv_cache: KVCache, start: torch.Tensor, continue_state: bool):
+        """transformers' cache layers around the tensors passed in: a ``StaticLayer`` per KV pair, a
+        ``LinearAttentionLayer`` (or its hybrid with a static layer) per ``StateCache``, whose
+        ``has_previous_state`` picks the layer's decode path (``continue_state``) or its prefill."""
+        from transformers import cache_utils as cu
 
         layers = []
-        for keys, values in kv_cache:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
-            layer = StaticLayer.__new__(StaticLayer)
-            layer.max_cache_len = keys.shape[-2]
-            layer.dtype, layer.device = keys.dtype, keys.device
-            layer.batch_size, layer.num_heads = keys.shape[-4:-2]
-            layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
-            layer.keys, layer.values = keys, values
-            layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
-            layer.is_initialized = True
+        for entry, shapes in zip(kv_cache, self.cache_shapes()):
+            kv = entry.kv if isinstance(entry, StateCache) else entry
+            if not isinstance(entry, StateCache):
+                cls = cu.StaticLayer
+            elif not (entry.conv or entry.recurrent):
+                cls = cu.StaticLayer if kv else cu.DummyLayer
+            else:
+                cls = cu.LinearAttentionAndStaticFullAttentionLayer if kv else cu.LinearAttentionLayer
+            if cls is cu.DummyLayer:
+                layers.append(cu.DummyLayer())
+                continue
+            layer = cls.__new__(cls)
+            if kv:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
+                keys, values = kv
+                layer.max_cache_len = keys.shape[-2]
+                layer.dtype, layer.device = keys.dtype, keys.device
+                layer.batch_size, layer.num_heads = keys.shape[-4:-2]
+                layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
+                layer.keys, layer.values = keys, values
+                layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
+                layer.is_initialized = True
+            if isinstance(entry, StateCache) and (entry.conv or entry.recurrent):
+                cu.LinearAttentionLayer.__init__(layer, number_of_states=max([*shapes.conv, *shapes.recurrent]) + 1)
+                for i, t in zip(shapes.conv, entry.conv):
+                    layer.conv_states[i], layer.is_conv_states_initialized[i] = t, True
+                    layer.conv_kernel_size[i] = t.shape[-1]
+                for i, t in zip(shapes.recurrent, entry.recurrent):
+                    layer.recurrent_states[i], layer.is_recurrent_states_initialized[i] = t, True
+                for i in layer.has_previous_state:
+                    layer.has_previous_state[i] = continue_state
+                first = (entry.conv or entry.recurrent)[0]
+                layer.dtype, layer.device = first.dtype, first.device
             layers.append(layer)
-        return Cache(layers=layers)
-
+        return cu.Cache(layers=layers)
 
 # Fused projections and the parts they stack on their output dim, in order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "c_attn": ("q_proj", "k_proj", "v_proj"),
@@ -294,6 +365,28 @@ class FusedAsParts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.children()], dim=-1)
+
+
+def _cache_length(kv_cache: KVCache) -> Optional[int]:
+    """Columns of the cache's first KV pair, None when no layer keeps keys and values."""
+    for entry in kv_cache:
+        kv = entry.kv if isinstance(entry, StateCache) else entry
+        if kv:
+            return kv[0].shape[-2]
+    return None
+
+
+def _cache_argument(hf_model: nn.Module) -> str:
+    """The keyword the class takes its cache by: ``past_key_values``, or Mamba-style ``cache_params``."""
+    return "cache_params" if "cache_params" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def _unwrap(layer, shapes: LayerCacheShapes):
+    """A cache layer's tensors after the call, in the form the step was given them."""
+    kv = (layer.keys, layer.values) if shapes.kv else ()
+    if not shapes.has_state:
+        return kv
+    return StateCache(tuple(layer.conv_states[i] for i in shapes.conv), tuple(layer.recurrent_states[i] for i in shapes.recurrent), kv)
 
 
 def _decoder_stack_path(model: nn.Module) -> str:
@@ -327,5 +420,5 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
-        functional_call(hf_model, state, (), dict(input_ids=mode.from_tensor(ids), past_key_values=cache, use_cache=True),
+        functional_call(hf_model, state, (), {"input_ids": mode.from_tensor(ids), _cache_argument(hf_model): cache, "use_cache": True},
                         tie_weights=False, strict=False)  # fmt: skip

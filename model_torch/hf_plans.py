@@ -75,9 +75,9 @@ def head_layout_from_plan(model) -> list[tuple[str, int, int]]:
     """Every matrix in a decoder layer's attention block keeps whole heads (``head_dim`` rows or
     columns) on whichever dim a scheme splits: fused q/k/v and Conv1D layouts included."""
     _, k_dims, _ = model.kv_layout()
-    head_dim = k_dims[0]
     blocks = [b for b in model.LAYER_BLOCKS if "att" in b.lower()]
-    if not blocks:
+    if not blocks or not k_dims:  # no attention layer (Mamba): no heads to keep whole
         return []
+    head_dim = k_dims[0]
     rx = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.([^.]+\.)*[^.]+\.(weight|bias|scale)$"
     return [(rx, 0, head_dim), (rx, 1, head_dim)]
