@@ -55,17 +55,24 @@ def tiny_config(model_type: str):
             targets.append(sub)
     for c in targets:
         for field, value in SMALL.items():
-            if isinstance(getattr(c, field, None), (int, float)) and not isinstance(getattr(c, field), bool):
+            if isinstance(_get(c, field), (int, float)) and not isinstance(_get(c, field), bool):
                 _set(c, field, value)
         for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth,
-            v = getattr(c, field, None)  # keeping one layer of each of the first two kinds (a hybrid stays hybrid)
+            v = _get(c, field)  # keeping one layer of each of the first two kinds (a hybrid stays hybrid)
             if isinstance(v, list) and v and not isinstance(v[0], list):
                 kinds = list(dict.fromkeys(v))
                 _set(c, field, (kinds + kinds)[:2])
         for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-            if isinstance(getattr(c, field, None), int):
-                _set(c, field, min(getattr(c, field), 3))
+            if isinstance(_get(c, field), int):
+                _set(c, field, min(_get(c, field), 3))
     return config
+
+
+def _get(config, field: str):
+    try:
+        return getattr(config, field, None)
+    except Exception:  # noqa: BLE001 - a per-layer field read globally (Gemma-4's head_dim): left as it is
+        return None
 
 
 def _set(config, field: str, value) -> None:

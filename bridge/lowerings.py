@@ -306,6 +306,32 @@ def antialiased_resize(kind: str):
     return resize
 
 
+def solve_triangular(a, b, *, upper: bool, left: bool = True, unitriangular: bool = False):
+    """``torch.linalg.solve_triangular`` as XLA ops: forward substitution, one row per loop step.
+    torchax lowers it to LAPACK's ``trsm`` (a custom call), and a program holding that call on a mesh
+    of two or more CPU devices never finished (the gated delta rule of Qwen3-Next, Qwen3.5-MoE and
+    OLMo-Hybrid solves its 64-row chunks this way: prefill hung on 2 devices, ran on 1)."""
+    if not left:  # x a = b  <=>  a^T x^T = b^T
+        a, b, upper = jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2), not upper
+    if upper:  # reversed rows and columns make an upper system lower
+        a, b = a[..., ::-1, ::-1], b[..., ::-1, :]
+    n = a.shape[-1]
+    a, b = jnp.broadcast_to(a, (*jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]), n, n)), b
+    cols = jnp.arange(n)
+
+    def row(i, x):
+        known = jnp.where(cols < i, jax.lax.dynamic_index_in_dim(a, i, -2, keepdims=False), 0)  # [..., n]
+        xi = jax.lax.dynamic_index_in_dim(b, i, -2, keepdims=False) - jnp.einsum("...k,...kd->...d", known, x)
+        if not unitriangular:
+            xi = xi / jax.lax.dynamic_index_in_dim(jnp.diagonal(a, axis1=-2, axis2=-1), i, -1)
+        return jax.lax.dynamic_update_index_in_dim(x, xi.astype(x.dtype), i, -2)
+
+    x = jax.lax.fori_loop(0, n, row, jnp.zeros(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:], b.dtype))
+    if upper:
+        x = x[..., ::-1, :]
+    return jnp.swapaxes(x, -1, -2) if not left else x
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
@@ -322,7 +348,8 @@ def install(env) -> None:
                          (torch.ops.aten._upsample_bicubic2d_aa.default, antialiased_resize("bicubic")),
                          (torch.ops.aten._upsample_bicubic2d_aa.vec, antialiased_resize("bicubic")),
                          (torch.ops.aten._upsample_bilinear2d_aa.default, antialiased_resize("bilinear")),
-                         (torch.ops.aten._upsample_bilinear2d_aa.vec, antialiased_resize("bilinear"))):  # fmt: skip
+                         (torch.ops.aten._upsample_bilinear2d_aa.vec, antialiased_resize("bilinear")),
+                         (torch.ops.aten.linalg_solve_triangular.default, solve_triangular)):  # fmt: skip
         env.override_op_definition(op, via_jax(lowering))
 
     def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

@@ -73,11 +73,16 @@ def parallel_plan_rows(model: nn.Module) -> list[tuple[str, Optional[int]]]:
 
 def head_layout_from_plan(model) -> list[tuple[str, int, int]]:
     """Every matrix in a decoder layer's attention block keeps whole heads (``head_dim`` rows or
-    columns) on whichever dim a scheme splits: fused q/k/v and Conv1D layouts included."""
-    _, k_dims, _ = model.kv_layout()
+    columns) on whichever dim a scheme splits: fused q/k/v and Conv1D layouts included. Where the
+    layers' head dims differ (Inkling's sliding layers: 128, its global ones: 16), each layer gets
+    its own rows."""
     blocks = [b for b in model.LAYER_BLOCKS if "att" in b.lower()]
-    if not blocks or not k_dims:  # no attention layer (Mamba): no heads to keep whole
+    dims = [s.kv[1] if s.kv else None for s in model.cache_shapes()]
+    if not blocks or not any(dims):  # no attention layer (Mamba): no heads to keep whole
         return []
-    head_dim = k_dims[0]
-    rx = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.([^.]+\.)*[^.]+\.(weight|bias|scale)$"
-    return [(rx, 0, head_dim), (rx, 1, head_dim)]
+    tail = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.([^.]+\.)*[^.]+\.(weight|bias|scale)$"
+    if len(set(filter(None, dims))) == 1:
+        head_dim = next(filter(None, dims))
+        return [(tail, 0, head_dim), (tail, 1, head_dim)]
+    stack = re.escape(model.DECODER_LAYERS)
+    return [(rf"{stack}\.{i}{tail}", d, head_dim) for i, head_dim in enumerate(dims) if head_dim for d in (0, 1)]

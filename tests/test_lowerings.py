@@ -143,3 +143,32 @@ class Resize(torch.nn.Module):
 def test_antialiased_interpolate(mode, kw):
     torch.manual_seed(0)
     _lifted_equals_eager(Resize(mode, **kw), torch.randn(2, 3, 24, 17))
+
+
+class Solve(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, a, b):
+        return torch.linalg.solve_triangular(a, b, **self.kw)
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+@pytest.mark.parametrize("unit", [False, True], ids=["diag", "unit"])
+def test_solve_triangular_is_xla_ops_that_run_on_a_mesh(upper, left, unit):
+    """A triangular solve equals torch's, and compiles to XLA ops, not LAPACK's ``trsm``: a program
+    holding that custom call on 2 CPU devices never finished (Qwen3-Next's prefill)."""
+    import sharding
+    from bridge.lift import lift
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 16, 16) / 4 + 2 * torch.eye(16)  # well conditioned
+    b = torch.randn(2, 3, 16, 5) if left else torch.randn(2, 3, 5, 16)
+    module = Solve(upper=upper, left=left, unitriangular=unit)
+    want = module(a, b).numpy()
+    lifted = lift(module, sharding.mesh_for("dp", 2), "dp")
+    program = jax.jit(lambda a, b: lifted.fn(lifted.weights, (a, b), {}))
+    assert "lapack" not in program.lower(a.numpy(), b.numpy()).compile().as_text()  # checked before running it
+    assert max_rel(lifted(a, b), want) < RTOL
