@@ -132,6 +132,14 @@ def run_one(model_type: str, tp: bool) -> dict:
     return row
 
 
+def cpu_name() -> str:
+    """The CPU model and widest vector ISA, for the table's note."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    isa = "avx512f" if " avx512f" in info else "avx2" if " avx2" in info else "no avx2"
+    return f"{model}, {isa}"
+
+
 def decoder_only_types() -> list[str]:
     import transformers as T
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -153,6 +161,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--types", help="comma-separated model types (default: every decoder-only one)")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --types: replace those rows of the committed table and write it again")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one type, its row as JSON
     args = ap.parse_args()
     if args.one:
@@ -185,14 +195,21 @@ def main() -> int:
             mark = "=" if row.get("one_device") else "x"
             print(f"{mark} {row['type']:<28} {row.get('reason', 'equal' + (', tp2 equal' if row.get('tp2') else ''))}"[:200],
                   flush=True)  # fmt: skip
+    rerun = {r["type"] for r in results}
+    if args.merge:  # the committed table with these rows run again (the others as they were)
+        previous = json.loads((ROOT / "benchmarks" / "results" / "decoder_sweep.json").read_text())
+        results = sorted([r for r in previous["rows"] if r["type"] not in rerun] + results, key=lambda r: r["type"])
     built = [r for r in results if r.get("built")]
     equal = [r for r in built if r.get("one_device")]
     tp_equal = [r for r in equal if r.get("tp2")]
     summary = {"types": len(results), "built": len(built), "equal_one_device": len(equal),
-               "equal_tp2": len(tp_equal), "fraction_equal_of_built": len(equal) / max(1, len(built))}  # fmt: skip
+               "equal_tp2": len(tp_equal), "fraction_equal_of_built": len(equal) / max(1, len(built)),
+               "machine": cpu_name()}  # fmt: skip
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    if not args.types:
+    if args.merge:
+        summary["note"] = f"{len(rerun)} rows run again on {time.strftime('%Y-%m-%d')} ({cpu_name()}): {', '.join(sorted(rerun))}"
+    if not args.types or args.merge:
         import transformers
 
         def write(name: str, text: str) -> None:  # whole or not at all

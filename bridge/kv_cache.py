@@ -2,11 +2,12 @@
 states its cache and the bridge decides the rest):
 
   * the model's part (``model_torch.contract``): ``init_kv_cache`` gives per-layer (keys, values)
-    of ``[batch, kv_heads, max_seq, head_dim]``, which ``forward`` takes and returns updated;
+    of ``[batch, kv_heads, max_seq, head_dim]``, or a ``StateCache`` for a recurrent or linear-
+    attention layer (its states, ``[batch, ...]``), which ``forward`` takes and returns updated;
   * layout: per layer, or for a scanned stack one (keys, values) pair with a leading layer dim
     (``model_torch.contract.STACKED_KV_RANK``), written in place by the scan (``scan.StackCalls``);
   * placement: batch like the inputs, kv heads on the scheme's head axis, repeated as the weight plan
-    repeats the kv heads of the weights; the layer dim unsharded;
+    repeats the kv heads of the weights; the layer dim unsharded; a state split by batch only;
   * allocation: zeros on the mesh inside jit (no host copy), and a fresh copy to rerun a donating step.
 """
 

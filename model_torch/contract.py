@@ -130,8 +130,9 @@ class CausalLMContract(nn.Module):
 
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
         """Zeros of the cache layout: one (keys, values) pair per layer, each
-        [batch, ``kv_cache_heads``, max_seq, head_dim]. The bridge builds it on the meta device to
-        read shapes, and allocates it itself on the mesh."""
+        [batch, ``kv_cache_heads``, max_seq, head_dim], or a ``StateCache`` for a layer that keeps a
+        state. The bridge builds it on the meta device to read shapes, and allocates it itself on
+        the mesh."""
         raise NotImplementedError
 
     @property

@@ -31,13 +31,12 @@ Encoder-decoders are refused with one clear error; any other layer type is tried
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
-
-import inspect
-from dataclasses import dataclass, field
 
 from .contract import CausalLMContract, HeadLayout, KVCache, StateCache
 
