@@ -62,6 +62,9 @@ def tiny_config(model_type: str):
             if isinstance(v, list) and v and not isinstance(v[0], list):
                 kinds = list(dict.fromkeys(v))
                 _set(c, field, (kinds + kinds)[:2])
+        if isinstance(_get(c, "kv_lora_rank"), int) and isinstance(_get(c, "num_key_value_heads"), int):
+            # MLA (DeepSeek-V2-style): keys are per query head, and the family's configs say so
+            _set(c, "num_key_value_heads", _get(c, "num_attention_heads"))
         for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if isinstance(_get(c, field), int):
                 _set(c, field, min(_get(c, field), 3))
@@ -130,6 +133,29 @@ def run_one(model_type: str, tp: bool) -> dict:
             if not row[key]:
                 break
     return row
+
+
+def write_tables(results: list[dict], summary: dict) -> None:
+    """``benchmarks/results/decoder_sweep.{json,md}``, each whole or not at all."""
+    import transformers
+
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, text: str) -> None:
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+    write("decoder_sweep.json", json.dumps({"transformers": transformers.__version__, "summary": summary, "rows": results},
+                                           indent=1))  # fmt: skip
+    lines = [f"Decoder-only types of transformers {transformers.__version__}'s causal-LM mapping, tiny random models, 8 greedy "
+             f"tokens against transformers' own `generate` (`benchmarks/decoder_sweep.py`). Summary: {json.dumps(summary)}", "",
+             "| type | 1 device | tp 2 | reason |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['type']} | {'equal' if r.get('one_device') else '-'} | {'equal' if r.get('tp2') else '-'} | "
+                     f"{r.get('reason', '').replace('|', '/')} |")  # fmt: skip
+    write("decoder_sweep.md", "\n".join(lines) + "\n")
 
 
 def cpu_name() -> str:
@@ -205,25 +231,12 @@ def main() -> int:
     summary = {"types": len(results), "built": len(built), "equal_one_device": len(equal),
                "equal_tp2": len(tp_equal), "fraction_equal_of_built": len(equal) / max(1, len(built)),
                "machine": cpu_name()}  # fmt: skip
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        summary["note"] = f"{len(rerun)} rows run again on {time.strftime('%Y-%m-%d')} ({cpu_name()}): {', '.join(sorted(rerun))}"
+        earlier = previous["summary"].get("note")
+        summary["note"] = (f"{earlier}; " if earlier else "") + (f"{len(rerun)} rows run again on {time.strftime('%Y-%m-%d')} "
+                                                                 f"({cpu_name()}): {', '.join(sorted(rerun))}")  # fmt: skip
     if not args.types or args.merge:
-        import transformers
-
-        def write(name: str, text: str) -> None:  # whole or not at all
-            tmp = out / f"{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, out / name)
-
-        write("decoder_sweep.json", json.dumps({"transformers": transformers.__version__, "summary": summary,
-                                                "rows": results}, indent=1))  # fmt: skip
-        lines = ["| type | 1 device | tp 2 | reason |", "| --- | --- | --- | --- |"]
-        for r in results:
-            lines.append(f"| {r['type']} | {'equal' if r.get('one_device') else '-'} | {'equal' if r.get('tp2') else '-'} | "
-                         f"{r.get('reason', '').replace('|', '/')} |")  # fmt: skip
-        write("decoder_sweep.md", "\n".join(lines) + "\n")
+        write_tables(results, summary)
     print(json.dumps(summary))
     return 0
 
