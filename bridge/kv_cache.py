@@ -73,6 +73,20 @@ def layout(lifted, batch: int, seq: int) -> list:
     return out[:1] if lifted.scan_layers else out
 
 
+def map_layers(kv, state, cache: list, *others: list) -> list:
+    """The cache with ``kv(leaf, *other_leaves)`` applied to each key/value tensor and ``state(...)``
+    to each recurrent state (``others``: caches of the same structure, their leaves passed along):
+    what moves with the cache's columns, and what is one row's state with no columns."""
+
+    def layer(entry, *more):
+        if isinstance(entry, StateCache):
+            return StateCache(*(tuple(map(state, part, *(m[i] for m in more))) for i, part in enumerate(entry[:2])),
+                              tuple(map(kv, entry.kv, *(m.kv for m in more))))  # fmt: skip
+        return tuple(map(kv, entry, *more))
+
+    return [layer(entry, *more) for entry, *more in zip(cache, *others)]
+
+
 def holds_state(model) -> bool:
     """Whether some layer of a causal LM keeps a recurrent state (``StateCache``), not only keys and values."""
     return model.HAS_KV_CACHE and any(isinstance(layer, StateCache) for layer in model.init_kv_cache(1, 1, device="meta"))

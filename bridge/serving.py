@@ -14,6 +14,8 @@ program (``programs.decode_step``, as ``generate`` runs it), whatever each slot'
     oldest live request's first one reach ``SHIFT_AT``, or the write column reaches the end of the
     cache (``bucket(max_seq) + max_seq`` columns); they move right when a joining prompt's bucket
     does not fit before the write column. Only columns no live request sees fall off.
+  * a recurrent layer's state (``StateCache``: Mamba, linear attention) has no columns: a joining
+    request's row of it is replaced by the state after its prompt, and a move leaves it as it is.
   * sampling is per row (``generate.sample_rows``): temperature, top-k, top-p and seed are values,
     not program shapes, so mixing them never recompiles.
 
@@ -107,9 +109,6 @@ class Engine:
     tokens must fit ``max_seq`` (and the model's context)."""
 
     def __init__(self, lifted, tokenizer=None, *, slots: int = 8, max_seq: int = 2048, queue_size: int = QUEUE_SIZE):
-        if kv_cache.holds_state(lifted.model):
-            raise GenerationError(f"{type(lifted.model).__name__} keeps a recurrent state per layer; the server's slots "
-                                  f"share cache columns, which a state has none of yet: use generate for this model")  # fmt: skip
         self.gen = Generator(lifted, tokenizer, after_request=())  # tokenizer, EOS, pad id, compiled programs
         self.lifted, self.slots, self.max_seq = lifted, slots, max_seq
         self.context = min(max_seq, lifted.model.context_length)
@@ -167,7 +166,7 @@ class Engine:
     def _shift_program(self, cache, key_mask, by):
         """Cache and mask moved ``by`` columns to the left (right when negative); the columns that
         come in are hidden (the ones that fall off are dead)."""
-        cache = jax.tree.map(lambda a: jnp.roll(a, -by, axis=a.ndim - 2), cache)
+        cache = kv_cache.map_layers(lambda a: jnp.roll(a, -by, axis=a.ndim - 2), lambda a: a, cache)  # a state has no columns
         cols = jnp.arange(key_mask.shape[1])
         kept = (cols < key_mask.shape[1] - by) & (cols >= -by)
         return cache, jnp.where(kept[None, :], jnp.roll(key_mask, -by, axis=1), 0)
@@ -199,7 +198,10 @@ class Engine:
                     at[big.ndim - 4], at[big.ndim - 2] = row, start
                     return jax.lax.dynamic_update_slice(big, one.astype(big.dtype), at)
 
-                cache = jax.tree.map(put, cache, small)
+                def put_state(big, one):  # [slots, ...] <- [1, ...]: the row's state after its prompt
+                    return jax.lax.dynamic_update_slice(big, one.astype(big.dtype), [row] + [0] * (big.ndim - 1))
+
+                cache = kv_cache.map_layers(put, put_state, cache, small)
                 # the row's earlier occupants' columns are hidden: only this prompt's are seen
                 key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.zeros_like(key_mask[:1]), (row, 0))
                 key_mask = jax.lax.dynamic_update_slice(key_mask, mask, (row, start))

@@ -229,3 +229,36 @@ def test_serve_command_drains_on_ctrl_c(tmp_path):
             urllib.request.urlopen(url + "/health", timeout=5)
     finally:
         proc.kill()
+
+
+def test_a_recurrent_models_slots_keep_their_own_states(tmp_path, devices):
+    """A Mamba behind the engine: its per-layer states live in the slots' rows (a joining request's
+    row gets the state after its own prompt; a move of the cache's columns leaves states alone), so
+    4 requests of different lengths, 2 slots (some join mid-flight, into rows used before), each
+    equal generate's greedy tokens alone."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.MambaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, state_size=8, num_hidden_layers=2,
+                           conv_kernel=4, time_step_rank=8)  # fmt: skip
+    model = T.MambaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)  # the default init answers one token forever
+    model.save_pretrained(tmp_path / "mamba")
+    lifted = open_model(str(tmp_path / "mamba"), devices=devices[:1], scheme="replicated", with_tokenizer=False)
+    prompts = [[5, 9, 2, 7, 11, 3], [40, 41], [100, 7, 300, 12, 8, 9, 10, 77, 5, 1, 2], [3, 3, 4]]
+    lengths = [10, 6, 8, 12]
+    gen = Generator(lifted, stop_at_eos=False)
+    want = [gen.generate_ids([p], n).token_ids[0] for p, n in zip(prompts, lengths)]
+    assert len({t for w in want for t in w}) > 6  # tokens that vary
+    engine = Engine(lifted, slots=2, max_seq=64).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(engine.complete, [Request(prompt_ids=p, max_tokens=n, temperature=0.0, ignore_eos=True)
+                                                      for p, n in zip(prompts, lengths)]))  # fmt: skip
+    finally:
+        engine.stop()
+    assert [tokens for _, tokens, _ in results] == want
