@@ -60,7 +60,7 @@ CONV1D_COLUMN = r"\.(c_attn|c_fc)\.weight$"
 CONV1D_COLUMN_BIAS = r"\.(c_attn|c_fc)\.bias$"
 CONV1D_ROW = r"\.c_proj\.weight$"
 CONV1D_ROW_BIAS = r"\.c_proj\.bias$"
-EMBED = r"(embed_tokens|embed_in|wte|word_embeddings)\.(weight|scale)$"
+EMBED = r"(embed_tokens|embed_in|wte|word_embeddings|(^|\.)embeddings)\.(weight|scale)$"  # Mamba, NemotronH: `embeddings`
 # Learned position tables (GPT-2 ``wpe``): every device looks up every position; kept whole.
 POSITIONS = r"(wpe|embed_positions|position_embeddings)\.weight$"
 LM_HEAD = r"lm_head\.(weight|scale)$"

@@ -44,9 +44,38 @@ SMALL = {  # field -> value, wherever a config (or its text config) has the fiel
 }
 
 
+# Hybrid families whose validators reject the generic shrink (layer patterns, head products): their
+# tiny configs written out, each with a state layer and an attention layer.
+_MAMBA2_HEADS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_expand=2, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16)
+OVERRIDES = {
+    "mamba2": dict(hidden_size=64, num_heads=8, head_dim=16, expand=2, state_size=16, n_groups=1, num_hidden_layers=2,
+                   conv_kernel=4, chunk_size=16),
+    "jamba": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, num_attention_heads=4,
+                  num_key_value_heads=2, mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8),
+    "bamba": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  attn_layer_indices=[1], **_MAMBA2_HEADS),
+    "granitemoehybrid": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, layer_types=["mamba", "attention"], num_local_experts=4,
+                             num_experts_per_tok=2, **_MAMBA2_HEADS),
+    "nemotron_h": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, hybrid_override_pattern="M*-", mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+                       n_groups=1, chunk_size=16),
+    "zamba2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                   mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, hybrid_layer_ids=[1], layers_block_type=["mamba", "hybrid"],
+                   mamba_ngroups=1, chunk_size=16, use_mem_rope=False),
+    "recurrent_gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, lru_width=64, attention_window_size=16,
+                            block_types=["recurrent", "attention"]),
+}  # fmt: skip
+
+
 def tiny_config(model_type: str):
     import transformers as T
 
+    if model_type in OVERRIDES:
+        return T.AutoConfig.for_model(model_type, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      **OVERRIDES[model_type])  # fmt: skip
     config = T.AutoConfig.for_model(model_type)
     targets = [config]
     for name in ("text_config", "llm_config", "language_config"):
