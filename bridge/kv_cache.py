@@ -65,11 +65,7 @@ def layout(lifted, batch: int, seq: int) -> list:
     def state(t):
         return jax.ShapeDtypeStruct(t.shape, jax_dtype(t.dtype), sharding=NamedSharding(lifted.mesh, P(*b, *[None] * (t.ndim - len(b)))))
 
-    out = [
-        StateCache(*(tuple(map(state, part)) for part in layer[:2]), tuple(map(kv, layer.kv)))
-        if isinstance(layer, StateCache) else tuple(map(kv, layer))
-        for layer in layers
-    ]  # fmt: skip
+    out = map_layers(kv, state, layers)
     return out[:1] if lifted.scan_layers else out
 
 

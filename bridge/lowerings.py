@@ -315,8 +315,8 @@ def solve_triangular(a, b, *, upper: bool, left: bool = True, unitriangular: boo
         a, b, upper = jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2), not upper
     if upper:  # reversed rows and columns make an upper system lower
         a, b = a[..., ::-1, ::-1], b[..., ::-1, :]
-    n = a.shape[-1]
-    a, b = jnp.broadcast_to(a, (*jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]), n, n)), b
+    n, batch = a.shape[-1], jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = jnp.broadcast_to(a, (*batch, n, n)), jnp.broadcast_to(b, (*batch, *b.shape[-2:]))
     cols = jnp.arange(n)
 
     def row(i, x):
@@ -326,7 +326,7 @@ def solve_triangular(a, b, *, upper: bool, left: bool = True, unitriangular: boo
             xi = xi / jax.lax.dynamic_index_in_dim(jnp.diagonal(a, axis1=-2, axis2=-1), i, -1)
         return jax.lax.dynamic_update_index_in_dim(x, xi.astype(x.dtype), i, -2)
 
-    x = jax.lax.fori_loop(0, n, row, jnp.zeros(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:], b.dtype))
+    x = jax.lax.fori_loop(0, n, row, jnp.zeros_like(b))
     if upper:
         x = x[..., ::-1, :]
     return jnp.swapaxes(x, -1, -2) if not left else x

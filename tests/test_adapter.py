@@ -77,11 +77,11 @@ def reference_tokens(hf, new_tokens: int) -> list[int]:
                            do_sample=False)[0, len(PROMPT):].tolist()  # fmt: skip
 
 
-def greedy_equals_transformers(path: str, devices, new_tokens: int = 16):
-    """Asserts greedy tokens equal transformers' ``generate`` on 1 device and under tp on 2; returns
-    the tp lift."""
+def greedy_equals_transformers(path: str, devices, new_tokens: int = 16, meshes=((1, "replicated"), (2, "tp"))):
+    """Asserts greedy tokens equal transformers' ``generate`` on 1 device and under tp on 2 (or on
+    ``meshes``); returns the last lift."""
     ref = reference_tokens(hf_reference(path), new_tokens)
-    for n, scheme in [(1, "replicated"), (2, "tp")]:
+    for n, scheme in meshes:
         lifted = open_model(path, devices=devices[:n], scheme=scheme, implementation="transformers", with_tokenizer=False)
         assert Generator(lifted, stop_at_eos=False).generate_ids([PROMPT], new_tokens).token_ids[0] == ref, (n, scheme)
     return lifted
@@ -343,14 +343,14 @@ def test_layers_with_their_own_head_dims_split_whole_heads_under_tp(tmp_path, de
     """Inkling-2's sliding layers have heads of 48 and its global layers heads of 16, and every
     layer keeps a linear-attention state beside its keys and values (``hybrid`` layers): tensor
     parallelism keeps each layer's heads whole by that layer's own head dim (the first layer's
-    head dim for all refused the split: 32 rows per device are not whole heads of 48). Greedy tokens equal transformers' on 1
-    device and under tp on 2."""
+    head dim for all refused the split: 32 rows per device are not whole heads of 48). Greedy
+    tokens equal transformers' under tp on 2 (on 1 device: the sweep's row)."""
     config = T.AutoConfig.for_model("inkling2_text", vocab_size=517, hidden_size=64, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
                                     swa_num_key_value_heads=2, swa_head_dim=48, sliding_window_size=8,
                                     layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=256,
                                     moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
                                     bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    lifted = greedy_equals_transformers(save(config, tmp_path / "inkling2"), devices, new_tokens=8)
+    lifted = greedy_equals_transformers(save(config, tmp_path / "inkling2"), devices, new_tokens=8, meshes=[(2, "tp")])
     shapes = lifted.model.cache_shapes()
     assert [s.kv[2] for s in shapes] == [48, 16] and all(s.conv or s.recurrent for s in shapes)
