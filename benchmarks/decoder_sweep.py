@@ -84,7 +84,8 @@ def tiny_config(model_type: str):
             targets.append(sub)
     for c in targets:
         for field, value in SMALL.items():
-            if isinstance(_get(c, field), (int, float)) and not isinstance(_get(c, field), bool):
+            old = _get(c, field)
+            if isinstance(old, (int, float)) and not isinstance(old, bool):
                 _set(c, field, value)
         for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth,
             v = _get(c, field)  # keeping one layer of each of the first two kinds (a hybrid stays hybrid)
@@ -95,8 +96,8 @@ def tiny_config(model_type: str):
             # MLA (DeepSeek-V2-style): keys are per query head, and the family's configs say so
             _set(c, "num_key_value_heads", _get(c, "num_attention_heads"))
         for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-            if isinstance(_get(c, field), int):
-                _set(c, field, min(_get(c, field), 3))
+            if isinstance(token := _get(c, field), int):
+                _set(c, field, min(token, 3))
     return config
 
 

@@ -310,26 +310,13 @@ class HFCausalLMAdapter(CausalLMContract):
         layers = []
         for entry, shapes in zip(kv_cache, self.cache_shapes()):
             kv = entry.kv if isinstance(entry, StateCache) else entry
-            if not isinstance(entry, StateCache):
-                cls = cu.StaticLayer
-            elif not (entry.conv or entry.recurrent):
-                cls = cu.StaticLayer if kv else cu.DummyLayer
-            else:
-                cls = cu.LinearAttentionAndStaticFullAttentionLayer if kv else cu.LinearAttentionLayer
-            if cls is cu.DummyLayer:
+            states = isinstance(entry, StateCache) and bool(entry.conv or entry.recurrent)
+            if not (kv or states):  # a layer that reads another layer's cache
                 layers.append(cu.DummyLayer())
                 continue
+            cls = (cu.LinearAttentionAndStaticFullAttentionLayer if kv else cu.LinearAttentionLayer) if states else cu.StaticLayer
             layer = cls.__new__(cls)
-            if kv:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
-                keys, values = kv
-                layer.max_cache_len = keys.shape[-2]
-                layer.dtype, layer.device = keys.dtype, keys.device
-                layer.batch_size, layer.num_heads = keys.shape[-4:-2]
-                layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
-                layer.keys, layer.values = keys, values
-                layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
-                layer.is_initialized = True
-            if isinstance(entry, StateCache) and (entry.conv or entry.recurrent):
+            if states:
                 cu.LinearAttentionLayer.__init__(layer, number_of_states=max([*shapes.conv, *shapes.recurrent]) + 1)
                 for i, t in zip(shapes.conv, entry.conv):
                     layer.conv_states[i], layer.is_conv_states_initialized[i] = t, True
@@ -340,6 +327,15 @@ class HFCausalLMAdapter(CausalLMContract):
                     layer.has_previous_state[i] = continue_state
                 first = (entry.conv or entry.recurrent)[0]
                 layer.dtype, layer.device = first.dtype, first.device
+            if kv:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
+                keys, values = kv
+                layer.max_cache_len = keys.shape[-2]
+                layer.dtype, layer.device = keys.dtype, keys.device
+                layer.batch_size, layer.num_heads = keys.shape[-4:-2]
+                layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
+                layer.keys, layer.values = keys, values
+                layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
+                layer.is_initialized = True
             layers.append(layer)
         return cu.Cache(layers=layers)
 

@@ -73,3 +73,25 @@ def devices():
 
 def random_ids(vocab: int, shape, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def save(config, path, std: float | None = None) -> str:
+    """A tiny random transformers model as users make one: ``save_pretrained`` of the class built
+    from ``config`` (config + safetensors, no tokenizer). ``std``: matrices drawn that wide instead
+    of the class's own init, whose tiny recurrent models answer one token forever."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, std)
+    model.save_pretrained(path)
+    return str(path)
+
+
+# A 2-layer Mamba (state caches only); with ``save(..., std=0.3)`` its greedy tokens vary.
+TINY_MAMBA = dict(vocab_size=517, hidden_size=64, intermediate_size=128, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                  time_step_rank=8)  # fmt: skip

@@ -21,7 +21,7 @@ from bridge import hlo, scan
 from bridge.generate import Generator
 from bridge.models import open_model
 from model_torch.contract import StateCache
-from conftest import RTOL, max_rel
+from conftest import RTOL, TINY_MAMBA, max_rel, save
 
 HIDDEN = dict(vocab_size=517, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
@@ -45,12 +45,6 @@ def family_configs() -> dict:
 
 
 FAMILIES = list(family_configs())
-
-
-def save(config, path) -> str:
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)  # config + safetensors, no tokenizer
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -295,28 +289,13 @@ def test_a_bidirectional_class_never_sees_the_caches_empty_columns(tmp_path, dev
     greedy_equals_transformers(save(config, tmp_path / "roberta"), devices, new_tokens=8)
 
 
-def save_spread(config, path, std: float = 0.3) -> str:
-    """``save`` with matrices drawn wider than the classes' own init, whose tiny random recurrent
-    models answer one token forever: these vary, so equal tokens say something."""
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, std)
-    model.save_pretrained(path)
-    return str(path)
-
-
 def test_a_mamba_decodes_through_its_state_cache(tmp_path, devices):
     """Mamba keeps a convolution window and an SSM state per layer instead of keys and values: the
     adapter passes them in and returns them as a ``StateCache`` (allocated, sharded by batch and
     donated like a KV pair); a one-token step takes the layer's recurrent path, the prefill its
     full-sequence scan. Greedy tokens equal transformers' on 1 device and under tp on 2; the stack
     runs unrolled, for the reason ``why_not_scanned`` gives."""
-    config = T.MambaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, state_size=8, num_hidden_layers=2,
-                           conv_kernel=4, time_step_rank=8)  # fmt: skip
-    path = save_spread(config, tmp_path / "mamba")
+    path = save(T.MambaConfig(**TINY_MAMBA), tmp_path / "mamba", std=0.3)
     assert len(set(reference_tokens(hf_reference(path), 8))) > 2  # not one token over and over
     lifted = greedy_equals_transformers(path, devices, new_tokens=8)
     cache = lifted.model.init_kv_cache(2, 16, device="meta")
@@ -332,7 +311,7 @@ def test_a_hybrid_of_convolution_and_attention_layers(tmp_path, devices):
     config = T.Lfm3Config(vocab_size=517, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
                           layer_types=["conv", "full_attention", "conv"], pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    path = save_spread(config, tmp_path / "lfm3", std=0.1)
+    path = save(config, tmp_path / "lfm3", std=0.1)
     assert len(set(reference_tokens(hf_reference(path), 8))) > 2
     lifted = greedy_equals_transformers(path, devices, new_tokens=8)
     kinds = [type(layer).__name__ for layer in lifted.model.init_kv_cache(1, 16, device="meta")]

@@ -245,7 +245,6 @@ def test_scanned_by_default_where_it_pays(devices, monkeypatch):
     assert scan.scans(tower) and scan.stack_path(tower) == "0"  # any stack of identical layers
 
 
-
 def test_a_scanned_transformers_class_checks_profiles_plans_and_exports(tmp_path, devices):
     """transformers' own Llama through the adapter, its stack scanned by the bridge, under tp on 2:
     ``check`` compares every layer with eager torch, ``profile`` reports time per layer block of the

@@ -17,6 +17,7 @@ from bridge.generate import Generator
 from bridge.models import open_model
 from bridge import serving
 from bridge.serving import Busy, Engine, Request
+from conftest import TINY_MAMBA, save
 
 pytestmark = pytest.mark.slow
 
@@ -236,19 +237,10 @@ def test_a_recurrent_models_slots_keep_their_own_states(tmp_path, devices):
     row gets the state after its own prompt; a move of the cache's columns leaves states alone), so
     4 requests of different lengths, 2 slots (some join mid-flight, into rows used before), each
     equal generate's greedy tokens alone."""
-    import torch
     import transformers as T
 
-    torch.manual_seed(0)
-    config = T.MambaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, state_size=8, num_hidden_layers=2,
-                           conv_kernel=4, time_step_rank=8)  # fmt: skip
-    model = T.MambaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)  # the default init answers one token forever
-    model.save_pretrained(tmp_path / "mamba")
-    lifted = open_model(str(tmp_path / "mamba"), devices=devices[:1], scheme="replicated", with_tokenizer=False)
+    path = save(T.MambaConfig(**TINY_MAMBA), tmp_path / "mamba", std=0.3)
+    lifted = open_model(path, devices=devices[:1], scheme="replicated", with_tokenizer=False)
     prompts = [[5, 9, 2, 7, 11, 3], [40, 41], [100, 7, 300, 12, 8, 9, 10, 77, 5, 1, 2], [3, 3, 4]]
     lengths = [10, 6, 8, 12]
     gen = Generator(lifted, stop_at_eos=False)
