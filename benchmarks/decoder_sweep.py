@@ -34,12 +34,13 @@ SMALL = {  # field -> value, wherever a config (or its text config) has the fiel
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2,
-    "head_dim": 16, "kv_channels": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "q_lora_rank": 32, "kv_lora_rank": 16,
-    "vocab_size": 512, "padded_vocab_size": 512,
+    "head_dim": 16, "kv_channels": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "qk_head_dim": 16, "v_head_dim": 16,
+    "q_lora_rank": 32, "kv_lora_rank": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "vocab_size": 512, "padded_vocab_size": 512, "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16,
+    "attention_hidden_size": 64, "embedding_dim": 64,
     "max_position_embeddings": 256, "n_positions": 256, "max_seq_len": 256, "seq_length": 256,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+    "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "zero_expert_num": 2,
     "sliding_window": 8, "rotary_dim": 8, "partial_rotary_factor": 0.5,
 }
 
@@ -69,6 +70,21 @@ OVERRIDES = {
                             block_types=["recurrent", "attention"]),
 }  # fmt: skip
 
+# Fields that every real checkpoint of the family sets and whose class defaults leave unset or do not
+# run (transformers 5.23: DBRX's attention reads rope_theta and clamps by clip_qkv, neither defaulted;
+# Ministral's and Hunyuan's head_dim, Nemotron's kv heads, Dots-1's experts, LFM2-MoE's layer types
+# are None), after the shrink; a dict is a sub-config's fields. Gemma-3n keeps 4 layers: its last
+# ones read the first ones' KV cache (KV sharing), which 2 layers cannot show.
+CHECKPOINT_FIELDS = {
+    "dbrx": {"attn_config": dict(kv_n_heads=2, rope_theta=500000.0, clip_qkv=8.0),
+             "ffn_config": dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)},
+    "ministral": dict(head_dim=16), "hunyuan_v1_dense": dict(head_dim=16), "hunyuan_v1_moe": dict(head_dim=16),
+    "nemotron": dict(num_key_value_heads=2), "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                         activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], intermediate_size=[128] * 4),
+}  # fmt: skip
+
 
 def tiny_config(model_type: str):
     import transformers as T
@@ -82,23 +98,67 @@ def tiny_config(model_type: str):
         sub = getattr(config, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
             targets.append(sub)
+    layer_types = {c.model_type: list(v) for c in targets if isinstance(v := _get(c, "layer_types"), list)}
     for c in targets:
+        depth = next((d for f in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if isinstance(d := _get(c, f), int)), None)
         for field, value in SMALL.items():
             old = _get(c, field)
             if isinstance(old, (int, float)) and not isinstance(old, bool):
-                _set(c, field, value)
-        for field in ("layer_types", "attention_types"):  # per-layer lists follow the new depth,
-            v = _get(c, field)  # keeping one layer of each of the first two kinds (a hybrid stays hybrid)
-            if isinstance(v, list) and v and not isinstance(v[0], list):
+                _set(c, field, min(old, value) if field in ("num_experts_per_tok", "moe_topk") else value)  # top-1
+                # families validate their k (ZAYA: 1 only)
+        for field, v in c.to_dict().items():  # per-layer lists (layer_types, mlp_layer_types, ...) follow the
+            # new depth, keeping one layer of each of the first two kinds (a hybrid stays hybrid)
+            if isinstance(v, list) and v and len(v) == depth and not isinstance(v[0], (list, dict)):
                 kinds = list(dict.fromkeys(v))
-                _set(c, field, (kinds + kinds)[:2])
+                per_layer_size = field if field in SMALL else next((f for f in SMALL if field.startswith(f + "_per_layer")), None)
+                _set(c, field, [SMALL[per_layer_size]] * 2 if per_layer_size else (kinds + kinds)[:2])
         if isinstance(_get(c, "kv_lora_rank"), int) and isinstance(_get(c, "num_key_value_heads"), int):
-            # MLA (DeepSeek-V2-style): keys are per query head, and the family's configs say so
+            # MLA (DeepSeek-V2-style): keys are per query head, and the family's configs say so; its
+            # head_dim is the rotary part's (the rotary tables are built from it)
             _set(c, "num_key_value_heads", _get(c, "num_attention_heads"))
+            if isinstance(_get(c, "head_dim"), int):
+                _set(c, "head_dim", _get(c, "qk_rope_head_dim"))
         for field in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if isinstance(token := _get(c, field), int):
                 _set(c, field, min(token, 3))
+    for name, value in CHECKPOINT_FIELDS.get(model_type, {}).items():
+        if isinstance(value, dict):
+            for field, v in value.items():
+                setattr(getattr(config, name), field, v)
+        else:
+            setattr(config, name, value)
+    if model_type in CHECKPOINT_FIELDS or any(c.to_dict().get("per_layer_config") for c in targets):
+        return _rebuilt(config, layer_types)
     return config
+
+
+def _rebuilt(config, layer_types: dict):
+    """The config made again from its dict: what a config derives when it is made (per-layer views,
+    DBRX's ffn_config.hidden_size from d_model) follows the shrunk fields. Per-layer overrides
+    (Gemma-4's global layers, Dots-3's MLA layers), keyed by the default depth's layer index, become
+    the kept layers' own, shrunk like the rest."""
+    import transformers as T
+
+    def kept(d: dict) -> None:
+        overrides, types = d.get("per_layer_config"), layer_types.get(d.get("model_type"))
+        if not overrides or not types:
+            return
+        kinds = list(dict.fromkeys(types))
+        new = {}
+        for i, j in enumerate(types.index(k) for k in (kinds + kinds)[:2]):
+            over = next((v for k, v in overrides.items() if int(k) == j), None)
+            if over:
+                new[f"{i:02d}"] = {f: SMALL[f] if f in SMALL and isinstance(v, (int, float)) else v for f, v in over.items()}
+                if "kv_lora_rank" in over and "num_attention_heads" in over:  # MLA, as above
+                    new[f"{i:02d}"]["num_key_value_heads"] = new[f"{i:02d}"]["num_attention_heads"]
+        d["per_layer_config"] = new
+
+    d = config.to_dict()
+    kept(d)
+    for sub in d.values():
+        if isinstance(sub, dict) and "model_type" in sub:
+            kept(sub)
+    return T.AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "transformers_version"})
 
 
 def _get(config, field: str):

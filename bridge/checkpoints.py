@@ -15,6 +15,7 @@ A ``model_type`` that ``model_torch`` implements loads into our module (same par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -822,14 +823,14 @@ def _load(checkpoint: str, dtype: str, with_tokenizer: bool, implementation: str
         raise CheckpointError(f"{path}: model type {hf_config.model_type!r} has no model_torch family; "
                               f"drop --implementation model_torch to run transformers' own class")  # fmt: skip
     if found is None:
-        from model_torch.hf_adapter import UnsupportedArchitecture, check_architecture
+        from model_torch.hf_adapter import check_architecture
 
-        try:
+        with _refused_as(path):
             check_architecture(hf_config)
-        except UnsupportedArchitecture as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        if kind == "dir":  # its cache probed on the meta device first: refused before a weight is read
+            meta_transformers_model(hf_config, torch_dtype, where=path)
         hf_model = _transformers_model(path, torch_dtype, hf_config) if kind == "dir" else hf_model
-        return Loaded(HFCausalLMAdapter(hf_model.eval()), tokenizer, str(path), hf_config.model_type, hf_config)
+        return Loaded(_adapter(hf_model, path), tokenizer, str(path), hf_config.model_type, hf_config)
     cls, config = found
     with torch.device("meta"):
         model = as_stored(cls(config), hf_config)
@@ -857,27 +858,47 @@ def _transformers_model(path: Path, torch_dtype, hf_config):
         raise CheckpointError(f"transformers cannot load {path} ({type(e).__name__}: {msg})") from None
 
 
-def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = None) -> HFCausalLMAdapter:
+def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = None, where=None) -> HFCausalLMAdapter:
     """transformers' own class for ``hf_config`` on the meta device, behind the adapter (as ``load``
     builds it, with no weights): what ``plan`` compiles for a family without a model_torch rewrite.
-    ``num_layers``: that many decoder layers instead of the config's."""
+    ``num_layers``: that many decoder layers instead of the config's; ``where``: what a refusal
+    names (the model type by default)."""
+    where = where or hf_config.model_type
     import copy
 
     from transformers import AutoModelForCausalLM
 
-    from model_torch.hf_adapter import UnsupportedArchitecture, attention_implementation, check_architecture
+    from model_torch.hf_adapter import attention_implementation, check_architecture
 
-    try:
+    with _refused_as(where):
         check_architecture(hf_config)
-    except UnsupportedArchitecture as e:
-        raise CheckpointError(str(e)) from None
     if num_layers is not None:
         hf_config = copy.deepcopy(hf_config)
         hf_config.get_text_config(decoder=True).num_hidden_layers = num_layers
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype, attn_implementation=attention_implementation(hf_config),
                                               experts_implementation="batched_mm")  # fmt: skip
-    return HFCausalLMAdapter(hf.eval())
+    return _adapter(hf, where)
+
+
+@contextlib.contextmanager
+def _refused_as(where):
+    """The adapter's refusal (``UnsupportedArchitecture``) as a ``CheckpointError`` naming ``where``."""
+    from model_torch.hf_adapter import UnsupportedArchitecture
+
+    try:
+        yield
+    except UnsupportedArchitecture as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _adapter(hf_model, where) -> HFCausalLMAdapter:
+    """transformers' model behind the adapter, its cache probed now: a layer whose cache cannot be
+    passed in and out is refused before anything is placed or traced."""
+    with _refused_as(where):
+        adapter = HFCausalLMAdapter(hf_model.eval())
+        adapter.cache_shapes()
+    return adapter
 
 
 def load_stored_tokenizer(kind: str, path: Path):

@@ -79,12 +79,24 @@ def _is_model_output(x) -> bool:
 
 @contextlib.contextmanager
 def traced_as_torch(model: torch.nn.Module):
-    """While ``model`` is traced: torch's fused attention fast path off (torchax cannot trace its
-    nested tensors), with what that path would return in eager torch kept. Eager
-    ``nn.TransformerEncoder`` given a padding mask (eval mode, fast path on: torch's defaults)
-    returns zeros at the padded positions before its final norm, so each such encoder's last layer
-    has its padded rows zeroed here too. Torch's own setting is restored afterwards: importing or
-    using the bridge leaves eager torch as it was."""
+    """While ``model`` is traced:
+
+    * torch's "compiling" flag on, as torch.export's non-strict trace sets it: code that keeps
+      data-dependent Python branches out of compiled graphs (transformers'
+      ``is_torchdynamo_compiling()``: XGLM's check that its position table is long enough) takes
+      its graph path;
+    * inside a causal LM's ``index_routed_experts`` (DBRX's experts loop), index lists of static
+      size (``lowerings.padded_nonzero``);
+    * torch's fused attention fast path off (torchax cannot trace its nested tensors), with what
+      that path would return in eager torch kept: eager ``nn.TransformerEncoder`` given a padding
+      mask (eval mode, fast path on: torch's defaults) returns zeros at the padded positions before
+      its final norm, so each such encoder's last layer has its padded rows zeroed here too.
+
+    Torch's own settings are restored afterwards: importing or using the bridge leaves eager torch
+    as it was."""
+    from bridge import lowerings
+    from model_torch.contract import CausalLMContract
+
     eager_fast_path = torch.backends.mha.get_fastpath_enabled()
     handles = []
     if eager_fast_path:
@@ -92,9 +104,23 @@ def traced_as_torch(model: torch.nn.Module):
             if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and not m.training:
                 handles += _zero_padded_rows(m)
     torch.backends.mha.set_fastpath_enabled(False)
+    compiling, torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
+    padded = lowerings._padded_index_lists.set(0)
+
+    def inside_experts(by: int):
+        def hook(*_):  # returns None: a value would replace the module's args or output
+            lowerings._padded_index_lists.set(lowerings._padded_index_lists.get() + by)
+
+        return hook
+
+    if isinstance(model, CausalLMContract):
+        for m in model.index_routed_experts():
+            handles += [m.register_forward_pre_hook(inside_experts(1)), m.register_forward_hook(inside_experts(-1))]
     try:
         yield
     finally:
+        lowerings._padded_index_lists.reset(padded)
+        torch.compiler._is_compiling_flag = compiling
         torch.backends.mha.set_fastpath_enabled(eager_fast_path)
         for h in handles:
             h.remove()

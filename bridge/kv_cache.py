@@ -2,7 +2,8 @@
 states its cache and the bridge decides the rest):
 
   * the model's part (``model_torch.contract``): ``init_kv_cache`` gives per-layer (keys, values)
-    of ``[batch, kv_heads, max_seq, head_dim]``, or a ``StateCache`` for a recurrent or linear-
+    of ``[batch, kv_heads, max_seq, head_dim]`` (a sparse-attention layer adds its indexer's keys,
+    ``[batch, max_seq, dim]``, moving with the same columns), or a ``StateCache`` for a recurrent or linear-
     attention layer (its states, ``[batch, ...]``), which ``forward`` takes and returns updated;
   * layout: per layer, or for a scanned stack one (keys, values) pair with a leading layer dim
     (``model_torch.contract.STACKED_KV_RANK``), written in place by the scan (``scan.StackCalls``);
@@ -60,6 +61,8 @@ def layout(lifted, batch: int, seq: int) -> list:
     b = sharding.batch_spec(lifted.scheme, lifted.mesh, batch, 1)
 
     def kv(t):
+        if t.ndim == 3:  # a sparse-attention indexer's keys [batch, max_seq, dim]: one head, whole
+            return state(t)
         return jax.ShapeDtypeStruct((*lead, t.shape[0], t.shape[1] * copies, *t.shape[2:]), jax_dtype(t.dtype), sharding=shard)
 
     def state(t):
@@ -83,9 +86,15 @@ def map_layers(kv, state, cache: list, *others: list) -> list:
     return [layer(entry, *more) for entry, *more in zip(cache, *others)]
 
 
-def holds_state(model) -> bool:
-    """Whether some layer of a causal LM keeps a recurrent state (``StateCache``), not only keys and values."""
-    return model.HAS_KV_CACHE and any(isinstance(layer, StateCache) for layer in model.init_kv_cache(1, 1, device="meta"))
+def beyond_pairs(model) -> str | None:
+    """What some layer of a causal LM keeps beyond one (keys, values) pair, or None: a recurrent
+    state (``StateCache``: Mamba, linear attention) or a sparse-attention indexer's keys."""
+    layers = model.init_kv_cache(1, 1, device="meta") if model.HAS_KV_CACHE else []
+    if any(isinstance(layer, StateCache) for layer in layers):
+        return "a recurrent state (Mamba-style)"
+    if any(len(layer) > 2 for layer in layers):
+        return "a sparse-attention indexer's keys"
+    return None
 
 
 def empty(lifted, batch: int, seq: int) -> list:

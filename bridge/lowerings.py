@@ -332,6 +332,16 @@ def solve_triangular(a, b, *, upper: bool, left: bool = True, unitriangular: boo
     return jnp.swapaxes(x, -1, -2) if not left else x
 
 
+# Inside an experts module that routes by index lists (``CausalLMContract.index_routed_experts``):
+# ``nonzero`` and one-argument ``where`` return as many indices as the input has elements, the
+# real ones first, then each dim's size (past the end: the scatter that takes the rows drops them).
+_padded_index_lists = contextvars.ContextVar("lowerings_padded_index_lists", default=0)
+
+
+def padded_nonzero(x: jnp.ndarray) -> tuple:
+    return jnp.nonzero(x, size=x.size, fill_value=tuple(x.shape))
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
@@ -362,6 +372,22 @@ def install(env) -> None:
         return y
 
     env.override_op_definition(F.batch_norm, batch_norm)
+
+    torchax_nonzero, torchax_where = env._ops[torch.ops.aten.nonzero].func, env._ops[torch.ops.aten.where].func
+
+    def nonzero(x, as_tuple=False):
+        if not _padded_index_lists.get():
+            return call_jax(torchax_nonzero, x, as_tuple)
+        found = call_jax(lambda a: jnp.stack(padded_nonzero(a), -1), x)
+        return found.unbind(-1) if as_tuple else found
+
+    def where(condition, x=None, y=None):
+        if x is None and y is None and _padded_index_lists.get():
+            return call_jax(padded_nonzero, condition)
+        return call_jax(torchax_where, condition, x, y)
+
+    env.override_op_definition(torch.ops.aten.nonzero, nonzero)
+    env.override_op_definition(torch.ops.aten.where, where)
 
     # torchax 0.0.13's copy_ reads the source's array directly, which a view (a slice not yet
     # materialised) does not have: ``state.copy_(window[..., -k:])``, how transformers' recurrent

@@ -126,9 +126,9 @@ def why_not_scanned(model) -> str | None:
                 f"global attention layers); one scan runs one body")  # fmt: skip
     from bridge import kv_cache
 
-    if kv_cache.holds_state(model):
-        return (f"{type(model).__name__}'s layers keep a recurrent state (Mamba-style), which the scan's stacked "
-                f"cache does not hold; its layers run unrolled")  # fmt: skip
+    if beyond := kv_cache.beyond_pairs(model):
+        return (f"{type(model).__name__}'s layers keep {beyond}, which the scan's stacked cache does not "
+                f"hold; its layers run unrolled")  # fmt: skip
     return None
 
 

@@ -194,8 +194,8 @@ class Engine:
                 start = column - bucket
 
                 def put(big, one):  # [..., slots, heads, columns, dim] <- [..., 1, heads, bucket, dim]
-                    at = [0] * big.ndim
-                    at[big.ndim - 4], at[big.ndim - 2] = row, start
+                    at = [0] * big.ndim  # (an indexer's keys have no heads: [slots, columns, dim])
+                    at[max(big.ndim - 4, 0)], at[big.ndim - 2] = row, start
                     return jax.lax.dynamic_update_slice(big, one.astype(big.dtype), at)
 
                 def put_state(big, one):  # [slots, ...] <- [1, ...]: the row's state after its prompt

@@ -13,8 +13,9 @@ from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
-# One attention layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim].
-LayerKV = tuple[torch.Tensor, torch.Tensor]
+# One attention layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim]; a sparse-
+# attention layer (DeepSeek-V3.2's indexer) adds its indexer's keys, [batch, max_seq, dim].
+LayerKV = tuple[torch.Tensor, ...]
 
 
 class StateCache(NamedTuple):
@@ -176,6 +177,14 @@ class CausalLMContract(nn.Module):
         """Before tensor parallelism: rewrite projections that fuse differently-split outputs
         ([Q;K;V], [gate;up]) so each part splits over the axis on its own. Numerics unchanged.
         The default does nothing (our families keep q/k/v and gate/up apart already)."""
+
+    def index_routed_experts(self) -> list[nn.Module]:
+        """MoE experts modules that gather each expert's tokens by ``nonzero`` / one-argument
+        ``torch.where`` and scatter the results back with ``index_add_`` (transformers' own experts
+        loop, DBRX's): data-dependent shapes, which a trace gives a static size, every list padded
+        with an index past the end; the padded rows compute on whatever a gather returns there
+        and the scatter drops them. Empty (the default) for models that route with static shapes."""
+        return []
 
     def tied_parameters(self) -> dict[str, str]:
         """Parameter name -> the name of the parameter it is tied to (a head sharing the embedding:

@@ -31,6 +31,7 @@ Encoder-decoders are refused with one clear error; any other layer type is tried
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Optional
@@ -60,9 +61,11 @@ def check_architecture(config) -> None:
 @dataclass
 class LayerCacheShapes:
     """One layer's cache as the probe found it (batch 1): its kv heads and key/value dims when it
-    keeps keys and values, and (shape, dtype) of each conv / recurrent state it keeps, by state index."""
+    keeps keys and values, the dim of its indexer keys when a sparse-attention indexer (DeepSeek-V3.2,
+    GLM-5) keeps them beside, and (shape, dtype) of each conv / recurrent state it keeps, by state index."""
 
     kv: Optional[tuple[int, int, int]] = None
+    indexer: Optional[int] = None
     conv: dict = field(default_factory=dict)
     recurrent: dict = field(default_factory=dict)
 
@@ -175,8 +178,11 @@ class HFCausalLMAdapter(CausalLMContract):
             return tuple(torch.zeros(batch, *shape[1:], dtype=dtype if probe_dtype == self.dtype else probe_dtype, device=device)
                          for shape, probe_dtype in found.values())  # fmt: skip
 
+        def indexer(dim):  # [batch, max_seq, dim]: one head's keys, written at the same columns
+            return (torch.zeros(batch, max_seq, dim, dtype=dtype, device=device),) if dim else ()
+
         return [
-            StateCache(state(s.conv), state(s.recurrent), kv(*s.kv) if s.kv else ()) if s.has_state else kv(*s.kv)
+            StateCache(state(s.conv), state(s.recurrent), kv(*s.kv) if s.kv else ()) if s.has_state else kv(*s.kv) + indexer(s.indexer)
             for s in self.cache_shapes()
         ]
 
@@ -241,25 +247,35 @@ class HFCausalLMAdapter(CausalLMContract):
 
         return scope()
 
+    def index_routed_experts(self) -> list[nn.Module]:
+        """transformers' experts modules (``forward(hidden_states, top_k_index, top_k_weights)``):
+        those with a static-shape implementation run it (``batched_mm``) and never index by data;
+        the others (DBRX's) run their own loop over ``nonzero``."""
+        return _experts_modules(self.hf)
+
     def split_fused_projections(self) -> None:
         """Phi-3's ``qkv_proj`` / ``gate_up_proj`` and GPT-2's Conv1D ``c_attn`` stack [Q;K;V] or
         [gate;up] on their output dim, so a dim-0 split would hand one device all of Q and another
         K and V. Each becomes ``FusedAsParts``: separate Linears (``q_proj``, ``k_proj``, ...)
         whose outputs are concatenated; each part splits by heads, and XLA folds the model's own
         slicing of the concatenation back onto the parts (no collective). Idempotent."""
+        fused = [(name, m) for name, m in self.hf.named_modules() if name.rpartition(".")[2] in FUSED and _is_dense(m)]
+        if not fused:  # read no head counts: per-layer configs (Gemma-4) have no global ones
+            return
         text = self.text_config
         heads = getattr(text, "num_attention_heads", None)
-        if not heads:  # no attention (Mamba): no heads to split by
-            return
         kv = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        for name, module in list(self.hf.named_modules()):
+        for name, module in fused:
             parent_name, _, leaf = name.rpartition(".")
-            if leaf not in FUSED or not _is_dense(module):
-                continue
             weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # [out, in]
             out = weight.shape[0]
-            sizes = [heads * head_dim, kv * head_dim, kv * head_dim] if len(FUSED[leaf]) == 3 else [out // 2] * 2
+            if len(FUSED[leaf]) == 3:  # [Q; K; V]: the head dim is what the output holds per head
+                if not heads:
+                    continue
+                head_dim = out // (heads + 2 * kv)
+                sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+            else:
+                sizes = [out // 2] * 2
             if sum(sizes) != out:
                 continue  # not the layout we know: leave it fused
             parts, start = {}, 0
@@ -278,18 +294,25 @@ class HFCausalLMAdapter(CausalLMContract):
         """Each layer's cache, read off one forward on fake tensors (no memory, no data): every family
         names these config fields its own way; its cache update does not."""
         if self._cache_shapes is None:
-            from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+            from transformers import cache_utils as cu
 
-            probe = DynamicCache(config=self.config)
+            probe = cu.DynamicCache(config=self.config)
             with torch.device("meta"), torch.no_grad():
                 ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
                 _meta_call(self.hf, ids, probe)
             shapes = []
-            for layer in probe.layers:
+            for i, layer in enumerate(probe.layers):
+                if type(layer).__module__ != cu.__name__:
+                    raise UnsupportedArchitecture(
+                        f"layer {i} of model type {self.config.model_type!r} keeps its cache in {type(layer).__name__}, a "
+                        f"cache class of the model's own (not one of transformers' cache layers, each of which has a "
+                        f"static form the bridge passes in and out); it cannot run over a functional cache")  # fmt: skip
                 found = LayerCacheShapes()
                 if getattr(layer, "keys", None) is not None:
                     found.kv = (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1])
-                if isinstance(layer, LinearAttentionCacheLayerMixin):
+                if getattr(layer, "indexer_keys", None) is not None:
+                    found.indexer = layer.indexer_keys.shape[-1]
+                if isinstance(layer, cu.LinearAttentionCacheLayerMixin):
                     found.conv = {i: (tuple(t.shape), t.dtype) for i, t in layer.conv_states.items() if t is not None}
                     found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
                 shapes.append(found)
@@ -302,8 +325,8 @@ class HFCausalLMAdapter(CausalLMContract):
         return [k[0] for k in kv], [k[1] for k in kv], [k[2] for k in kv]
 
     def _wrap(self, kv_cache: KVCache, start: torch.Tensor, continue_state: bool):
-        """transformers' cache layers around the tensors passed in: a ``StaticLayer`` per KV pair, a
-        ``LinearAttentionLayer`` (or its hybrid with a static layer) per ``StateCache``, whose
+        """transformers' cache layers around the tensors passed in: a ``StaticLayer`` per KV pair (a
+        ``StaticIndexedLayer`` when indexer keys come with it), a ``LinearAttentionLayer`` (or its hybrid with a static layer) per ``StateCache``, whose
         ``has_previous_state`` picks the layer's decode path (``continue_state``) or its prefill."""
         from transformers import cache_utils as cu
 
@@ -314,7 +337,10 @@ class HFCausalLMAdapter(CausalLMContract):
             if not (kv or states):  # a layer that reads another layer's cache
                 layers.append(cu.DummyLayer())
                 continue
-            cls = (cu.LinearAttentionAndStaticFullAttentionLayer if kv else cu.LinearAttentionLayer) if states else cu.StaticLayer
+            if states:
+                cls = cu.LinearAttentionAndStaticFullAttentionLayer if kv else cu.LinearAttentionLayer
+            else:
+                cls = cu.StaticIndexedLayer if len(kv) > 2 else cu.StaticLayer
             layer = cls.__new__(cls)
             if states:
                 cu.LinearAttentionLayer.__init__(layer, number_of_states=max([*shapes.conv, *shapes.recurrent]) + 1)
@@ -328,7 +354,7 @@ class HFCausalLMAdapter(CausalLMContract):
                 first = (entry.conv or entry.recurrent)[0]
                 layer.dtype, layer.device = first.dtype, first.device
             if kv:  # [batch, heads, seq, dim], or stacked: [layers, batch, heads, seq, dim]
-                keys, values = kv
+                keys, values, *indexer = kv
                 layer.max_cache_len = keys.shape[-2]
                 layer.dtype, layer.device = keys.dtype, keys.device
                 layer.batch_size, layer.num_heads = keys.shape[-4:-2]
@@ -336,8 +362,16 @@ class HFCausalLMAdapter(CausalLMContract):
                 layer.keys, layer.values = keys, values
                 layer.cumulative_length = start + 0  # its own tensor: update() advances it in place
                 layer.is_initialized = True
+                if indexer:  # a sparse-attention indexer's keys: written at the same columns as the keys
+                    layer.indexer_keys, layer.indexer_position_ids = indexer[0], None
+                    layer.indexer_dtype, layer.indexer_device = indexer[0].dtype, indexer[0].device
+                    layer.indexer_cumulative_length = start + 0
+                    layer.is_indexer_initialized = True
             layers.append(layer)
         return cu.Cache(layers=layers)
+
+# How transformers' experts modules are called (``integrations.moe``).
+EXPERTS_SIGNATURE = ["hidden_states", "top_k_index", "top_k_weights"]
 
 # Fused projections and the parts they stack on their output dim, in order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "c_attn": ("q_proj", "k_proj", "v_proj"),
@@ -379,6 +413,8 @@ def _cache_argument(hf_model: nn.Module) -> str:
 def _unwrap(layer, shapes: LayerCacheShapes):
     """A cache layer's tensors after the call, in the form the step was given them."""
     kv = (layer.keys, layer.values) if shapes.kv else ()
+    if shapes.indexer:
+        kv += (layer.indexer_keys,)
     if not shapes.has_state:
         return kv
     return StateCache(tuple(layer.conv_states[i] for i in shapes.conv), tuple(layer.recurrent_states[i] for i in shapes.recurrent), kv)
@@ -399,6 +435,10 @@ def _layer_blocks(layer: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, child in layer.named_children() if any(p.ndim >= 2 for p in child.parameters()))
 
 
+def _experts_modules(hf_model: nn.Module) -> list[nn.Module]:
+    return [m for m in hf_model.modules() if list(inspect.signature(m.forward).parameters)[:3] == EXPERTS_SIGNATURE]
+
+
 def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
     """One token through ``hf_model`` with every parameter and buffer swapped for a fake tensor (shapes
     only, backed by the meta device)."""
@@ -413,7 +453,13 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
     # meta tensor cannot answer (BioGPT, BigBird).
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    # Experts that route by ``nonzero`` cannot run on fake tensors (no sizes to give), and the cache
+    # does not depend on what they return: shaped like their input.
+    with contextlib.ExitStack() as restore:
+        for m in _experts_modules(hf_model):
+            m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+            restore.callback(m.__dict__.pop, "forward")
+        mode = restore.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
         functional_call(hf_model, state, (), {"input_ids": mode.from_tensor(ids), _cache_argument(hf_model): cache, "use_cache": True},
                         tie_weights=False, strict=False)  # fmt: skip

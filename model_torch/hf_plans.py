@@ -75,14 +75,25 @@ def head_layout_from_plan(model) -> list[tuple[str, int, int]]:
     """Every matrix in a decoder layer's attention block keeps whole heads (``head_dim`` rows or
     columns) on whichever dim a scheme splits: fused q/k/v and Conv1D layouts included. Where the
     layers' head dims differ (Inkling's sliding layers: 128, its global ones: 16), each layer gets
-    its own rows."""
+    its own rows. A per-head gate (Laguna's and Dots-3's ``g_proj``: as many rows as the block has
+    query heads, its ``num_heads``) keeps whole heads of one row each."""
     blocks = [b for b in model.LAYER_BLOCKS if "att" in b.lower()]
     dims = [s.kv[1] if s.kv else None for s in model.cache_shapes()]
     if not blocks or not any(dims):  # no attention layer (Mamba): no heads to keep whole
         return []
+    per_head = set()  # (regex, dim): one row per query head, which no whole head_dim rows could be
+    for (_, layer), head_dim in zip(model.decoder_layers(), dims):
+        for b in blocks:
+            heads = getattr(getattr(layer, b, None), "num_heads", None)
+            for name, p in getattr(layer, b).named_parameters() if isinstance(heads, int) and head_dim else ():
+                per_head |= {(rf"\.{re.escape(b)}\.{re.escape(name)}$", d) for d in (0, 1)
+                             if p.ndim > d and p.shape[d] == heads and heads % head_dim}  # fmt: skip
+    # the head-dim rows hold for every other tensor of the block
+    keep = rf"^(?!.*(?:{'|'.join(rx for rx, _ in per_head)})).*" if per_head else ""
     tail = r"\.(" + "|".join(map(re.escape, blocks)) + r")\.([^.]+\.)*[^.]+\.(weight|bias|scale)$"
+    gates = [(rx, d, 1) for rx, d in per_head]
     if len(set(filter(None, dims))) == 1:
         head_dim = next(filter(None, dims))
-        return [(tail, 0, head_dim), (tail, 1, head_dim)]
+        return [(keep + tail, 0, head_dim), (keep + tail, 1, head_dim)] + gates
     stack = re.escape(model.DECODER_LAYERS)
-    return [(rf"{stack}\.{i}{tail}", d, head_dim) for i, head_dim in enumerate(dims) if head_dim for d in (0, 1)]
+    return [(rf"{keep}{stack}\.{i}{tail}", d, head_dim) for i, head_dim in enumerate(dims) if head_dim for d in (0, 1)] + gates

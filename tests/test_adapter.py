@@ -201,16 +201,29 @@ def test_int8_runs_through_the_adapter(checkpoints_dir):
     assert max_rel(b, a) < 0.05  # int8 weights: close, not equal
 
 
-def test_architectures_without_a_kv_cache_are_refused(tmp_path, devices):
+def test_architectures_that_cannot_run_are_refused_with_the_reason(tmp_path, devices, capsys):
+    """An encoder-decoder (T5: refused from its config, the weights never read) and DeepSeek-V4,
+    whose compressed layers keep their cache in a class of the model's own (entries grown by
+    concatenation with Python counts: no static form to pass in and out): exit code 2 and one line
+    naming the model type and the reason."""
     from bridge import cli
 
-    for name, config in {"mamba": T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1),
-                         "t5": T.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2)}.items():  # fmt: skip
-        d = tmp_path / name
-        d.mkdir()
-        config.save_pretrained(d)
-        (d / "model.safetensors").write_bytes(b"")  # never read: refused from the config
-        assert cli.main(["forward", "--checkpoint", str(d), "--input-ids", "1,2", "--devices", "1"]) == 2
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    T.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(t5)
+    (t5 / "model.safetensors").write_bytes(b"")
+    v4 = T.AutoConfig.for_model("deepseek_v4", vocab_size=64, hidden_size=64, moe_intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=32,
+                                num_experts_per_tok=2, n_routed_experts=4, max_position_embeddings=256,
+                                layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+                                mlp_layer_types=["hash_moe", "moe"], sliding_window=8, index_n_heads=2, index_head_dim=16,
+                                qk_rope_head_dim=8)  # fmt: skip
+    for path, reason in [(str(t5), "'t5' is an encoder-decoder"),
+                         (save(v4, tmp_path / "v4"), "keeps its cache in DeepseekV4HCACache, a cache class of the model's own")]:  # fmt: skip
+        capsys.readouterr()  # what saving the checkpoint wrote
+        assert cli.main(["forward", "--checkpoint", path, "--input-ids", "1,2", "--devices", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and reason in err, err
 
 
 def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
@@ -333,3 +346,51 @@ def test_layers_with_their_own_head_dims_split_whole_heads_under_tp(tmp_path, de
     lifted = greedy_equals_transformers(save(config, tmp_path / "inkling2"), devices, new_tokens=8, meshes=[(2, "tp")])
     shapes = lifted.model.cache_shapes()
     assert [s.kv[2] for s in shapes] == [48, 16] and all(s.conv or s.recurrent for s in shapes)
+
+
+def test_a_sparse_attention_indexer_keeps_its_keys_in_the_cache(tmp_path, devices):
+    """DeepSeek-V3.2's layers pick the 8 keys each query attends to with an indexer whose own keys
+    are cached beside the layer's keys and values (transformers' ``StaticIndexedLayer``): the
+    adapter's cache holds them as a third tensor, [batch, max_seq, dim], written at the same
+    columns, split by batch. With a 12-token prompt the choice is real (8 of 12+ keys), so a wrong
+    indexer cache changes the tokens; 8 indexer heads and wider weights, so that no two columns'
+    ReLU'd scores tie at exactly zero (torch and XLA break a tie in top-k differently: with 2 heads
+    they did). Greedy tokens equal transformers' on 1 device and under tp on 2."""
+    config = T.AutoConfig.for_model("deepseek_v32", vocab_size=517, hidden_size=64, intermediate_size=128,
+                                    moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                    qk_nope_head_dim=8, v_head_dim=16, head_dim=8, index_head_dim=16, index_n_heads=8,
+                                    index_topk=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                    first_k_dense_replace=1, n_shared_experts=1, max_position_embeddings=256,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    lifted = greedy_equals_transformers(save(config, tmp_path / "deepseek_v32", std=0.2), devices, new_tokens=8)
+    cache = lifted.model.init_kv_cache(2, 32, device="meta")
+    assert [tuple(t.shape) for t in cache[0]][2] == (2, 32, 16)
+    from bridge import kv_cache
+
+    assert kv_cache.beyond_pairs(lifted.model) == "a sparse-attention indexer's keys"
+
+
+def test_code_guarded_for_compilers_takes_its_graph_path(tmp_path, devices):
+    """XGLM grows its sinusoidal position table when a call reaches past it, a Python branch on the
+    cache length that transformers skips while torch compiles (``is_torchdynamo_compiling()``); the
+    bridge's trace sets torch's compiling flag as torch.export's does, so the branch is skipped
+    (it had failed on a traced bool). Greedy tokens equal transformers' on 1 device and under tp on 2."""
+    config = T.XGLMConfig(vocab_size=517, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                          max_position_embeddings=256)  # fmt: skip
+    greedy_equals_transformers(save(config, tmp_path / "xglm"), devices, new_tokens=8)
+    assert not torch.compiler.is_compiling()  # eager torch as it was, after the trace
+
+
+def test_experts_that_route_by_nonzero_run_on_padded_index_lists(tmp_path, devices):
+    """DBRX's experts loop over ``nonzero()`` of the experts hit and ``torch.where`` of each one's
+    tokens, then ``index_add_`` the results: data-dependent shapes. Under the bridge's trace those
+    lists have a static size, padded with indices past the end, whose rows the scatter drops (the
+    adapter names such modules: ``index_routed_experts``). The attention config carries rope_theta
+    and clip_qkv as every DBRX checkpoint does (transformers' defaults do not run). Greedy tokens
+    equal transformers' on 1 device and under tp on 2."""
+    config = T.DbrxConfig(vocab_size=517, d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                          attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                          ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))  # fmt: skip
+    lifted = greedy_equals_transformers(save(config, tmp_path / "dbrx"), devices, new_tokens=8)
+    assert [type(m).__name__ for m in lifted.model.index_routed_experts()] == ["DbrxExperts"] * 2
