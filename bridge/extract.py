@@ -81,10 +81,8 @@ def _is_model_output(x) -> bool:
 def traced_as_torch(model: torch.nn.Module):
     """While ``model`` is traced:
 
-    * torch's "compiling" flag on, as torch.export's non-strict trace sets it: code that keeps
-      data-dependent Python branches out of compiled graphs (transformers'
-      ``is_torchdynamo_compiling()``: XGLM's check that its position table is long enough) takes
-      its graph path;
+    * torch in graph mode (``model_torch.contract.graph_mode``: the "compiling" flag on, as
+      torch.export's non-strict trace sets it, distributions' data checks off);
     * inside a causal LM's ``index_routed_experts`` (DBRX's experts loop), index lists of static
       size (``lowerings.padded_nonzero``);
     * torch's fused attention fast path off (torchax cannot trace its nested tensors), with what
@@ -95,7 +93,7 @@ def traced_as_torch(model: torch.nn.Module):
     Torch's own settings are restored afterwards: importing or using the bridge leaves eager torch
     as it was."""
     from bridge import lowerings
-    from model_torch.contract import CausalLMContract
+    from model_torch.contract import CausalLMContract, graph_mode
 
     eager_fast_path = torch.backends.mha.get_fastpath_enabled()
     handles = []
@@ -104,7 +102,6 @@ def traced_as_torch(model: torch.nn.Module):
             if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and not m.training:
                 handles += _zero_padded_rows(m)
     torch.backends.mha.set_fastpath_enabled(False)
-    compiling, torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
     padded = lowerings._padded_index_lists.set(0)
 
     def inside_experts(by: int):
@@ -117,10 +114,10 @@ def traced_as_torch(model: torch.nn.Module):
         for m in model.index_routed_experts():
             handles += [m.register_forward_pre_hook(inside_experts(1)), m.register_forward_hook(inside_experts(-1))]
     try:
-        yield
+        with graph_mode():
+            yield
     finally:
         lowerings._padded_index_lists.reset(padded)
-        torch.compiler._is_compiling_flag = compiling
         torch.backends.mha.set_fastpath_enabled(eager_fast_path)
         for h in handles:
             h.remove()

@@ -400,4 +400,11 @@ def install(env) -> None:
         return torchax_copy(x, y.torch() if isinstance(y, View) else y, env=env)
 
     env.override_op_definition(torch.ops.aten.copy_, copy, is_view_op=True)
+
+    # torchax 0.0.13's Tensor.type_as casts the tensor itself in place (torch returns a new one)
+    # and reads the other's array directly, which a view does not have (Gemma-3n's
+    # ``norm(x).type_as(hidden_states[i])`` failed): torch's own meaning, a cast to its dtype.
+    from torchax.tensor import Tensor
+
+    Tensor.type_as = lambda self, other: self.to(other.dtype)
     _installed.add(id(env))

@@ -8,10 +8,31 @@ model from elsewhere (a transformers class through an adapter) implements the sa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+@contextlib.contextmanager
+def graph_mode():
+    """How torch runs while a model is traced into a graph (the bridge's trace, the adapter's probe on
+    fake tensors), as torch.export's non-strict trace sets it: the "compiling" flag on, so code that
+    keeps data-dependent Python branches out of compiled graphs takes its graph path (transformers'
+    ``is_torchdynamo_compiling()``: XGLM's check that its position table is long enough); and
+    ``torch.distributions`` argument validation off (a data check: Gemma-3n's Gaussian top-k builds
+    a ``Normal``). Torch's own settings come back afterwards."""
+    from torch.distributions import Distribution
+
+    compiling, torch.compiler._is_compiling_flag = torch.compiler._is_compiling_flag, True
+    validate = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = compiling
+        Distribution.set_default_validate_args(validate)
+
 
 # One attention layer's cache: (keys, values), each [batch, kv_heads, max_seq, head_dim]; a sparse-
 # attention layer (DeepSeek-V3.2's indexer) adds its indexer's keys, [batch, max_seq, dim].

@@ -14,7 +14,11 @@ What transformers 5.23's cache does, and what that means here:
   trace bakes in; every layer here is a full-length ``StaticLayer`` and the sliding-window *mask*
   does the windowing (same numbers; costs the memory of a full-length cache for those layers).
 * MoE experts dispatch with ``nonzero()`` by default (data-dependent: fails under jit);
-  ``experts_implementation="batched_mm"`` is used instead. Attention runs ``sdpa`` (the bridge
+  ``experts_implementation="batched_mm"`` is used instead. A class whose experts have no such
+  implementation and loop over ``nonzero`` themselves (DBRX) is named by ``index_routed_experts``:
+  the bridge traces that loop over index lists of static size (``bridge.lowerings``).
+* A sparse-attention layer (DeepSeek-V3.2, GLM-5: ``StaticIndexedLayer``) caches its indexer's keys
+  beside its keys and values: a third tensor of the layer's cache entry, [batch, max_seq, dim]. Attention runs ``sdpa`` (the bridge
   installs a lowering with a finite mask value and grouped kv heads) where the class offers it, its
   own ``eager`` attention elsewhere (GPT-J, GPT-Neo, BLOOM, ...) and for Gemma2's soft-capping.
 * ``ModelOutput`` is not a pytree: the adapter returns plain tensors.
@@ -26,7 +30,9 @@ What transformers 5.23's cache does, and what that means here:
   continued is the prefill of one token) and its full-sequence path on a longer one, which starts
   from zeros (the generator's prefill).
 
-Encoder-decoders are refused with one clear error; any other layer type is tried.
+Encoder-decoders are refused with one clear error, and so is a layer whose cache is a class of the
+model's own (DeepSeek-V4's compressed layers: no static form to pass in and out); any other layer
+type is tried.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .contract import CausalLMContract, HeadLayout, KVCache, StateCache
+from .contract import CausalLMContract, HeadLayout, KVCache, StateCache, graph_mode
 
 # The context of a model with no position limit (ALiBi, or a recurrent state), as the generator enforces it.
 NO_FIXED_CONTEXT = 16384
@@ -299,7 +305,12 @@ class HFCausalLMAdapter(CausalLMContract):
             probe = cu.DynamicCache(config=self.config)
             with torch.device("meta"), torch.no_grad():
                 ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
-                _meta_call(self.hf, ids, probe)
+                try:
+                    _meta_call(self.hf, ids, probe)
+                except Exception as e:  # noqa: BLE001 - the class's own reason, in one line (MiniMax: its own cache)
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise UnsupportedArchitecture(f"model type {self.config.model_type!r} did not run one token over "
+                                                  f"transformers' cache ({type(e).__name__}: {first})") from e  # fmt: skip
             shapes = []
             for i, layer in enumerate(probe.layers):
                 if type(layer).__module__ != cu.__name__:
@@ -316,6 +327,10 @@ class HFCausalLMAdapter(CausalLMContract):
                     found.conv = {i: (tuple(t.shape), t.dtype) for i, t in layer.conv_states.items() if t is not None}
                     found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
                 shapes.append(found)
+            if not any(s.kv or s.conv or s.recurrent for s in shapes):
+                raise UnsupportedArchitecture(
+                    f"model type {self.config.model_type!r} wrote nothing into transformers' cache: it keeps its state "
+                    f"elsewhere (RWKV: a `state` argument of its own), which the bridge does not pass in and out")  # fmt: skip
             self._cache_shapes = shapes
         return self._cache_shapes
 
@@ -459,6 +474,7 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
         for m in _experts_modules(hf_model):
             m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
             restore.callback(m.__dict__.pop, "forward")
+        restore.enter_context(graph_mode())
         mode = restore.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
         functional_call(hf_model, state, (), {"input_ids": mode.from_tensor(ids), _cache_argument(hf_model): cache, "use_cache": True},

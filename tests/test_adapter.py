@@ -394,3 +394,36 @@ def test_experts_that_route_by_nonzero_run_on_padded_index_lists(tmp_path, devic
                           ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))  # fmt: skip
     lifted = greedy_equals_transformers(save(config, tmp_path / "dbrx"), devices, new_tokens=8)
     assert [type(m).__name__ for m in lifted.model.index_routed_experts()] == ["DbrxExperts"] * 2
+
+
+def test_a_per_head_gate_splits_with_its_heads_under_tp(tmp_path, devices):
+    """Laguna gates each attention head's output by one scalar (``g_proj``: [heads, hidden], one
+    row per query head): under tp its rows split with the heads, one row each, where every other
+    attention tensor keeps head_dim rows per head (it had refused: 2 rows per device are not whole
+    heads of 16). Greedy tokens equal transformers' under tp on 2 (on 1 device: the sweep's row)."""
+    config = T.AutoConfig.for_model("laguna", vocab_size=517, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                    moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4,
+                                    num_experts_per_tok=2, layer_types=["full_attention"] * 2,
+                                    num_attention_heads_per_layer=[4, 4], mlp_layer_types=["dense", "sparse"],
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    lifted = greedy_equals_transformers(save(config, tmp_path / "laguna"), devices, new_tokens=8, meshes=[(2, "tp")])
+    gate = lifted.placement("model.layers.0.self_attn.g_proj.weight")
+    assert gate.shape == (4, 64) and gate.bytes_per_device({"model": 2}) * 2 == 4 * 64 * 4
+
+
+def test_layers_that_read_another_layers_cache(tmp_path, devices):
+    """Gemma-3n's last layers keep no cache: each reads the keys and values of the last earlier
+    layer of its kind (KV sharing: transformers' ``DummyLayer`` in the cache). Its first layer also
+    builds a ``torch.distributions.Normal`` (a data check, off while tracing) and casts with
+    ``type_as`` a view (torchax cast the tensor itself in place, and failed on the view). Greedy
+    tokens equal transformers' on 1 device and under tp on 2."""
+    config = T.AutoConfig.for_model("gemma3n_text", vocab_size=517, hidden_size=64, intermediate_size=[128] * 4,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=256, sliding_window=8, num_kv_shared_layers=2,
+                                    layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=517,
+                                    hidden_size_per_layer_input=16, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    lifted = greedy_equals_transformers(save(config, tmp_path / "gemma3n"), devices, new_tokens=8)
+    kinds = [bool(s.kv) for s in lifted.model.cache_shapes()]
+    assert kinds == [True, True, False, False]
