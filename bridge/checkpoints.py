@@ -863,12 +863,13 @@ def meta_transformers_model(hf_config, torch_dtype, num_layers: Optional[int] = 
     builds it, with no weights): what ``plan`` compiles for a family without a model_torch rewrite.
     ``num_layers``: that many decoder layers instead of the config's; ``where``: what a refusal
     names (the model type by default)."""
-    where = where or hf_config.model_type
     import copy
 
     from transformers import AutoModelForCausalLM
 
     from model_torch.hf_adapter import attention_implementation, check_architecture
+
+    where = where or hf_config.model_type
 
     with _refused_as(where):
         check_architecture(hf_config)

@@ -3,8 +3,8 @@ states its cache and the bridge decides the rest):
 
   * the model's part (``model_torch.contract``): ``init_kv_cache`` gives per-layer (keys, values)
     of ``[batch, kv_heads, max_seq, head_dim]`` (a sparse-attention layer adds its indexer's keys,
-    ``[batch, max_seq, dim]``, moving with the same columns), or a ``StateCache`` for a recurrent or linear-
-    attention layer (its states, ``[batch, ...]``), which ``forward`` takes and returns updated;
+    ``[batch, max_seq, dim]``, moving with the same columns), or a ``StateCache`` for a recurrent
+    or linear-attention layer (its states, ``[batch, ...]``), which ``forward`` takes and returns updated;
   * layout: per layer, or for a scanned stack one (keys, values) pair with a leading layer dim
     (``model_torch.contract.STACKED_KV_RANK``), written in place by the scan (``scan.StackCalls``);
   * placement: batch like the inputs, kv heads on the scheme's head axis, repeated as the weight plan

@@ -18,9 +18,9 @@ What transformers 5.23's cache does, and what that means here:
   implementation and loop over ``nonzero`` themselves (DBRX) is named by ``index_routed_experts``:
   the bridge traces that loop over index lists of static size (``bridge.lowerings``).
 * A sparse-attention layer (DeepSeek-V3.2, GLM-5: ``StaticIndexedLayer``) caches its indexer's keys
-  beside its keys and values: a third tensor of the layer's cache entry, [batch, max_seq, dim]. Attention runs ``sdpa`` (the bridge
-  installs a lowering with a finite mask value and grouped kv heads) where the class offers it, its
-  own ``eager`` attention elsewhere (GPT-J, GPT-Neo, BLOOM, ...) and for Gemma2's soft-capping.
+  beside its keys and values: a third tensor of the layer's cache entry, [batch, max_seq, dim].
+* Attention runs ``sdpa`` (the bridge installs a lowering with a finite mask value and grouped kv
+  heads) where the class offers it, its own ``eager`` attention elsewhere (GPT-J, GPT-Neo, BLOOM, ...) and for Gemma2's soft-capping.
 * ``ModelOutput`` is not a pytree: the adapter returns plain tensors.
 
 * Recurrent and linear-attention layers (Mamba, Qwen3-Next's gated delta net, LFM's convolutions,
@@ -341,8 +341,8 @@ class HFCausalLMAdapter(CausalLMContract):
 
     def _wrap(self, kv_cache: KVCache, start: torch.Tensor, continue_state: bool):
         """transformers' cache layers around the tensors passed in: a ``StaticLayer`` per KV pair (a
-        ``StaticIndexedLayer`` when indexer keys come with it), a ``LinearAttentionLayer`` (or its hybrid with a static layer) per ``StateCache``, whose
-        ``has_previous_state`` picks the layer's decode path (``continue_state``) or its prefill."""
+        ``StaticIndexedLayer`` when indexer keys come with it), a ``LinearAttentionLayer`` (or its
+        hybrid with a static layer) per ``StateCache``, whose ``has_previous_state`` picks the layer's decode path (``continue_state``) or its prefill."""
         from transformers import cache_utils as cu
 
         layers = []
@@ -384,6 +384,7 @@ class HFCausalLMAdapter(CausalLMContract):
                     layer.is_indexer_initialized = True
             layers.append(layer)
         return cu.Cache(layers=layers)
+
 
 # How transformers' experts modules are called (``integrations.moe``).
 EXPERTS_SIGNATURE = ["hidden_states", "top_k_index", "top_k_weights"]
