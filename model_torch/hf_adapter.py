@@ -306,11 +306,16 @@ class HFCausalLMAdapter(CausalLMContract):
             with torch.device("meta"), torch.no_grad():
                 ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
                 try:
-                    _meta_call(self.hf, ids, probe)
+                    assigned = _meta_call(self.hf, ids, probe)
                 except Exception as e:  # noqa: BLE001 - the class's own reason, in one line (MiniMax: its own cache)
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     raise UnsupportedArchitecture(f"model type {self.config.model_type!r} did not run one token over "
                                                   f"transformers' cache ({type(e).__name__}: {first})") from e  # fmt: skip
+            if assigned:
+                raise UnsupportedArchitecture(
+                    f"model type {self.config.model_type!r} keeps a state in module attributes its forward assigns "
+                    f"({', '.join(assigned[:2])}{', ...' if len(assigned) > 2 else ''}), outside transformers' cache: "
+                    f"the bridge does not pass them in and out")  # fmt: skip
             shapes = []
             for i, layer in enumerate(probe.layers):
                 if type(layer).__module__ != cu.__name__:
@@ -328,9 +333,12 @@ class HFCausalLMAdapter(CausalLMContract):
                     found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
                 shapes.append(found)
             if not any(s.kv or s.conv or s.recurrent for s in shapes):
+                # each decode step would see only its own token (OpenAI-GPT's had matched a tiny random
+                # model's tokens by chance: with wider weights they differ from the second token on)
                 raise UnsupportedArchitecture(
-                    f"model type {self.config.model_type!r} wrote nothing into transformers' cache: it keeps its state "
-                    f"elsewhere (RWKV: a `state` argument of its own), which the bridge does not pass in and out")  # fmt: skip
+                    f"model type {self.config.model_type!r} wrote nothing into transformers' cache: the class has no "
+                    f"cache (OpenAI-GPT) or keeps its state elsewhere (RWKV: a `state` argument of its own), and the "
+                    f"bridge decodes over a cache it passes in and out")  # fmt: skip
             self._cache_shapes = shapes
         return self._cache_shapes
 
@@ -455,9 +463,11 @@ def _experts_modules(hf_model: nn.Module) -> list[nn.Module]:
     return [m for m in hf_model.modules() if list(inspect.signature(m.forward).parameters)[:3] == EXPERTS_SIGNATURE]
 
 
-def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
+def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> list[str]:
     """One token through ``hf_model`` with every parameter and buffer swapped for a fake tensor (shapes
-    only, backed by the meta device)."""
+    only, backed by the meta device). Returns the module attributes the forward assigned a tensor to
+    (RecurrentGemma keeps its recurrent state so), each put back as it was: a fake tensor left in
+    the module had failed the lift."""
     from torch.func import functional_call
 
     # Non-persistent buffers too (not in the state dict): a forward may replace one (GPT-J and
@@ -471,7 +481,21 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
 
     # Experts that route by ``nonzero`` cannot run on fake tensors (no sizes to give), and the cache
     # does not depend on what they return: shaped like their input.
+    before = {name: dict(m.__dict__) for name, m in hf_model.named_modules()}
+    assigned = []
+
+    def put_back():
+        for name, m in hf_model.named_modules():
+            for k, v in list(m.__dict__.items()):
+                if isinstance(v, torch.Tensor) and before[name].get(k) is not v:
+                    assigned.append(f"{name}.{k}")
+                    if k in before[name]:
+                        m.__dict__[k] = before[name][k]
+                    else:
+                        del m.__dict__[k]
+
     with contextlib.ExitStack() as restore:
+        restore.callback(put_back)
         for m in _experts_modules(hf_model):
             m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
             restore.callback(m.__dict__.pop, "forward")
@@ -480,3 +504,4 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> None:
         state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
         functional_call(hf_model, state, (), {"input_ids": mode.from_tensor(ids), _cache_argument(hf_model): cache, "use_cache": True},
                         tie_weights=False, strict=False)  # fmt: skip
+    return assigned

@@ -202,10 +202,12 @@ def test_int8_runs_through_the_adapter(checkpoints_dir):
 
 
 def test_architectures_that_cannot_run_are_refused_with_the_reason(tmp_path, devices, capsys):
-    """An encoder-decoder (T5: refused from its config, the weights never read) and DeepSeek-V4,
-    whose compressed layers keep their cache in a class of the model's own (entries grown by
-    concatenation with Python counts: no static form to pass in and out): exit code 2 and one line
-    naming the model type and the reason."""
+    """An encoder-decoder (T5: refused from its config, the weights never read); DeepSeek-V4, whose
+    compressed layers keep their cache in a class of the model's own (entries grown by concatenation
+    with Python counts: no static form to pass in and out); RecurrentGemma, whose recurrent blocks
+    keep their state in module attributes the forward assigns; OpenAI-GPT, which has no cache (each
+    decode step would see only its own token: a tiny model with its own small init had matched
+    transformers' tokens by chance). Exit code 2 and one line naming the model type and the reason."""
     from bridge import cli
 
     t5 = tmp_path / "t5"
@@ -218,8 +220,14 @@ def test_architectures_that_cannot_run_are_refused_with_the_reason(tmp_path, dev
                                 layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
                                 mlp_layer_types=["hash_moe", "moe"], sliding_window=8, index_n_heads=2, index_head_dim=16,
                                 qk_rope_head_dim=8)  # fmt: skip
+    gemma = T.RecurrentGemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, lru_width=64,
+                                   attention_window_size=16, block_types=["recurrent", "attention"])  # fmt: skip
+    gpt = T.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     for path, reason in [(str(t5), "'t5' is an encoder-decoder"),
-                         (save(v4, tmp_path / "v4"), "keeps its cache in DeepseekV4HCACache, a cache class of the model's own")]:  # fmt: skip
+                         (save(v4, tmp_path / "v4"), "keeps its cache in DeepseekV4HCACache, a cache class of the model's own"),
+                         (save(gemma, tmp_path / "rg"), "state in module attributes its forward assigns (model.layers.0.temporal_block.conv1d_state"),
+                         (save(gpt, tmp_path / "gpt"), "'openai-gpt' wrote nothing into transformers' cache")]:  # fmt: skip
         capsys.readouterr()  # what saving the checkpoint wrote
         assert cli.main(["forward", "--checkpoint", path, "--input-ids", "1,2", "--devices", "1"]) == 2
         err = capsys.readouterr().err.strip()
