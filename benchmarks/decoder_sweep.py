@@ -2,7 +2,8 @@
 transformers' own greedy ``generate`` (not part of ``make test``: minutes).
 
 For each model type: a tiny config (the type's defaults with widths, depth, heads, experts and
-vocabulary shrunk, in its text config too for composite ones), random weights written with
+vocabulary shrunk, in its text config too for composite ones; per-layer lists and overrides follow
+the depth; ``CHECKPOINT_FIELDS``: what real checkpoints set and the defaults leave unset), random weights written with
 ``save_pretrained`` (no tokenizer, as users make fixtures), transformers' greedy ``generate`` of 8
 tokens, then ``open_model(..., implementation="transformers")`` + ``Generator`` on 1 device, and on
 2 devices under tp for the types equal on 1. Each type runs in its own process (a crash or a hang
@@ -104,8 +105,8 @@ def tiny_config(model_type: str):
         for field, value in SMALL.items():
             old = _get(c, field)
             if isinstance(old, (int, float)) and not isinstance(old, bool):
-                _set(c, field, min(old, value) if field in ("num_experts_per_tok", "moe_topk") else value)  # top-1
-                # families validate their k (ZAYA: 1 only)
+                # top-k is never raised above the default: top-1 families validate their k (ZAYA)
+                _set(c, field, min(old, value) if field in ("num_experts_per_tok", "moe_topk") else value)
         for field, v in c.to_dict().items():  # per-layer lists (layer_types, mlp_layer_types, ...) follow the
             # new depth, keeping one layer of each of the first two kinds (a hybrid stays hybrid)
             if isinstance(v, list) and v and len(v) == depth and not isinstance(v[0], (list, dict)):
