@@ -84,7 +84,7 @@ def traced_as_torch(model: torch.nn.Module):
     * torch in graph mode (``model_torch.contract.graph_mode``: the "compiling" flag on, as
       torch.export's non-strict trace sets it, distributions' data checks off);
     * inside a causal LM's ``index_routed_experts`` (DBRX's experts loop), index lists of static
-      size (``lowerings.padded_nonzero``);
+      size (``lowerings.padded_index_lists_in``);
     * torch's fused attention fast path off (torchax cannot trace its nested tensors), with what
       that path would return in eager torch kept: eager ``nn.TransformerEncoder`` given a padding
       mask (eval mode, fast path on: torch's defaults) returns zeros at the padded positions before
@@ -102,22 +102,11 @@ def traced_as_torch(model: torch.nn.Module):
             if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and not m.training:
                 handles += _zero_padded_rows(m)
     torch.backends.mha.set_fastpath_enabled(False)
-    padded = lowerings._padded_index_lists.set(0)
-
-    def inside_experts(by: int):
-        def hook(*_):  # returns None: a value would replace the module's args or output
-            lowerings._padded_index_lists.set(lowerings._padded_index_lists.get() + by)
-
-        return hook
-
-    if isinstance(model, CausalLMContract):
-        for m in model.index_routed_experts():
-            handles += [m.register_forward_pre_hook(inside_experts(1)), m.register_forward_hook(inside_experts(-1))]
+    experts = model.index_routed_experts() if isinstance(model, CausalLMContract) else []
     try:
-        with graph_mode():
+        with graph_mode(), lowerings.padded_index_lists_in(experts):
             yield
     finally:
-        lowerings._padded_index_lists.reset(padded)
         torch.backends.mha.set_fastpath_enabled(eager_fast_path)
         for h in handles:
             h.remove()

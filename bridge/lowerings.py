@@ -342,6 +342,27 @@ def padded_nonzero(x: jnp.ndarray) -> tuple:
     return jnp.nonzero(x, size=x.size, fill_value=tuple(x.shape))
 
 
+@contextlib.contextmanager
+def padded_index_lists_in(modules):
+    """While a trace runs inside any of ``modules``, ``nonzero`` and one-argument ``where`` give
+    padded index lists (``padded_nonzero``); outside them, torchax's own."""
+
+    def hook(by: int):
+        def move(*_):  # returns None: a value would replace the module's args or output
+            _padded_index_lists.set(_padded_index_lists.get() + by)
+
+        return move
+
+    token = _padded_index_lists.set(0)
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(hook(1)), m.register_forward_hook(hook(-1)))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        _padded_index_lists.reset(token)
+
+
 def install(env) -> None:
     """Registers the lowerings above in a torchax ``Environment`` (once per environment)."""
     if id(env) in _installed:
