@@ -214,6 +214,8 @@ def run_one(model_type: str, tp: bool) -> dict:
             try:
                 lifted = open_model(d, devices=jax.devices()[:n], scheme=scheme, implementation="transformers",
                                     with_tokenizer=False)  # fmt: skip
+                if getattr(lifted.model, "recompute_reason", None):
+                    row["recomputes"] = lifted.model.recompute_reason
                 got = Generator(lifted, stop_at_eos=False).generate_ids([ids[0].tolist()], 8).token_ids[0]
                 row[key] = got == ref
                 if got != ref:
@@ -244,8 +246,9 @@ def write_tables(results: list[dict], summary: dict) -> None:
              f"tokens against transformers' own `generate` (`benchmarks/decoder_sweep.py`). Summary: {json.dumps(summary)}", "",
              "| type | 1 device | tp 2 | reason |", "| --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
+        why = r.get("reason") or (f"decodes by recomputing: {r['recomputes']}" if r.get("recomputes") else "")
         lines.append(f"| {r['type']} | {'equal' if r.get('one_device') else '-'} | {'equal' if r.get('tp2') else '-'} | "
-                     f"{r.get('reason', '').replace('|', '/')} |")  # fmt: skip
+                     f"{why.replace('|', '/')} |")  # fmt: skip
     write("decoder_sweep.md", "\n".join(lines) + "\n")
 
 

@@ -111,6 +111,10 @@ class Engine:
     def __init__(self, lifted, tokenizer=None, *, slots: int = 8, max_seq: int = 2048, queue_size: int = QUEUE_SIZE):
         self.gen = Generator(lifted, tokenizer, after_request=())  # tokenizer, EOS, pad id, compiled programs
         self.lifted, self.slots, self.max_seq = lifted, slots, max_seq
+        if lifted.model.recompute_reason:
+            raise GenerationError(f"the server's slots share one cache whose columns rows of different ages hold, and this "
+                                  f"model decodes by recomputing its token history ({lifted.model.recompute_reason}); "
+                                  f"run it with `generate`")  # fmt: skip
         self.context = min(max_seq, lifted.model.context_length)
         self.vocab = lifted.model.vocab_size
         self.eos = set(np.asarray(self.gen.eos).tolist()) - {-1}

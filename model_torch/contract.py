@@ -121,6 +121,9 @@ class CausalLMContract(nn.Module):
     LAYER_BLOCKS: ClassVar[tuple[str, ...]] = ()
     # False for a model that can only run a full sequence (no functional KV cache: no generation).
     HAS_KV_CACHE: ClassVar[bool] = True
+    # Why the model decodes by recomputing its whole token history each step (a class whose own
+    # cache cannot be passed in and out: its "cache" is then the ids and positions so far), or None.
+    recompute_reason: Optional[str] = None
 
     def forward(
         self,

@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from .contract import CausalLMContract, HeadLayout, KVCache, StateCache, graph_mode
 
@@ -113,6 +114,7 @@ class HFCausalLMAdapter(CausalLMContract):
         self.DECODER_LAYERS = _decoder_stack_path(hf_model)
         self.LAYER_BLOCKS = _layer_blocks(self.get_submodule(self.DECODER_LAYERS)[0]) if self.DECODER_LAYERS else ()
         self._cache_shapes = None
+        self._recompute_reason = None
 
     # -- the contract -------------------------------------------------------------------------------
     @property
@@ -138,8 +140,9 @@ class HFCausalLMAdapter(CausalLMContract):
         attention_mask: Optional[torch.Tensor] = None,
     ):
         if kv_cache is None:
-            out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-            return out.logits, None
+            return self._uncached(input_ids, positions, attention_mask).logits, None
+        if self.recompute_reason is not None:
+            return self._recomputed(input_ids, positions, kv_cache, cache_position, attention_mask)
         if cache_position is None:
             cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
         shapes = self.cache_shapes()
@@ -173,7 +176,42 @@ class HFCausalLMAdapter(CausalLMContract):
         )
         return out.logits, [_unwrap(layer, s) for layer, s in zip(cache.layers, shapes)]
 
+    def _uncached(self, input_ids, positions, attention_mask):
+        """The whole sequence through the HF model without a cache (position ids where the class takes
+        them by name); module attributes its forward assigns are put back."""
+        named = inspect.signature(self.hf.forward).parameters
+        extra = {"position_ids": positions} if "position_ids" in named else {}
+        with _attributes_put_back(self.hf):
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+
+    def _recomputed(self, input_ids, positions, kv_cache, cache_position, attention_mask):
+        """A class whose cache cannot be passed in and out (``recompute_reason``) keeps its token
+        history instead: this call's ids and positions are written at their columns and the model
+        runs over every column, each row rolled so that its first real token comes first (its left
+        padding, and the columns not written yet, trail it masked: a causal model's earlier columns
+        never see later ones, and a recurrent state or a compression block starts where the row
+        does, as without padding); the logits of this call's columns come back."""
+        (history,) = kv_cache
+        seen_ids, seen_positions = history.recurrent
+        batch, columns = seen_ids.shape
+        if positions is None:
+            positions = cache_position[None].expand(batch, -1)
+        seen_ids = seen_ids.index_copy(1, cache_position, input_ids.to(seen_ids.dtype))
+        seen_positions = seen_positions.index_copy(1, cache_position, positions.to(seen_positions.dtype))
+        cols = torch.arange(columns, device=input_ids.device)
+        mask = (cols <= cache_position[-1]).to(torch.long)[None].expand(batch, -1)
+        pads = torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device)
+        if attention_mask is not None:  # [batch, columns], 0 on each row's left padding (its leading zeros)
+            mask = mask * attention_mask
+            pads = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)
+        rolled = (cols[None] + pads) % columns  # the column of each row's i-th real token
+        logits = self._uncached(seen_ids.gather(1, rolled), seen_positions.gather(1, rolled), mask.gather(1, rolled)).logits
+        here = (cache_position[None] - pads)[..., None].expand(-1, -1, logits.shape[-1])
+        return logits.gather(1, here), [StateCache(recurrent=(seen_ids, seen_positions))]
+
     def init_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> KVCache:
+        if self.recompute_reason is not None:  # the token history: ids and positions, [batch, max_seq] each
+            return [StateCache(recurrent=tuple(torch.zeros(batch, max_seq, dtype=torch.int32, device=device) for _ in range(2)))]
         dtype = dtype or self.dtype
 
         def kv(heads, kd, vd):
@@ -298,49 +336,80 @@ class HFCausalLMAdapter(CausalLMContract):
     # -- helpers ------------------------------------------------------------------------------------
     def cache_shapes(self) -> list[LayerCacheShapes]:
         """Each layer's cache, read off one forward on fake tensors (no memory, no data): every family
-        names these config fields its own way; its cache update does not."""
+        names these config fields its own way; its cache update does not. Empty when the class
+        decodes by recomputing (``recompute_reason``)."""
         if self._cache_shapes is None:
-            from transformers import cache_utils as cu
-
-            probe = cu.DynamicCache(config=self.config)
-            with torch.device("meta"), torch.no_grad():
-                ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
-                try:
-                    assigned = _meta_call(self.hf, ids, probe)
-                except Exception as e:  # noqa: BLE001 - the class's own reason, in one line (MiniMax: its own cache)
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    raise UnsupportedArchitecture(f"model type {self.config.model_type!r} did not run one token over "
-                                                  f"transformers' cache ({type(e).__name__}: {first})") from e  # fmt: skip
-            if assigned:
-                raise UnsupportedArchitecture(
-                    f"model type {self.config.model_type!r} keeps a state in module attributes its forward assigns "
-                    f"({', '.join(assigned[:2])}{', ...' if len(assigned) > 2 else ''}), outside transformers' cache: "
-                    f"the bridge does not pass them in and out")  # fmt: skip
-            shapes = []
-            for i, layer in enumerate(probe.layers):
-                if type(layer).__module__ != cu.__name__:
-                    raise UnsupportedArchitecture(
-                        f"layer {i} of model type {self.config.model_type!r} keeps its cache in {type(layer).__name__}, a "
-                        f"cache class of the model's own (not one of transformers' cache layers, each of which has a "
-                        f"static form the bridge passes in and out); it cannot run over a functional cache")  # fmt: skip
-                found = LayerCacheShapes()
-                if getattr(layer, "keys", None) is not None:
-                    found.kv = (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1])
-                if getattr(layer, "indexer_keys", None) is not None:
-                    found.indexer = layer.indexer_keys.shape[-1]
-                if isinstance(layer, cu.LinearAttentionCacheLayerMixin):
-                    found.conv = {i: (tuple(t.shape), t.dtype) for i, t in layer.conv_states.items() if t is not None}
-                    found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
-                shapes.append(found)
-            if not any(s.kv or s.conv or s.recurrent for s in shapes):
-                # each decode step would see only its own token (OpenAI-GPT's had matched a tiny random
-                # model's tokens by chance: with wider weights they differ from the second token on)
-                raise UnsupportedArchitecture(
-                    f"model type {self.config.model_type!r} wrote nothing into transformers' cache: the class has no "
-                    f"cache (OpenAI-GPT) or keeps its state elsewhere (RWKV: a `state` argument of its own), and the "
-                    f"bridge decodes over a cache it passes in and out")  # fmt: skip
-            self._cache_shapes = shapes
+            self._cache_shapes, self._recompute_reason = self._probe_cache()
         return self._cache_shapes
+
+    @property
+    def recompute_reason(self) -> Optional[str]:
+        """Why this class decodes by recomputing its whole token history every step (O(context) per
+        token instead of O(1): correct, slow), or None when it decodes over its cache."""
+        self.cache_shapes()
+        return self._recompute_reason
+
+    def _probe_cache(self) -> tuple[list[LayerCacheShapes], Optional[str]]:
+        """(the layers' cache shapes, None), or ([], why) for a class whose cache the bridge cannot
+        pass in and out: one of its own (DeepSeek-V4's compressed layers, MiniMax), state kept in
+        module attributes (RecurrentGemma), none at all (OpenAI-GPT) or a ``state`` argument of its
+        own (RWKV), or a cache length its code reads as a Python number (MPT's position-bias slice,
+        RoFormer's and TrOCR's position ``arange``, GIT, CPM-Ant)."""
+        from transformers import cache_utils as cu
+
+        probe = cu.DynamicCache(config=self.config)
+        ids = lambda: torch.zeros(1, 1, dtype=torch.long)  # noqa: E731 - made inside the fake mode
+        try:
+            assigned = _meta_call(self.hf, lambda: ((), {"input_ids": ids(), _cache_argument(self.hf): probe, "use_cache": True}))
+        except Exception as e:  # noqa: BLE001 - the class's own reason, in one line (MiniMax: its own cache)
+            return self._recomputing(f"it did not run one token over transformers' cache ({type(e).__name__}: {_first_line(e)})")
+        if assigned:
+            return self._recomputing(f"it keeps a state in module attributes its forward assigns "
+                                     f"({', '.join(assigned[:2])}{', ...' if len(assigned) > 2 else ''})")  # fmt: skip
+        own = [(i, type(layer).__name__) for i, layer in enumerate(probe.layers) if type(layer).__module__ != cu.__name__]
+        if own:
+            return self._recomputing(f"layer {own[0][0]} keeps its cache in {own[0][1]}, a cache class of the model's own "
+                                     f"(transformers' cache layers have a static form the bridge passes in and out)")  # fmt: skip
+        shapes = []
+        for layer in probe.layers:
+            found = LayerCacheShapes()
+            if getattr(layer, "keys", None) is not None:
+                found.kv = (layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1])
+            if getattr(layer, "indexer_keys", None) is not None:
+                found.indexer = layer.indexer_keys.shape[-1]
+            if isinstance(layer, cu.LinearAttentionCacheLayerMixin):
+                found.conv = {i: (tuple(t.shape), t.dtype) for i, t in layer.conv_states.items() if t is not None}
+                found.recurrent = {i: (tuple(t.shape), t.dtype) for i, t in layer.recurrent_states.items() if t is not None}
+            shapes.append(found)
+        if not any(s.kv or s.conv or s.recurrent for s in shapes):
+            # each decode step would see only its own token (OpenAI-GPT's had matched a tiny random
+            # model's tokens by chance: with wider weights they differ from the second token on)
+            return self._recomputing("it wrote nothing into transformers' cache (it has none, or keeps its state "
+                                     "elsewhere: RWKV's `state` argument)")  # fmt: skip
+        # One decode step as the bridge runs it, its cache column a fake number: a class that reads
+        # the cache's length as a Python number (a slice bound, an ``arange`` start) cannot be traced
+        # with that column as a program input.
+        self._cache_shapes = shapes
+        try:
+            _meta_call(self, lambda: ((ids(),), {"kv_cache": self.init_kv_cache(1, 2), "cache_position": torch.ones(1, dtype=torch.long)}))
+        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+            return self._recomputing(f"it reads the cache's length as a Python number ({type(e).__name__}: {_first_line(e)})")
+        except Exception:  # noqa: BLE001 - a limit of fake tensors (none of 159 types met one): decoded over the cache
+            pass
+        finally:
+            self._cache_shapes = None
+        return shapes, None
+
+    def _recomputing(self, why: str) -> tuple[list[LayerCacheShapes], str]:
+        """([], why) when the class runs a whole sequence without a cache (on fake tensors); refused
+        otherwise, with both reasons."""
+        try:
+            _meta_call(self.hf, lambda: ((), {"input_ids": torch.zeros(1, 2, dtype=torch.long), "use_cache": False}))
+        except Exception as e:  # noqa: BLE001 - the class's own reason, in one line
+            raise UnsupportedArchitecture(f"model type {self.config.model_type!r} cannot decode over a cache passed in and "
+                                          f"out ({why}), and did not run without one either ({type(e).__name__}: "
+                                          f"{_first_line(e)})") from e  # fmt: skip
+        return [], why
 
     def kv_layout(self) -> tuple[list[int], list[int], list[int]]:
         """(kv heads, key dim, value dim) of each layer that keeps keys and values."""
@@ -420,6 +489,11 @@ class FusedAsParts(nn.Module):
         return torch.cat([part(x) for part in self.children()], dim=-1)
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _cache_length(kv_cache: KVCache) -> Optional[int]:
     """Columns of the cache's first KV pair, None when no layer keeps keys and values."""
     for entry in kv_cache:
@@ -463,29 +537,49 @@ def _experts_modules(hf_model: nn.Module) -> list[nn.Module]:
     return [m for m in hf_model.modules() if list(inspect.signature(m.forward).parameters)[:3] == EXPERTS_SIGNATURE]
 
 
-def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> list[str]:
-    """One token through ``hf_model`` with every parameter and buffer swapped for a fake tensor (shapes
-    only, backed by the meta device). Returns the module attributes the forward assigned a tensor to
-    (RecurrentGemma keeps its recurrent state so), each put back as it was: a fake tensor left in
-    the module had failed the lift."""
+def _meta_call(module: nn.Module, inputs) -> list[str]:
+    """``module`` called on ``inputs()`` (made inside the fake mode: ``(args, kwargs)``) with every
+    parameter and buffer swapped for a fake tensor (shapes only, backed by the meta device). Returns
+    the module attributes the forward assigned a tensor to (RecurrentGemma keeps its recurrent state
+    so), each put back as it was: a fake tensor left in the module had failed the lift."""
     from torch.func import functional_call
 
     # Non-persistent buffers too (not in the state dict): a forward may replace one (GPT-J and
     # CodeGen move their sin/cos table to the input's device), and functional_call restores only
     # what it swapped in, so the model kept a meta table.
-    tensors = {**dict(hf_model.named_parameters(remove_duplicate=False)), **dict(hf_model.named_buffers(remove_duplicate=False))}
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
     # Fake tensors, not plain meta ones: transformers takes them for a trace (``is_tracing``) and
     # skips the data-dependent shortcuts (``fast_all(padding_mask)`` is an ``.item()``) that a
     # meta tensor cannot answer (BioGPT, BigBird).
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    # Experts that route by ``nonzero`` cannot run on fake tensors (no sizes to give), and the cache
-    # does not depend on what they return: shaped like their input.
-    before = {name: dict(m.__dict__) for name, m in hf_model.named_modules()}
-    assigned = []
+    with contextlib.ExitStack() as restore:
+        assigned = restore.enter_context(_attributes_put_back(module))
+        # Experts that route by ``nonzero`` cannot run on fake tensors (no sizes to give), and the
+        # cache does not depend on what they return: shaped like their input.
+        for m in _experts_modules(module):
+            m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+            restore.callback(m.__dict__.pop, "forward")
+        restore.enter_context(graph_mode())
+        restore.enter_context(torch.device("meta"))
+        restore.enter_context(torch.no_grad())
+        mode = restore.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
+        args, kwargs = inputs()
+        functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+    return assigned
 
-    def put_back():
-        for name, m in hf_model.named_modules():
+
+@contextlib.contextmanager
+def _attributes_put_back(module: nn.Module):
+    """Tensors the forward assigns to module attributes (a state kept outside any cache) are put
+    back as they were on the way out; yields the list of the attributes' names, filled then."""
+    before = {name: dict(m.__dict__) for name, m in module.named_modules()}
+    assigned: list[str] = []
+    try:
+        yield assigned
+    finally:
+        for name, m in module.named_modules():
             for k, v in list(m.__dict__.items()):
                 if isinstance(v, torch.Tensor) and before[name].get(k) is not v:
                     assigned.append(f"{name}.{k}")
@@ -493,15 +587,3 @@ def _meta_call(hf_model: nn.Module, ids: torch.Tensor, cache) -> list[str]:
                         m.__dict__[k] = before[name][k]
                     else:
                         del m.__dict__[k]
-
-    with contextlib.ExitStack() as restore:
-        restore.callback(put_back)
-        for m in _experts_modules(hf_model):
-            m.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
-            restore.callback(m.__dict__.pop, "forward")
-        restore.enter_context(graph_mode())
-        mode = restore.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        state = {k: mode.from_tensor(torch.empty_like(v, device="meta")) for k, v in tensors.items()}
-        functional_call(hf_model, state, (), {"input_ids": mode.from_tensor(ids), _cache_argument(hf_model): cache, "use_cache": True},
-                        tie_weights=False, strict=False)  # fmt: skip
-    return assigned

@@ -202,36 +202,58 @@ def test_int8_runs_through_the_adapter(checkpoints_dir):
 
 
 def test_architectures_that_cannot_run_are_refused_with_the_reason(tmp_path, devices, capsys):
-    """An encoder-decoder (T5: refused from its config, the weights never read); DeepSeek-V4, whose
-    compressed layers keep their cache in a class of the model's own (entries grown by concatenation
-    with Python counts: no static form to pass in and out); RecurrentGemma, whose recurrent blocks
-    keep their state in module attributes the forward assigns; OpenAI-GPT, which has no cache (each
-    decode step would see only its own token: a tiny model with its own small init had matched
-    transformers' tokens by chance). Exit code 2 and one line naming the model type and the reason."""
+    """An encoder-decoder (T5: refused from its config, the weights never read); XLM, which reads
+    ``lengths.max().item()`` of its input (data that a traced program does not have), with or
+    without a cache. Exit code 2 and one line naming the model type and the reason."""
     from bridge import cli
 
     t5 = tmp_path / "t5"
     t5.mkdir()
     T.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(t5)
     (t5 / "model.safetensors").write_bytes(b"")
-    v4 = T.AutoConfig.for_model("deepseek_v4", vocab_size=64, hidden_size=64, moe_intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=32,
-                                num_experts_per_tok=2, n_routed_experts=4, max_position_embeddings=256,
-                                layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
-                                mlp_layer_types=["hash_moe", "moe"], sliding_window=8, index_n_heads=2, index_head_dim=16,
-                                qk_rope_head_dim=8)  # fmt: skip
-    gemma = T.RecurrentGemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, lru_width=64,
-                                   attention_window_size=16, block_types=["recurrent", "attention"])  # fmt: skip
-    gpt = T.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    for path, reason in [(str(t5), "'t5' is an encoder-decoder"),
-                         (save(v4, tmp_path / "v4"), "keeps its cache in DeepseekV4HCACache, a cache class of the model's own"),
-                         (save(gemma, tmp_path / "rg"), "state in module attributes its forward assigns (model.layers.0.temporal_block.conv1d_state"),
-                         (save(gpt, tmp_path / "gpt"), "'openai-gpt' wrote nothing into transformers' cache")]:  # fmt: skip
+    xlm = T.XLMConfig(vocab_size=64, emb_dim=32, n_layers=1, n_heads=2, causal=True, max_position_embeddings=64)
+    for path, reasons in [(str(t5), ["'t5' is an encoder-decoder"]),
+                          (save(xlm, tmp_path / "xlm"), ["'xlm' cannot decode over a cache passed in and out (it did not run one "
+                                                         "token over transformers' cache", "did not run without one either"])]:  # fmt: skip
         capsys.readouterr()  # what saving the checkpoint wrote
         assert cli.main(["forward", "--checkpoint", path, "--input-ids", "1,2", "--devices", "1"]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and reason in err, err
+        assert len(err.splitlines()) == 1 and all(r in err for r in reasons), err
+
+
+def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices):
+    """OpenAI-GPT keeps no cache, RecurrentGemma keeps its recurrent state in module attributes its
+    forward assigns, and MPT reads the cache's length as a Python number (its position-bias slice):
+    none can decode over a cache passed in and out of a program, so each carries its token history
+    instead (ids and positions, written at their columns) and every step runs the whole history.
+    Greedy tokens equal transformers' on 1 device and under tp on 2; a left-padded batch's rows
+    equal each row alone (each row is rolled to start at its first real token: RecurrentGemma's
+    recurrence would otherwise run over the padding). The server, whose rows share cache columns,
+    refuses them."""
+    configs = {
+        "wrote nothing into transformers' cache": (T.OpenAIGPTConfig(vocab_size=517, n_embd=64, n_layer=2, n_head=4, n_positions=64), 0.3),
+        "state in module attributes its forward assigns": (T.RecurrentGemmaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, lru_width=64,
+                                                    attention_window_size=16, block_types=["recurrent", "attention"]), 0.3),
+        "reads the cache's length as a Python number": (T.MptConfig(vocab_size=517, d_model=64, n_layers=2, n_heads=4, max_seq_len=64), 0.2),
+    }  # fmt: skip
+    for why, (config, std) in configs.items():  # each drawn wide enough that its tokens vary
+        path = save(config, tmp_path / config.model_type, std=std)
+        assert len(set(reference_tokens(hf_reference(path), 8))) > 2  # not one token over and over
+        # tp 2 for the hybrid only (the sweep runs every recomputing type under tp): suite time
+        meshes = ((1, "replicated"), (2, "tp")) if config.model_type == "recurrent_gemma" else ((1, "replicated"),)
+        lifted = greedy_equals_transformers(path, devices, new_tokens=8, meshes=meshes)
+        assert why in lifted.model.recompute_reason
+        (history,) = lifted.model.init_kv_cache(2, 16, device="meta")
+        assert [t.shape for t in history.recurrent] == [(2, 16)] * 2
+    gen = Generator(open_model(str(tmp_path / "recurrent_gemma"), devices=1, implementation="transformers", with_tokenizer=False), stop_at_eos=False)
+    rows = [PROMPT, PROMPT[3:8]]
+    assert gen.generate_ids(rows, 8).token_ids == [gen.generate_ids([r], 8).token_ids[0] for r in rows]
+    from bridge.errors import GenerationError
+    from bridge.serving import Engine
+
+    with pytest.raises(GenerationError, match="decodes by recomputing its token history"):
+        Engine(gen.lifted, slots=2, max_seq=64)  # its slots share one cache with columns
 
 
 def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
