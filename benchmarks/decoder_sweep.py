@@ -244,8 +244,6 @@ CAUSES = {
            "or without one",
     "jetmoe": "its experts size their batches with `.tolist()` of the routing counts (data-dependent shapes), which "
               "a fake-tensor probe and a trace cannot answer",
-    "longcat_flash": "its MoE loop reads `.item()` of each expert index (zero experts among them): the padded index "
-                     "lists that serve DBRX's `nonzero` do not reach it",
     "moshi": "transformers' cached `generate` differs from transformers' own uncached greedy forward (sliding window "
              "5), whose tokens [18, 393, 96, 39, 393, 152, 211, 126] are exactly ours",
 }  # fmt: skip

@@ -335,6 +335,9 @@ def solve_triangular(a, b, *, upper: bool, left: bool = True, unitriangular: boo
 # Inside an experts module that routes by index lists (``CausalLMContract.index_routed_experts``):
 # ``nonzero`` and one-argument ``where`` return as many indices as the input has elements, the
 # real ones first, then each dim's size (past the end: the scatter that takes the rows drops them).
+# ``nonzero`` of a 1-D mask, the experts some token chose (DBRX's and LongCat-Flash's loop bound),
+# answers every expert as a constant: a loop that reads each index as a number (LongCat's
+# ``int(expert.item())``) runs, and an expert no token chose finds its index lists all padding.
 _padded_index_lists = contextvars.ContextVar("lowerings_padded_index_lists", default=0)
 
 
@@ -347,9 +350,16 @@ def padded_index_lists_in(modules):
     """While a trace runs inside any of ``modules``, ``nonzero`` and one-argument ``where`` give
     padded index lists (``padded_nonzero``); outside them, torchax's own."""
 
+    evaluating = []  # constants computed while inside stay constants (jax.ensure_compile_time_eval)
+
     def hook(by: int):
         def move(*_):  # returns None: a value would replace the module's args or output
             _padded_index_lists.set(_padded_index_lists.get() + by)
+            if by > 0:
+                evaluating.append(jax.ensure_compile_time_eval())
+                evaluating[-1].__enter__()
+            else:
+                evaluating.pop().__exit__(None, None, None)
 
         return move
 
@@ -399,6 +409,9 @@ def install(env) -> None:
     def nonzero(x, as_tuple=False):
         if not _padded_index_lists.get():
             return call_jax(torchax_nonzero, x, as_tuple)
+        if x.ndim == 1:  # the experts some token chose, the bound of the loop over experts: every expert
+            found = call_jax(lambda a: jnp.asarray(np.arange(a.shape[0])[:, None]), x)
+            return found.unbind(-1) if as_tuple else found
         found = call_jax(lambda a: jnp.stack(padded_nonzero(a), -1), x)
         return found.unbind(-1) if as_tuple else found
 

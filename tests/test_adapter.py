@@ -418,12 +418,25 @@ def test_experts_that_route_by_nonzero_run_on_padded_index_lists(tmp_path, devic
     lists have a static size, padded with indices past the end, whose rows the scatter drops (the
     adapter names such modules: ``index_routed_experts``). The attention config carries rope_theta
     and clip_qkv as every DBRX checkpoint does (transformers' defaults do not run). Greedy tokens
-    equal transformers' on 1 device and under tp on 2."""
+    equal transformers' on 1 device and under tp on 2.
+
+    LongCat-Flash's loop reads each expert's index as a number (``int(expert.item())``, to send its
+    zero experts to an identity): there the experts hit are every expert, a constant that stays one
+    inside the module, so the loop unrolls over all of them (1 device; its two attentions per layer
+    keep two caches, so its stack runs unrolled)."""
     config = T.DbrxConfig(vocab_size=517, d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
                           attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                           ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))  # fmt: skip
     lifted = greedy_equals_transformers(save(config, tmp_path / "dbrx"), devices, new_tokens=8)
     assert [type(m).__name__ for m in lifted.model.index_routed_experts()] == ["DbrxExperts"] * 2
+    longcat = T.LongcatFlashConfig(vocab_size=517, hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=256, ffn_hidden_size=128, q_lora_rank=32, kv_lora_rank=16,
+                                   qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=16, moe_topk=2,
+                                   n_routed_experts=4, zero_expert_num=2, expert_ffn_hidden_size=64)  # fmt: skip
+    path = save(longcat, tmp_path / "longcat", std=0.1)
+    assert len(set(reference_tokens(hf_reference(path), 8))) > 2
+    lifted = greedy_equals_transformers(path, devices, new_tokens=8, meshes=((1, "replicated"),))
+    assert "4 caches for 2 layers" in scan.why_not_scanned(lifted.model)
 
 
 def test_a_per_head_gate_splits_with_its_heads_under_tp(tmp_path, devices):
