@@ -30,9 +30,13 @@ What transformers 5.23's cache does, and what that means here:
   continued is the prefill of one token) and its full-sequence path on a longer one, which starts
   from zeros (the generator's prefill).
 
-Encoder-decoders are refused with one clear error, and so is a layer whose cache is a class of the
-model's own (DeepSeek-V4's compressed layers: no static form to pass in and out); any other layer
-type is tried.
+* A class whose cache cannot be passed in and out (a cache class of its own: DeepSeek-V4, MiniMax;
+  state in module attributes: RecurrentGemma; none: OpenAI-GPT, RWKV; a cache length read as a
+  Python number: MPT, RoFormer) keeps its token history instead and recomputes it every step
+  (``recompute_reason``, ``_recomputed``): correct, O(context) per token.
+
+Encoder-decoders are refused with one clear error, and so is a class that runs neither over a cache
+nor without one (XLM reads its input's data as a number); any other layer type is tried.
 """
 
 from __future__ import annotations
