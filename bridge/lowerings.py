@@ -370,6 +370,8 @@ def padded_index_lists_in(modules):
     finally:
         for h in handles:
             h.remove()
+        while evaluating:  # a forward that raised inside a module never reached its closing hook
+            evaluating.pop().__exit__(None, None, None)
         _padded_index_lists.reset(token)
 
 

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from .contract import CausalLMContract, HeadLayout, KVCache, StateCache, graph_mode
 
@@ -555,8 +555,6 @@ def _meta_call(module: nn.Module, inputs) -> list[str]:
     # Fake tensors, not plain meta ones: transformers takes them for a trace (``is_tracing``) and
     # skips the data-dependent shortcuts (``fast_all(padding_mask)`` is an ``.item()``) that a
     # meta tensor cannot answer (BioGPT, BigBird).
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with contextlib.ExitStack() as restore:
         assigned = restore.enter_context(_attributes_put_back(module))
         # Experts that route by ``nonzero`` cannot run on fake tensors (no sizes to give), and the
