@@ -203,6 +203,7 @@ def plan(
             f"the whole model ({num_layers} layers)" if exact else f"{probes[0]} and {probes[1]} layers"),
         "flops_note": flops_note,
         "fallbacks": sharding.fallback_summary(placements),
+        "decodes_by_recomputing": full.recompute_reason,
     }
 
 
@@ -231,6 +232,9 @@ def format_plan(p: dict) -> str:
     elif p.get("scan_layers"):
         lines.append(f"note: compiled {p['compiled']}: temporaries and collectives exact; {p['flops_note'] or 'FLOPs exact'}")
     lines += [f"note: {f}" for f in p["fallbacks"]]
+    if p.get("decodes_by_recomputing"):
+        lines.append(f"note: decodes by recomputing its token history ({p['decodes_by_recomputing']}): a decode step is a "
+                     f"forward over all {p['seq']} columns")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -221,7 +221,7 @@ def test_architectures_that_cannot_run_are_refused_with_the_reason(tmp_path, dev
         assert len(err.splitlines()) == 1 and all(r in err for r in reasons), err
 
 
-def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices):
+def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices, capsys):
     """OpenAI-GPT keeps no cache, RecurrentGemma keeps its recurrent state in module attributes its
     forward assigns, and MPT reads the cache's length as a Python number (its position-bias slice):
     none can decode over a cache passed in and out of a program, so each carries its token history
@@ -229,7 +229,7 @@ def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices
     Greedy tokens equal transformers' on 1 device and under tp on 2; a left-padded batch's rows
     equal each row alone (each row is rolled to start at its first real token: RecurrentGemma's
     recurrence would otherwise run over the padding). The server, whose rows share cache columns,
-    refuses them."""
+    refuses them; ``plan`` says so."""
     configs = {
         "wrote nothing into transformers' cache": (T.OpenAIGPTConfig(vocab_size=517, n_embd=64, n_layer=2, n_head=4, n_positions=64), 0.3),
         "state in module attributes its forward assigns": (T.RecurrentGemmaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -254,6 +254,11 @@ def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices
 
     with pytest.raises(GenerationError, match="decodes by recomputing its token history"):
         Engine(gen.lifted, slots=2, max_seq=64)  # its slots share one cache with columns
+    from bridge import cli
+
+    capsys.readouterr()
+    assert cli.main(["plan", "--checkpoint", str(tmp_path / "mpt"), "--devices", "1", "--seq", "32"]) == 0
+    assert "note: decodes by recomputing its token history (it reads the cache's length" in capsys.readouterr().out
 
 
 def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
