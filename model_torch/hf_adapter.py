@@ -572,10 +572,18 @@ def _meta_call(module: nn.Module, inputs) -> list[str]:
     return assigned
 
 
+# What a forward may assign to a module attribute and the bridge puts back: a tensor (a state kept
+# outside any cache) or a plain value (a flag such as RWKV's ``layers_are_rescaled``).
+_PLAIN = (bool, int, float, str, type(None))
+
+
 @contextlib.contextmanager
 def _attributes_put_back(module: nn.Module):
-    """Tensors the forward assigns to module attributes (a state kept outside any cache) are put
-    back as they were on the way out; yields the list of the attributes' names, filled then."""
+    """Tensors and plain values the forward assigns to module attributes are put back as they were on
+    the way out, so every traced program starts from the module as it was built: RWKV rescales its
+    weights in place on its first eval call and flips a flag, which had left the decode program
+    with the flag's halving and without the rescaled weights (greedy tokens differed from the 5th,
+    3 layers, ``rescale_every=1``). Yields the list of the tensor attributes' names, filled then."""
     before = {name: dict(m.__dict__) for name, m in module.named_modules()}
     assigned: list[str] = []
     try:
@@ -583,8 +591,9 @@ def _attributes_put_back(module: nn.Module):
     finally:
         for name, m in module.named_modules():
             for k, v in list(m.__dict__.items()):
-                if isinstance(v, torch.Tensor) and before[name].get(k) is not v:
-                    assigned.append(f"{name}.{k}")
+                if isinstance(v, (torch.Tensor, *_PLAIN)) and (k not in before[name] or before[name][k] is not v):
+                    if isinstance(v, torch.Tensor):
+                        assigned.append(f"{name}.{k}")
                     if k in before[name]:
                         m.__dict__[k] = before[name][k]
                     else:

@@ -230,12 +230,19 @@ def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices
     equal each row alone (each row is rolled to start at its first real token: RecurrentGemma's
     recurrence would otherwise run over the padding). The server, whose rows share cache columns,
     refuses them; ``plan`` says so."""
+    from bridge import cli
+    from bridge.errors import GenerationError
+    from bridge.serving import Engine
+
     configs = {
-        "wrote nothing into transformers' cache": (T.OpenAIGPTConfig(vocab_size=517, n_embd=64, n_layer=2, n_head=4, n_positions=64), 0.3),
-        "state in module attributes its forward assigns": (T.RecurrentGemmaConfig(vocab_size=517, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, lru_width=64,
-                                                    attention_window_size=16, block_types=["recurrent", "attention"]), 0.3),
-        "reads the cache's length as a Python number": (T.MptConfig(vocab_size=517, d_model=64, n_layers=2, n_heads=4, max_seq_len=64), 0.2),
+        "wrote nothing into transformers' cache": (T.OpenAIGPTConfig(vocab_size=517, n_embd=64, n_layer=2, n_head=4,
+                                                                     n_positions=64), 0.3),
+        "state in module attributes its forward assigns": (T.RecurrentGemmaConfig(vocab_size=517, hidden_size=64,
+                                                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, head_dim=16, lru_width=64,
+                                                           attention_window_size=16, block_types=["recurrent", "attention"]), 0.3),
+        "reads the cache's length as a Python number": (T.MptConfig(vocab_size=517, d_model=64, n_layers=2, n_heads=4,
+                                                                    max_seq_len=64), 0.2),
     }  # fmt: skip
     for why, (config, std) in configs.items():  # each drawn wide enough that its tokens vary
         path = save(config, tmp_path / config.model_type, std=std)
@@ -246,19 +253,32 @@ def test_classes_whose_cache_cannot_pass_decode_by_recomputing(tmp_path, devices
         assert why in lifted.model.recompute_reason
         (history,) = lifted.model.init_kv_cache(2, 16, device="meta")
         assert [t.shape for t in history.recurrent] == [(2, 16)] * 2
-    gen = Generator(open_model(str(tmp_path / "recurrent_gemma"), devices=1, implementation="transformers", with_tokenizer=False), stop_at_eos=False)
+    gen = Generator(open_model(str(tmp_path / "recurrent_gemma"), devices=1, implementation="transformers",
+                               with_tokenizer=False), stop_at_eos=False)  # fmt: skip
     rows = [PROMPT, PROMPT[3:8]]
     assert gen.generate_ids(rows, 8).token_ids == [gen.generate_ids([r], 8).token_ids[0] for r in rows]
-    from bridge.errors import GenerationError
-    from bridge.serving import Engine
-
     with pytest.raises(GenerationError, match="decodes by recomputing its token history"):
         Engine(gen.lifted, slots=2, max_seq=64)  # its slots share one cache with columns
-    from bridge import cli
-
     capsys.readouterr()
     assert cli.main(["plan", "--checkpoint", str(tmp_path / "mpt"), "--devices", "1", "--seq", "32"]) == 0
     assert "note: decodes by recomputing its token history (it reads the cache's length" in capsys.readouterr().out
+
+
+def test_every_program_starts_from_the_module_as_built(tmp_path, devices):
+    """RWKV rescales two weights per layer in place on its first eval call and flips a flag that
+    halves its hidden states from then on. Traced, the rescaling stays inside the first program,
+    so the adapter puts back what a forward assigns to module attributes (tensors and plain values)
+    and every program rescales for itself: two forwards of different lengths (two programs) give
+    transformers' logits (fp32, 1e-4; the second had lacked the rescaling)."""
+    config = T.RwkvConfig(vocab_size=517, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                          intermediate_size=128, rescale_every=1, context_length=64)  # fmt: skip
+    path = save(config, tmp_path / "rwkv", std=0.3)
+    hf = hf_reference(path)
+    lifted = open_model(path, devices=1, implementation="transformers", with_tokenizer=False)
+    for ids in (PROMPT, PROMPT[:5]):
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits.numpy()
+        assert max_rel(np.asarray(lifted.forward([ids])), want) < RTOL
 
 
 def test_fewer_kv_heads_than_the_axis_through_the_adapter(tmp_path, devices):
