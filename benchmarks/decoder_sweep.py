@@ -221,7 +221,7 @@ def run_one(model_type: str, tp: bool) -> dict:
             try:
                 lifted = open_model(d, devices=jax.devices()[:n], scheme=scheme, implementation="transformers",
                                     with_tokenizer=False)  # fmt: skip
-                if getattr(lifted.model, "recompute_reason", None):
+                if lifted.model.recompute_reason:
                     row["recomputes"] = lifted.model.recompute_reason
                 got = Generator(lifted, stop_at_eos=False).generate_ids([ids[0].tolist()], 8).token_ids[0]
                 row[key] = got == ref

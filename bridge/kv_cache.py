@@ -90,13 +90,14 @@ def beyond_pairs(model) -> str | None:
     """What some layer of a causal LM keeps beyond one (keys, values) pair, or None: a recurrent
     state (``StateCache``: Mamba, linear attention), a sparse-attention indexer's keys, or a cache
     for each of several attentions (LongCat-Flash's two per layer)."""
-    layers = model.init_kv_cache(1, 1, device="meta") if model.HAS_KV_CACHE else []
     if model.recompute_reason:
         return "its token history (it decodes by recomputing)"
+    layers = model.init_kv_cache(1, 1, device="meta") if model.HAS_KV_CACHE else []
     if any(isinstance(layer, StateCache) for layer in layers):
         return "a recurrent state (Mamba-style)"
-    if layers and len(layers) != len(model.decoder_layers()):
-        return f"{len(layers)} caches for {len(model.decoder_layers())} layers (several attentions in a layer)"
+    depth = len(model.decoder_layers())
+    if layers and len(layers) != depth:
+        return f"{len(layers)} caches for {depth} layers (several attentions in a layer)"
     if any(len(layer) > 2 for layer in layers):
         return "a sparse-attention indexer's keys"
     return None
